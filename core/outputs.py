@@ -1,0 +1,43 @@
+"""What flows back from the engine to a client: per-step deltas of one request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# finish reasons, as OpenAI names them ("abort" and "error" are ours)
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_ABORT = "abort"
+FINISH_ERROR = "error"
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), best first
+
+
+@dataclass(frozen=True)
+class OutputDelta:
+    """New tokens of one request since the previous delta.
+
+    ``text`` is the newly detokenized text (never a broken UTF-8 sequence; held back until
+    complete). ``finish_reason`` is set on the last delta only. Token counts let the front end
+    build ``usage`` without re-tokenizing.
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str = ""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    error: str | None = None
+    stop_reason: str | int | None = None
+    metrics: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
