@@ -1,0 +1,147 @@
+"""Load a llama.cpp GGUF file: metadata -> ModelConfig, tensors -> dequantized HF-named weights.
+
+Matches transformers' own GGUF import (``modeling_gguf_pytorch_utils.load_gguf_checkpoint``)
+tensor for tensor: same ``gguf.quants.dequantize`` and the same undoing of the Q/K row permutation
+that llama.cpp's converter applies for its rotate-half-free RoPE kernel.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from engine.loader.weight_names import check_weights
+from engine.model_config import SUPPORTED_ARCHITECTURES, ModelConfig
+
+# GGUF tensor name -> HF name; per-block names are matched by _BLOCK_NAME below.
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_NAME = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+
+def hf_name(gguf_name: str) -> str:
+    """Rename one GGUF tensor; names we do not know pass through unchanged so the shape check
+    reports them as unexpected instead of silently dropping them."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _BLOCK_NAME.match(gguf_name)
+    if match and match.group(2) in _BLOCK_NAMES:
+        layer, part, kind = match.groups()
+        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+    return gguf_name
+
+
+def unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's ``permute(w, n_head, n_head_kv)`` on a Q or K projection.
+
+    llama.cpp stores each head's rows as interleaved (even, odd) pairs; HF keeps the first half
+    of the head dim then the second half. Rows [num_heads * head_dim, ...] are viewed as
+    [num_heads, 2, head_dim / 2] in GGUF order and as [num_heads, head_dim / 2, 2] in HF order.
+    """
+    half = weight.shape[0] // num_heads // 2
+    w = weight.reshape(num_heads, half, 2, *weight.shape[1:])  # [H, D/2, 2, hidden]
+    return w.swapaxes(2, 1).reshape(weight.shape)  # [H * D, hidden]
+
+
+def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _rope_scaling(reader: gguf.GGUFReader, arch: str, has_rope_freqs: bool) -> None:
+    """ModelConfig can express Llama-3 scaling only; GGUF stores it as a precomputed
+    ``rope_freqs`` tensor without the parameters, so any scaling here is refused loudly rather
+    than served with the wrong positions."""
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    if kind not in (None, "none"):
+        raise ValueError(
+            f"GGUF rope scaling type {kind!r} is not supported; load the model from a HF "
+            "directory instead"
+        )
+    if has_rope_freqs:
+        raise ValueError(
+            "GGUF tensor rope_freqs.weight (Llama-3 rope scaling) is not supported: its "
+            "parameters are not in the metadata; load the model from a HF directory instead"
+        )
+
+
+def read_config(reader: gguf.GGUFReader, name: str) -> ModelConfig:
+    """Hyper-parameters from the GGUF metadata (keys prefixed with the architecture name)."""
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported GGUF general.architecture {arch!r}; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    tensor_names = {t.name for t in reader.tensors}
+    _rope_scaling(reader, arch, "rope_freqs.weight" in tensor_names)
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    num_heads = int(_field(reader, f"{arch}.attention.head_count"))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // num_heads))
+    rotary_dim = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
+    if rotary_dim != head_dim:
+        raise ValueError(f"partial rotary ({rotary_dim} of {head_dim} dims) is not supported")
+    vocab_size = _field(reader, f"{arch}.vocab_size")
+    if vocab_size is None:
+        vocab_size = len(reader.fields["tokenizer.ggml.tokens"].data)
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(vocab_size),
+        hidden_size=hidden,
+        intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
+        num_layers=int(_field(reader, f"{arch}.block_count")),
+        num_heads=num_heads,
+        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", num_heads)),
+        head_dim=head_dim,
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length")),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_ids=() if eos is None else (int(eos),),
+        rope_scaling=None,
+        name=name,
+    )
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype, name: str | None = None
+              ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read config and weights from one GGUF file, dequantized to ``dtype``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    reader = gguf.GGUFReader(str(path))
+    config = read_config(reader, name or path.stem)
+    weights: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        # numpy shape is the reverse of GGUF's ne[]: [out_features, in_features] like torch
+        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        if ".attn_q." in tensor.name:
+            array = unpermute_rows(array, config.num_heads)
+        elif ".attn_k." in tensor.name:
+            array = unpermute_rows(array, config.num_kv_heads)
+        # copy: F32 tensors come back as read-only views of the memory-mapped file
+        weights[hf_name(tensor.name)] = torch.from_numpy(np.array(array)).to(dtype)
+    check_weights(config, weights, str(path))
+    return config, weights
