@@ -1,0 +1,114 @@
+"""Kernel dispatch: the Triton kernel for CUDA tensors, the torch reference for CPU tensors.
+
+The engine calls only the names below. The table maps (kernel, device type) to an implementation
+given as ``"module:function"``; Triton modules are imported on the first CUDA call, so
+``import kernels`` never imports triton (cheap on CPU, and TRITON_INTERPRET need not be set).
+
+Shapes and semantics are documented on the references in ``kernels/reference.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from functools import cache
+
+from torch import Tensor
+
+from kernels.reference import dequantize_fp8, quantize_fp8
+
+__all__ = [
+    "quantize_fp8",
+    "dequantize_fp8",
+    "store_kv",
+    "prefill_attention",
+    "decode_attention",
+    "KERNELS",
+]
+
+# kernel name -> device type -> "module:function"
+KERNELS: dict[str, dict[str, str]] = {
+    "store_kv": {
+        "cpu": "kernels.reference:store_kv",
+        "cuda": "kernels.triton_store_kv:store_kv",
+    },
+    "prefill_attention": {
+        "cpu": "kernels.reference:prefill_attention",
+        "cuda": "kernels.triton_prefill:prefill_attention",
+    },
+    "decode_attention": {
+        "cpu": "kernels.reference:decode_attention",
+        "cuda": "kernels.triton_decode:decode_attention",
+    },
+}
+
+
+@cache
+def resolve(name: str, device_type: str) -> Callable[..., object]:
+    """The implementation of kernel ``name`` for tensors on ``device_type`` (imported lazily)."""
+    try:
+        target = KERNELS[name][device_type]
+    except KeyError:
+        raise NotImplementedError(f"no {name} kernel for device type {device_type!r}") from None
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def store_kv(
+    key: Tensor,
+    value: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
+) -> None:
+    """key, value [N, Hkv, D] -> paged cache at slot_mapping int64 [N] (negative = skip).
+    FP8 cache: quantized per token and KV head, scales written to k_scale / v_scale."""
+    impl = resolve("store_kv", key.device.type)
+    impl(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
+def prefill_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    sm_scale: float,
+    *,
+    k_cache: Tensor | None = None,
+    v_cache: Tensor | None = None,
+    block_tables: Tensor | None = None,
+    context_lens: Tensor | None = None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
+) -> Tensor:
+    """Causal varlen attention, q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D]; with
+    ``context_lens`` the queries also attend to a cached prefix read through ``block_tables``."""
+    impl = resolve("prefill_attention", q.device.type)
+    return impl(
+        q, k, v, cu_seqlens, max_seqlen, sm_scale,
+        k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+        context_lens=context_lens, k_scale=k_scale, v_scale=v_scale,
+    )  # fmt: skip
+
+
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    cu_seqlens_q: Tensor,
+    max_query_len: int,
+    sm_scale: float,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
+) -> Tensor:
+    """Paged attention, q [N, Hq, D] (n_b queries per sequence, already cached) -> [N, Hq, D]."""
+    impl = resolve("decode_attention", q.device.type)
+    return impl(
+        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_query_len, sm_scale,
+        k_scale, v_scale,
+    )  # fmt: skip
