@@ -159,7 +159,7 @@ def prefill_attention(
     """
     _check_heads(q, k.shape[1])
     if context_lens is None or k_cache is None:
-        return _prefill_no_prefix(q, k, v, cu_seqlens, sm_scale)
+        return _prefill_no_prefix(q, k, v, cu_seqlens, max_seqlen, sm_scale)
     assert v_cache is not None and block_tables is not None
     n_total = q.shape[0]
     starts = cu_seqlens[:-1].long()  # [B]
@@ -187,23 +187,45 @@ def prefill_attention(
     return out.to(q.dtype)
 
 
-def _prefill_no_prefix(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, sm_scale: float):
-    """Per-sequence causal SDPA: fastest on CPU for typical batches (tests/kernels/bench note in
-    ``kernels/__init__.py``) because it never computes padded rows and uses the flash CPU path."""
+# Padded batch up to this longest chunk, per-sequence calls above it. Measured on the 2-core dev
+# box (SmolLM2 heads: 9 q / 3 kv, D=64; `python -m bench.kernels --cpu-prefill`), e.g. 64 x 16
+# tokens padded 27 ms vs loop 84 ms; 64 x 128: 209 vs 418 ms; 8 x 512: 328 vs 213 ms. Short chunks
+# lose to per-call overhead, long ones to padding waste and the loop's skipped upper triangles.
+PADDED_PREFILL_MAX_SEQLEN = 128
+
+
+def _prefill_no_prefix(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, sm_scale: float
+) -> Tensor:
+    """Causal attention within each packed sequence, no cached prefix -> [N, Hq, D]."""
+    gqa = q.shape[1] != k.shape[1]
+    if max_seqlen <= PADDED_PREFILL_MAX_SEQLEN:
+        # Padding sits at the END of each row, so is_causal alone hides padded keys from every
+        # real query (a padded key j' >= len_b > j); padded query rows are dropped afterwards.
+        starts = cu_seqlens[:-1].long()  # [B]
+        lens = cu_seqlens[1:].long() - starts  # [B]
+        qp = _pad_packed(q.float(), starts, max_seqlen).transpose(1, 2)  # [B, Hq, S, D]
+        kp = _pad_packed(k.float(), starts, max_seqlen).transpose(1, 2)  # [B, Hkv, S, D]
+        vp = _pad_packed(v.float(), starts, max_seqlen).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            qp, kp, vp, is_causal=True, scale=sm_scale, enable_gqa=gqa
+        ).transpose(1, 2)  # [B, S, Hq, D]
+        valid = torch.arange(max_seqlen, device=q.device)[None, :] < lens[:, None]  # [B, S]
+        return out[valid].to(q.dtype)
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
-    gqa = q.shape[1] != k.shape[1]
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end == start:
             continue
+        # 4-D inputs: the 3-D form silently takes the slow math path instead of flash.
         o = F.scaled_dot_product_attention(
-            q[start:end].float().transpose(0, 1),  # [Hq, s, D]
-            k[start:end].float().transpose(0, 1),  # [Hkv, s, D]
-            v[start:end].float().transpose(0, 1),
+            q[None, start:end].float().transpose(1, 2),  # [1, Hq, s, D]
+            k[None, start:end].float().transpose(1, 2),  # [1, Hkv, s, D]
+            v[None, start:end].float().transpose(1, 2),
             is_causal=True,
             scale=sm_scale,
             enable_gqa=gqa,
-        )  # [Hq, s, D]
+        )[0]  # [Hq, s, D]
         out[start:end] = o.transpose(0, 1).to(q.dtype)
     return out
 

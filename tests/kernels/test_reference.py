@@ -56,11 +56,11 @@ def test_decode_reference_matches_naive(dtype, group, head_dim):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group", [1, 3, 4])
 @pytest.mark.parametrize("prefix", [False, True])
-def test_prefill_reference_matches_naive(dtype, group, prefix):
+@pytest.mark.parametrize("q_lens", [[5, 1, 19, 12], [131, 7]])  # padded batch / per-sequence path
+def test_prefill_reference_matches_naive(dtype, group, prefix, q_lens):
     gen = torch.Generator().manual_seed(group * 10 + prefix)
     kv_heads, head_dim, block_size = 2, 64, 8
-    q_lens = [5, 1, 19, 12]
-    ctx_lens = [9, 0, 16, 3] if prefix else [0, 0, 0, 0]
+    ctx_lens = [9, 0, 16, 3][: len(q_lens)] if prefix else [0] * len(q_lens)
     cache = random_cache(16, block_size, kv_heads, head_dim, dtype, gen)
     tables = random_block_tables(ctx_lens, block_size, 16, gen)
     n = sum(q_lens)
