@@ -1,0 +1,93 @@
+"""The boundary between the HTTP front end and whatever runs the model.
+
+The Ray-backed disaggregated client and an in-process client both implement ``EngineClient``; the
+front end (``coordinator.server``) only ever talks to this Protocol, so it never imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from core.outputs import OutputDelta
+from core.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """Load of one pool (summed over its live workers) at the time of ``stats()``."""
+
+    name: str  # "prefill" | "decode" | "colocated"
+    num_kv_blocks_used: int
+    num_kv_blocks_total: int
+    num_running: int = 0  # sequences in a batch on this pool
+    num_waiting: int = 0  # sequences queued on this pool
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.num_kv_blocks_used <= self.num_kv_blocks_total:
+            raise ValueError(
+                f"pool {self.name}: need 0 <= used <= total KV blocks, got "
+                f"{self.num_kv_blocks_used}/{self.num_kv_blocks_total}"
+            )
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    """Cumulative KV-transfer counters of one backend since the engine started."""
+
+    backend: str  # "nixl" | "tcp" | "local"
+    num_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for /metrics. ``num_running``/``num_waiting`` count requests (not sequences
+    per pool): a request waiting for prefill is waiting, one in any batch is running."""
+
+    pools: tuple[PoolStats, ...] = ()
+    transfers: tuple[TransferStats, ...] = ()
+    num_running: int = 0
+    num_waiting: int = 0
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    """What the front end needs from an engine.
+
+    ``generate`` is an async generator (``async def`` with ``yield``): it yields ``OutputDelta``s
+    of one request until one has ``finish_reason`` set, then stops. It applies every stopping
+    rule itself (max_tokens, EOS unless ignore_eos, min_tokens, stop strings and stop_token_ids);
+    the front end only relays. An implementation may also be a coroutine that returns an async
+    iterator; the front end accepts both.
+
+    ``abort`` must be idempotent and safe to call for a request that already finished or was
+    never seen: the front end calls it whenever it stops reading early (client disconnect,
+    timeout, error), and the engine then frees the request's blocks on every worker.
+
+    ``health`` maps each pool name to whether it has at least one live worker.
+    """
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[OutputDelta]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def health(self) -> dict[str, bool]: ...
+
+    async def stats(self) -> EngineStats: ...
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """The torch-free tokenizer the coordinator uses (implemented in ``core.tokenizer``)."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True
+    ) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...

@@ -1,0 +1,94 @@
+"""Prometheus metrics of one coordinator, in its own registry.
+
+Latencies (TTFT, inter-token) are observed here, where the client's clock is. Engine-side load
+(KV blocks, running/waiting, transfer totals) is pulled from ``EngineClient.stats()`` on each
+scrape and exposed by a custom collector, so the values are never older than the scrape and
+cumulative transfer totals stay true counters even though the engine owns them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from coordinator.engine_client import EngineStats
+
+# Seconds. TTFT spans CPU prefill of long prompts (seconds) down to GPU hits (milliseconds).
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()  # per server: several servers can share a process
+        self.requests = Counter(
+            "tandem_requests",
+            "Generation requests by endpoint and outcome "
+            "(stop, length, error, timeout, disconnect, rejected_<status>).",
+            ["endpoint", "outcome"],
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "tandem_time_to_first_token_seconds",
+            "From request arrival to the first generated token leaving the engine.",
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.inter_token_latency = Histogram(
+            "tandem_inter_token_latency_seconds",
+            "Time between generated tokens (a delta of k tokens counts k gaps of 1/k each).",
+            buckets=ITL_BUCKETS,
+            registry=self.registry,
+        )
+        self.request_latency = Histogram(
+            "tandem_request_latency_seconds",
+            "From request arrival to its last token.",
+            buckets=E2E_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "tandem_coordinator_in_flight_requests",
+            "Requests admitted by the coordinator and not yet finished.",
+            registry=self.registry,
+        )
+        self._engine = _EngineStatsCollector()
+        self.registry.register(self._engine)
+
+    def set_engine_stats(self, stats: EngineStats) -> None:
+        self._engine.snapshot = stats
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineStatsCollector:
+    def __init__(self) -> None:
+        self.snapshot = EngineStats()
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.snapshot
+        used = GaugeMetricFamily("tandem_kv_blocks_used", "KV blocks in use.", labels=["pool"])
+        total = GaugeMetricFamily("tandem_kv_blocks_total", "KV blocks in all.", labels=["pool"])
+        for pool in stats.pools:
+            used.add_metric([pool.name], pool.num_kv_blocks_used)
+            total.add_metric([pool.name], pool.num_kv_blocks_total)
+        moved = CounterMetricFamily(
+            "tandem_kv_transfer_bytes", "KV cache bytes moved.", labels=["backend"]
+        )
+        spent = CounterMetricFamily(
+            "tandem_kv_transfer_seconds", "Time spent moving KV cache.", labels=["backend"]
+        )
+        for transfer in stats.transfers:
+            moved.add_metric([transfer.backend], transfer.num_bytes)
+            spent.add_metric([transfer.backend], transfer.seconds)
+        running = GaugeMetricFamily("tandem_running_requests", "Requests in a batch.")
+        running.add_metric([], stats.num_running)
+        waiting = GaugeMetricFamily("tandem_waiting_requests", "Requests queued in the engine.")
+        waiting.add_metric([], stats.num_waiting)
+        yield from (used, total, moved, spent, running, waiting)

@@ -1,0 +1,118 @@
+"""One request's trip through the engine, as the front end sees it.
+
+``RequestRun`` wraps ``EngineClient.generate``: it enforces the request deadline, observes TTFT
+and inter-token latency, and guarantees the invariant the engine relies on to free KV blocks:
+
+    every run that does not end with a finished delta ends with ``engine.abort(request_id)``
+
+(client disconnect, timeout, engine error, handler cancelled). Callers must ``await close()`` in
+a ``finally``; it is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from coordinator.engine_client import EngineClient
+from coordinator.metrics import ServerMetrics
+from core.outputs import OutputDelta
+from core.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class RequestTimeout(Exception):
+    pass
+
+
+class RequestRun:
+    def __init__(
+        self,
+        engine: EngineClient,
+        metrics: ServerMetrics,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival: float,
+        timeout_s: float,
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.arrival = arrival  # time.monotonic() when the HTTP request arrived
+        self.deadline = arrival + timeout_s
+        self.finished = False
+        self._stream: AsyncIterator[OutputDelta] | None = None
+        self._last_token_time: float | None = None
+        self._closed = False
+
+    def __aiter__(self) -> RequestRun:
+        return self
+
+    async def __anext__(self) -> OutputDelta:
+        if self.finished or self._closed:
+            raise StopAsyncIteration
+        loop = asyncio.get_running_loop()
+        # Deadline per step rather than around the whole loop: the consumer writes to the socket
+        # between steps, and a timeout must never fire inside the consumer's code.
+        remaining = self.deadline - time.monotonic()
+        try:
+            async with asyncio.timeout_at(loop.time() + max(remaining, 0.0)):
+                if self._stream is None:
+                    stream = self.engine.generate(
+                        self.request_id, self.prompt_token_ids, self.params
+                    )
+                    self._stream = await stream if inspect.isawaitable(stream) else stream
+                delta = await anext(self._stream)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"request {self.request_id} timed out after {self.deadline - self.arrival:.1f}s"
+            ) from None
+        except StopAsyncIteration:
+            # An engine that ends a stream without a finished delta broke its contract; make
+            # sure its blocks are released anyway (close() aborts because finished is False).
+            log.warning("engine stream for %s ended without finish_reason", self.request_id)
+            raise
+        self._observe(delta)
+        if delta.finished:
+            self.finished = True
+            self.metrics.request_latency.observe(time.monotonic() - self.arrival)
+        return delta
+
+    def _observe(self, delta: OutputDelta) -> None:
+        num_tokens = len(delta.token_ids)
+        if num_tokens == 0:
+            return
+        now = time.monotonic()
+        if self._last_token_time is None:
+            # Gaps inside the first delta are unknown (tokens arrived together): TTFT only.
+            self.metrics.time_to_first_token.observe(now - self.arrival)
+        else:
+            gap = (now - self._last_token_time) / num_tokens
+            for _ in range(num_tokens):
+                self.metrics.inter_token_latency.observe(gap)
+        self._last_token_time = now
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self.finished:
+            # Shielded: when the handler itself is being cancelled (client gone), the abort
+            # must still reach the engine.
+            try:
+                await asyncio.shield(self.engine.abort(self.request_id))
+            except Exception:
+                log.exception("abort of %s failed", self.request_id)
+        aclose = getattr(self._stream, "aclose", None)
+        if aclose is not None:
+            try:
+                await aclose()
+            except Exception:
+                log.exception("closing the engine stream of %s failed", self.request_id)

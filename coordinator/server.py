@@ -1,0 +1,325 @@
+"""The coordinator's HTTP front end: OpenAI-compatible completions and chat, with SSE streaming.
+
+    build_app(config, engine, tokenizer) -> web.Application   # routes, middlewares, state
+    start_server(app, host, port) -> web.AppRunner            # bound and listening (port 0: any)
+    serve(config, engine, tokenizer)                          # runs until cancelled
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
+GET /metrics. Only /v1/* requires the API key (probes and scrapers stay unauthenticated).
+
+The server runs with ``handler_cancellation=True``: when a client disconnects, aiohttp cancels
+its handler, and ``RequestRun.close()`` in the handler's ``finally`` aborts the request in the
+engine, streaming or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from coordinator.api_errors import (
+    AUTHENTICATION,
+    RATE_LIMIT,
+    SERVER,
+    TIMEOUT,
+    ApiError,
+    bad_request,
+    error_middleware,
+)
+from coordinator.engine_client import EngineClient, Tokenizer
+from coordinator.metrics import CONTENT_TYPE, ServerMetrics
+from coordinator.openai_requests import ServingLimits, parse_chat, parse_completion
+from coordinator.openai_responses import ResponseBuilder
+from coordinator.request_run import RequestRun, RequestTimeout
+from core.config import TandemConfig
+from core.outputs import FINISH_ABORT, FINISH_ERROR, OutputDelta
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 32 * 1024 * 1024  # a 100k-token prompt as a JSON id list fits easily
+HEALTH_TIMEOUT_S = 5.0
+RETRY_AFTER_S = 1
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # tell reverse proxies not to buffer the stream
+}
+
+
+@dataclass
+class ServerState:
+    """Mutable per-server state (one per app, so several servers can share a process)."""
+
+    config: TandemConfig
+    engine: EngineClient
+    tokenizer: Tokenizer
+    metrics: ServerMetrics
+    limits: ServingLimits
+    created: int
+    num_in_flight: int = 0
+
+
+STATE = web.AppKey("tandem_state", ServerState)
+
+
+def build_app(config: TandemConfig, engine: EngineClient, tokenizer: Tokenizer) -> web.Application:
+    state = ServerState(
+        config=config,
+        engine=engine,
+        tokenizer=tokenizer,
+        metrics=ServerMetrics(),
+        limits=ServingLimits(
+            model_name=config.model.name,
+            max_model_len=config.model.max_model_len,
+            max_prompt_tokens=config.max_prompt_tokens,
+        ),
+        created=int(time.time()),
+    )
+    app = web.Application(
+        middlewares=[error_middleware, _auth_middleware(config.coordinator.api_key)],
+        client_max_size=MAX_BODY_BYTES,
+    )
+    app[STATE] = state
+    app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def start_server(app: web.Application, host: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The port actually listened on (useful with port 0)."""
+    (address, *_) = runner.addresses
+    return address[1]
+
+
+async def serve(config: TandemConfig, engine: EngineClient, tokenizer: Tokenizer) -> None:
+    """Serve until cancelled; the caller owns the engine's lifetime."""
+    runner = await start_server(
+        build_app(config, engine, tokenizer), config.coordinator.host, config.coordinator.port
+    )
+    log.info("Tandem coordinator listening on %s:%d", config.coordinator.host, bound_port(runner))
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def _auth_middleware(api_key: str | None):
+    @web.middleware
+    async def check_key(request: web.Request, handler) -> web.StreamResponse:
+        if api_key is not None and request.path.startswith("/v1/"):
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            # compare_digest: the time taken must not reveal how much of the key matched.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), api_key.encode()
+            ):
+                raise ApiError(
+                    401,
+                    "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                    AUTHENTICATION,
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await handler(request)
+
+    return check_key
+
+
+async def _models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    model = {
+        "id": state.config.model.name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "tandem",
+        "root": state.config.model.source,
+        "max_model_len": state.config.model.max_model_len,
+    }
+    return web.json_response({"object": "list", "data": [model]})
+
+
+async def _health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    try:
+        live = await asyncio.wait_for(state.engine.health(), HEALTH_TIMEOUT_S)
+    except Exception as exc:  # an engine that cannot answer is not healthy
+        log.warning("health check failed: %r", exc)
+        live = {}
+    pools = {name: bool(live.get(name, False)) for name in state.config.pool_names}
+    healthy = all(pools.values())
+    body = {"status": "ok" if healthy else "unavailable", "pools": pools}
+    return web.json_response(body, status=200 if healthy else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    try:
+        state.metrics.set_engine_stats(await state.engine.stats())
+    except Exception as exc:  # still serve the coordinator's own metrics
+        log.warning("engine stats unavailable: %r", exc)
+    return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "completion")
+
+
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "chat")
+
+
+async def _json_body(request: web.Request) -> dict:
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad_request(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object")
+    return body
+
+
+async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
+    state = request.app[STATE]
+    arrival = time.monotonic()
+    endpoint = "chat" if kind == "chat" else "completions"
+    try:
+        # Queue check first: an overloaded server should not spend time tokenizing.
+        if state.num_in_flight >= state.config.coordinator.max_queued_requests:
+            raise ApiError(
+                429,
+                f"too many requests in flight ({state.num_in_flight}); retry later",
+                RATE_LIMIT,
+                code="queue_full",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        body = await _json_body(request)
+        parse = parse_chat if kind == "chat" else parse_completion
+        gen = parse(body, state.limits, state.tokenizer)
+    except ApiError as exc:
+        state.metrics.requests.labels(endpoint, f"rejected_{exc.status}").inc()
+        raise
+
+    request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    run = RequestRun(
+        state.engine,
+        state.metrics,
+        request_id,
+        list(gen.prompt_token_ids),
+        gen.params,
+        arrival,
+        state.config.coordinator.request_timeout_s,
+    )
+    builder = ResponseBuilder(
+        request_id, state.limits.model_name, int(time.time()), gen, state.tokenizer
+    )
+    state.num_in_flight += 1
+    state.metrics.in_flight.inc()
+    outcome = "error"
+    try:
+        if gen.stream:
+            response, outcome = await _stream(request, run, builder)
+        else:
+            response, outcome = await _collect(run, builder)
+        return response
+    except asyncio.CancelledError:
+        outcome = "disconnect"
+        raise
+    except ApiError as exc:
+        outcome = "timeout" if exc.type == TIMEOUT else "error"
+        raise
+    finally:
+        await run.close()
+        state.num_in_flight -= 1
+        state.metrics.in_flight.dec()
+        state.metrics.requests.labels(endpoint, outcome).inc()
+
+
+def _failure(delta: OutputDelta) -> ApiError | None:
+    if delta.error is None and delta.finish_reason not in (FINISH_ERROR, FINISH_ABORT):
+        return None
+    if delta.finish_reason == FINISH_ABORT and delta.error is None:
+        return ApiError(503, "the request was aborted by the engine", SERVER, code="aborted")
+    return ApiError(500, f"engine error: {delta.error or 'unknown'}", SERVER, code="engine_error")
+
+
+def _timeout_error(exc: RequestTimeout) -> ApiError:
+    return ApiError(504, str(exc), TIMEOUT, code="timeout")
+
+
+async def _collect(run: RequestRun, builder: ResponseBuilder) -> tuple[web.Response, str]:
+    try:
+        async for delta in run:
+            failure = _failure(delta)
+            if failure is not None:
+                raise failure
+            builder.add(delta)
+    except RequestTimeout as exc:
+        raise _timeout_error(exc) from None
+    except (ApiError, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        log.exception("engine failed on %s", run.request_id)
+        raise ApiError(500, f"engine error: {exc!r}", SERVER, code="engine_error") from None
+    if not run.finished:
+        raise ApiError(500, "the engine ended the request without finishing it", SERVER)
+    return web.json_response(builder.final()), builder.finish_reason or "stop"
+
+
+async def _stream(
+    request: web.Request, run: RequestRun, builder: ResponseBuilder
+) -> tuple[web.StreamResponse, str]:
+    response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    await response.prepare(request)
+
+    async def send(payload: dict | str) -> None:
+        data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+        await response.write(f"data: {data}\n\n".encode())
+
+    outcome = "error"
+    try:
+        role = builder.role_chunk()
+        if role is not None:
+            await send(role)
+        try:
+            async for delta in run:
+                failure = _failure(delta)
+                if failure is not None:
+                    await send(failure.body())
+                    break
+                builder.add(delta)
+                await send(builder.chunk(delta))
+            if run.finished and builder.finish_reason is not None:
+                outcome = builder.finish_reason
+                if builder.request.include_usage:
+                    await send(builder.usage_chunk())
+        except RequestTimeout as exc:
+            outcome = "timeout"
+            await send(_timeout_error(exc).body())
+        except ConnectionError:
+            raise
+        except Exception as exc:
+            log.exception("engine failed on %s", run.request_id)
+            await send(ApiError(500, f"engine error: {exc!r}", SERVER).body())
+        await send("[DONE]")
+        await response.write_eof()
+    except ConnectionError:
+        # The client went away mid-write; the caller's finally aborts the request.
+        outcome = "disconnect"
+    return response, outcome

@@ -1,0 +1,98 @@
+"""A deterministic engine: a test double of the ``EngineClient`` boundary for front-end tests.
+
+It generates lowercase letters determined by the prompt (``expected_ids``), honours max_tokens
+(finish "length") and, when ``eos_after`` is set, an end-of-sequence after that many tokens
+(finish "stop") unless ``ignore_eos``, never before ``min_tokens``. Stop strings are the real
+engine's job and are not imitated. It records every request and every abort, and an aborted
+request stops generating, as a real one does when its blocks are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from coordinator.engine_client import EngineStats
+from core.outputs import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, OutputDelta, TokenLogprob
+from core.sampling_params import SamplingParams
+
+
+def expected_ids(prompt_token_ids: list[int], num_tokens: int) -> list[int]:
+    """The tokens the double generates for a prompt: letters a..z, seeded by the prompt."""
+    seed = sum(prompt_token_ids)
+    return [ord("a") + (seed + 7 * i) % 26 for i in range(num_tokens)]
+
+
+def expected_logprob(index: int, rank: int = 0) -> float:
+    return -0.125 * (index + 1) - rank
+
+
+@dataclass
+class ScriptedEngine:
+    token_delay_s: float = 0.0  # sleep before each delta (slow engines: timeouts, disconnects)
+    tokens_per_delta: int = 1
+    eos_after: int | None = None
+    fail_after: int | None = None  # send an error delta after this many tokens
+    live: dict[str, bool] = field(default_factory=lambda: {"prefill": True, "decode": True})
+    snapshot: EngineStats = field(default_factory=EngineStats)
+    requests: list[tuple[str, list[int], SamplingParams]] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[OutputDelta]:
+        self.requests.append((request_id, list(prompt_token_ids), params))
+        self.started.set()
+        ids = expected_ids(prompt_token_ids, params.max_tokens)
+        num_sent = 0
+        while num_sent < len(ids):
+            if self.token_delay_s:
+                await asyncio.sleep(self.token_delay_s)
+            if request_id in self.aborted:
+                return
+            if self.fail_after is not None and num_sent >= self.fail_after:
+                yield OutputDelta(request_id, (), finish_reason=FINISH_ERROR, error="worker died")
+                return
+            batch = ids[num_sent : num_sent + self.tokens_per_delta]
+            start, num_sent = num_sent, num_sent + len(batch)
+            finish = FINISH_LENGTH if num_sent == len(ids) else None
+            eos_allowed = not params.ignore_eos and num_sent >= params.min_tokens
+            if self.eos_after is not None and eos_allowed and num_sent >= self.eos_after:
+                finish = FINISH_STOP
+            logprobs = ()
+            if params.logprobs is not None:
+                logprobs = tuple(
+                    TokenLogprob(
+                        tok,
+                        expected_logprob(start + j),
+                        tuple(
+                            (tok if r == 0 else ord("A") + r, expected_logprob(start + j, r))
+                            for r in range(params.logprobs)
+                        ),
+                    )
+                    for j, tok in enumerate(batch)
+                )
+            yield OutputDelta(
+                request_id,
+                tuple(batch),
+                text=bytes(batch).decode(),
+                logprobs=logprobs,
+                finish_reason=finish,
+                num_prompt_tokens=len(prompt_token_ids),
+                num_output_tokens=num_sent,
+            )
+            if finish is not None:
+                self.finished.append(request_id)
+                return
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def health(self) -> dict[str, bool]:
+        return dict(self.live)
+
+    async def stats(self) -> EngineStats:
+        return self.snapshot
