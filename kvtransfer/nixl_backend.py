@@ -1,0 +1,121 @@
+"""The ``nixl`` backend: one-sided WRITEs from the prefill cache into the decode cache.
+
+Each side registers its cache tensors once (DRAM for CPU tensors, VRAM for CUDA ones). The
+decode side's agent metadata travels in its Handshake over the ZMQ side channel; the prefill side
+loads it and then WRITEs merged block runs straight into the reserved destination blocks, with a
+``KVLanded`` notification that NIXL delivers after the data of that WRITE. Progress is polled
+(``check_xfer_state`` / ``get_new_notifs``), never waited on; with UCX on one host this is a
+shared-memory copy done by UCX's progress thread, on a cluster it is RDMA or NVLink.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from engine.kv_cache import KVCache
+from kvtransfer.config import KVTransferConfig
+from kvtransfer.protocol import KVLanded, ProtocolError, decode
+from kvtransfer.receiver import KVReceiver
+from kvtransfer.regions import Fp8Staging, cache_tensors
+from kvtransfer.sender import DescPairs, InFlight, KVSender, Peer
+
+log = logging.getLogger(__name__)
+
+
+def _new_agent(role: str) -> Any:
+    from nixl._api import nixl_agent, nixl_agent_config  # heavy import, only for this backend
+
+    return nixl_agent(f"tandem-{role}-{uuid.uuid4().hex[:12]}", nixl_agent_config(backends=["UCX"]))
+
+
+class NixlSender(KVSender):
+    backend_name = "nixl"
+
+    def _open(self) -> tuple[str, bytes]:
+        self._agent = _new_agent("prefill")
+        self._regs = [self._agent.register_memory(t) for t in cache_tensors(self.cache).values()]
+        self._remote_names: dict[str, str] = {}
+        return self._agent.name, self._agent.get_agent_metadata()
+
+    def _register_staging(self, staging: Fp8Staging) -> None:
+        self._regs += [
+            self._agent.register_memory(t) for t in cache_tensors(staging.cache).values()
+        ]
+
+    def _link(self, peer: Peer) -> None:
+        name = self._agent.add_remote_agent(peer.handshake.agent_metadata)
+        self._remote_names[peer.address] = name.decode() if isinstance(name, bytes) else name
+        try:  # optional: saves the connection set-up on the first WRITE
+            self._agent.make_connection(self._remote_names[peer.address])
+        except Exception as e:
+            log.debug("make_connection to %s: %s", peer.address, e)
+
+    def _post(self, t: InFlight, pairs: DescPairs, notif: bytes) -> Any:
+        regions = {r.name: r for r in t.peer.handshake.regions}
+        dev = self.cache.data.get_device() if self.cache.data.is_cuda else 0
+        mem = "VRAM" if self.cache.data.is_cuda else "DRAM"
+        local = [(a, n, dev) for _, src, _ in pairs for a, n in src]
+        remote = [(a, n, regions[name].device_id) for name, _, dst in pairs for a, n in dst]
+        (remote_mem,) = {regions[name].mem_type for name, _, _ in pairs}
+        handle = self._agent.initialize_xfer(
+            "WRITE",
+            self._agent.get_xfer_descs(local, mem),
+            self._agent.get_xfer_descs(remote, remote_mem),
+            self._remote_names[t.peer.address],
+            notif,
+        )
+        t.handle = handle  # so that a failing post still releases it
+        if self._agent.transfer(handle) == "ERR":
+            raise RuntimeError("NIXL refused to post the WRITE")
+        return handle
+
+    def _state(self, t: InFlight) -> str:
+        try:
+            return self._agent.check_xfer_state(t.handle)
+        except Exception as e:  # e.g. nixlRemoteDisconnectError when the decode side died
+            return f"{type(e).__name__}: {e}"
+
+    def _release(self, t: InFlight) -> None:
+        self._agent.release_xfer_handle(t.handle)
+
+    def _shutdown(self) -> None:
+        for name in self._remote_names.values():
+            try:
+                self._agent.remove_remote_agent(name)
+            except Exception as e:
+                log.debug("remove_remote_agent %s: %s", name, e)
+        for reg in self._regs:
+            self._agent.deregister_memory(reg)
+        self._regs, self._remote_names = [], {}
+
+
+class NixlReceiver(KVReceiver):
+    backend_name = "nixl"
+
+    def __init__(self, cache: KVCache, config: KVTransferConfig, model_id: str):
+        super().__init__(cache, config, model_id)
+
+    def _open(self) -> tuple[str, bytes]:
+        self._agent = _new_agent("decode")
+        self._regs = [self._agent.register_memory(t) for t in cache_tensors(self.cache).values()]
+        return self._agent.name, self._agent.get_agent_metadata()
+
+    def _collect(self) -> None:
+        for peer, messages in self._agent.get_new_notifs().items():
+            for m in messages:
+                try:
+                    msg = decode(m)
+                except ProtocolError as e:
+                    log.warning("dropped a bad notification from %s: %s", peer, e)
+                    continue
+                if isinstance(msg, KVLanded):
+                    self._deliver(msg)
+                else:
+                    log.warning("dropped an unexpected %s notification", type(msg).__name__)
+
+    def _shutdown(self) -> None:
+        for reg in self._regs:
+            self._agent.deregister_memory(reg)
+        self._regs = []

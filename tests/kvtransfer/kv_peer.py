@@ -1,0 +1,109 @@
+"""The decode side of the transfer tests, run in its own OS process (multiprocessing, spawn).
+
+The test process is the prefill side. The peer owns a KVReceiver over a KVCache whose blocks are
+poisoned (0xA5 bytes), answers "expect" commands with the bytes of the destination blocks taken
+at the moment ``poll`` reported the request as landed, so a test can tell whether the
+notification ever came before the data.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+from dataclasses import dataclass
+from typing import Any
+
+SPAWN = mp.get_context("spawn")
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    num_layers: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    block_size: int = 4
+    dtype: str = "bfloat16"  # a key of engine.kv_cache.KV_DTYPES
+    num_blocks: int = 48
+
+    def make(self):  # -> KVCache (torch imported lazily: the parent imports this module too)
+        from engine.kv_cache import KV_DTYPES, KVCache, KVCacheSpec
+
+        spec = KVCacheSpec(self.num_layers, self.num_kv_heads, self.head_dim, self.block_size,
+                           KV_DTYPES[self.dtype])  # fmt: skip
+        return KVCache(spec, self.num_blocks)
+
+
+def block_bytes(cache: Any, block_ids: list[int]) -> tuple[bytes, bytes]:
+    """(data bytes, scale bytes) of ``block_ids`` in order."""
+    import torch
+
+    ids = torch.tensor(block_ids)
+    data = cache.data[ids].contiguous().view(torch.uint8).numpy().tobytes()
+    scales = b"" if cache.scales is None else cache.scales[ids].contiguous().numpy().tobytes()
+    return data, scales
+
+
+def serve(shape: CacheShape, backend: str, model_id: str, cmds: Any, out: Any) -> None:
+    import torch
+
+    from kvtransfer import KVTransferConfig, make_receiver
+
+    cache = shape.make()
+    cache.data.view(torch.uint8).fill_(0xA5)  # poison: a block that never landed shows it
+    if cache.scales is not None:
+        cache.scales.fill_(-1.0)
+    receiver = make_receiver(cache, KVTransferConfig(backend=backend), model_id)
+    out.put(("ready", receiver.address, receiver.port))
+    expected: dict[str, list[int]] = {}
+    try:
+        while True:
+            try:
+                cmd = cmds.get_nowait()
+            except queue.Empty:
+                cmd = None
+            if cmd is not None:
+                if cmd[0] == "expect":
+                    expected[cmd[1]] = cmd[2]
+                elif cmd[0] == "die":
+                    os._exit(1)  # no cleanup: a crashed worker
+                elif cmd[0] == "stop":
+                    break
+            for rid in receiver.poll():
+                out.put(("landed", rid, *block_bytes(cache, expected.pop(rid, []))))
+            time.sleep(0.0005)
+    finally:
+        receiver.close()
+        out.put(("closed",))
+
+
+class Peer:
+    """Handle on a running decode-side process."""
+
+    def __init__(self, shape: CacheShape, backend: str, model_id: str = "test-model"):
+        self.cmds, self.out = SPAWN.Queue(), SPAWN.Queue()
+        self.proc = SPAWN.Process(target=serve, args=(shape, backend, model_id, self.cmds,
+                                                      self.out), daemon=True)  # fmt: skip
+        self.proc.start()
+        tag, self.address, self.port = self.out.get(timeout=60)
+        assert tag == "ready"
+
+    def expect(self, request_id: str, dst_block_ids: list[int]) -> None:
+        self.cmds.put(("expect", request_id, dst_block_ids))
+
+    def landed(self, timeout: float = 20.0) -> tuple[str, bytes, bytes]:
+        tag, rid, data, scales = self.out.get(timeout=timeout)
+        assert tag == "landed"
+        return rid, data, scales
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            self.cmds.put(("stop",))
+            self.proc.join(timeout=15)
+        if self.proc.is_alive():
+            self.kill()
