@@ -106,13 +106,19 @@ def test_speculative_only_on_decode():
 @pytest.mark.parametrize(
     ("path", "value", "expected"),
     [
-        (("model", "dtype"), "fp16", "model.dtype: invalid value 'fp16' (allowed: float32, "
-         "float16, bfloat16)"),
+        (
+            ("model", "dtype"),
+            "fp16",
+            "model.dtype: invalid value 'fp16' (allowed: float32, float16, bfloat16)",
+        ),
         (("coordinator", "port"), "8000", "coordinator.port: "),
         (("coordinator", "port"), 70000, "coordinator.port: "),
         (("coordinator", "routing"), "random", "(allowed: least_loaded, round_robin)"),
-        (("kv_transfer", "backend"), "rdma", "kv_transfer.backend: invalid value 'rdma' "
-         "(allowed: nixl, tcp)"),
+        (
+            ("kv_transfer", "backend"),
+            "rdma",
+            "kv_transfer.backend: invalid value 'rdma' (allowed: nixl, tcp)",
+        ),
         (("pools", "decode", "replicas"), 0, "pools.decode.replicas: "),
         (("pools", "decode", "replicas"), True, "pools.decode.replicas: "),
         (("pools", "decode", "kv_cache", "block_size"), 12, "(allowed: 1, 2, 4, 8, 16, 32"),
