@@ -1,0 +1,89 @@
+"""Pieces shared by the Triton kernels: FP8 rounding, dtype choices, host-side checks.
+
+Importing this module imports triton; ``kernels/__init__.py`` only does so on the first CUDA call
+(or when a test asks), so TRITON_INTERPRET must already be set by then for CPU runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0
+AMAX_FLOOR = 1e-12  # keep equal to kernels.reference.AMAX_FLOOR (tests compare scales bit-exactly)
+LOG2E = 1.4426950408889634
+
+TL_DTYPES: dict[torch.dtype, tl.dtype] = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float8_e4m3fn: tl.float8e4nv,
+}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dot_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Operand dtype of tl.dot: the activations' 16-bit type on GPU (tensor cores), fp32 for fp32.
+
+    The interpreter's tl.dot on bf16 operands returns garbage, so under TRITON_INTERPRET bf16 (and
+    FP8, which has no interpreter dot either) is computed in fp32: the same algorithm, with a
+    little more precision than the GPU path.
+    """
+    if dtype == torch.float16:
+        return tl.float16
+    if dtype == torch.bfloat16 and not interpreting():
+        return tl.bfloat16
+    return tl.float32
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """CUDA tensors on one device, or CPU tensors under the interpreter."""
+    dev = tensors[0].device
+    for t in tensors:
+        assert t.device == dev, f"tensors on {t.device} and {dev}"
+    assert dev.type == "cuda" or interpreting(), "Triton kernels need CUDA (or TRITON_INTERPRET=1)"
+
+
+def check_paged_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """[num_blocks, block_size, H, D] views whose inner three dims are contiguous; K and V alike."""
+    assert k_cache.dim() == 4, f"cache must be [num_blocks, block_size, H, D], got {k_cache.shape}"
+    assert k_cache.shape == v_cache.shape and k_cache.dtype == v_cache.dtype
+    assert k_cache.stride() == v_cache.stride(), "K and V views must share strides"
+    _, bs, h, d = k_cache.shape
+    assert k_cache.stride()[1:] == (h * d, d, 1), "inner three cache dims must be contiguous"
+    assert d in (16, 32, 64, 128, 256), f"head_dim {d} must be a power of two in [16, 256]"
+
+
+def check_scales(cache: torch.Tensor, *scales: torch.Tensor | None) -> None:
+    """FP8 caches need float32 [num_blocks, block_size, H] scales; other caches none."""
+    if cache.dtype != torch.float8_e4m3fn:
+        assert all(s is None for s in scales), "scales given for a non-FP8 cache"
+        return
+    first = scales[0]
+    for s in scales:
+        assert s is not None, "FP8 cache needs k_scale and v_scale"
+        assert s.dtype == torch.float32 and s.shape == cache.shape[:3], f"bad scale {s.shape}"
+        assert s.stride()[1:] == (cache.shape[2], 1), "inner two scale dims must be contiguous"
+        assert s.stride() == first.stride(), "k_scale and v_scale views must share strides"
+
+
+@triton.jit
+def round_to_e4m3(y):
+    """Round fp32 ``y`` (|y| <= 448) to the nearest-even float8_e4m3fn value, in fp32.
+
+    The cast that follows is then exact, so the result does not depend on how the backend (or the
+    interpreter, whose down-cast rounding differs from torch's) rounds fp32 -> fp8. e4m3 keeps 3
+    mantissa bits; below 2^-6 it is subnormal with a fixed step of 2^-9. Adding and subtracting
+    1.5 * 2^23 * step rounds to a multiple of step with the FPU's round-to-nearest-even.
+    """
+    bits = y.to(tl.int32, bitcast=True)
+    exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # e4m3's smallest normal exponent
+    step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(exponent - 3)
+    magic = step * 12582912.0  # 1.5 * 2^23
+    return (y + magic) - magic
