@@ -27,7 +27,6 @@ from aiohttp import web
 from coordinator.api_errors import (
     AUTHENTICATION,
     RATE_LIMIT,
-    SERVER,
     TIMEOUT,
     ApiError,
     bad_request,
@@ -37,20 +36,15 @@ from coordinator.engine_client import EngineClient, Tokenizer
 from coordinator.metrics import CONTENT_TYPE, ServerMetrics
 from coordinator.openai_requests import ServingLimits, parse_chat, parse_completion
 from coordinator.openai_responses import ResponseBuilder
-from coordinator.request_run import RequestRun, RequestTimeout
+from coordinator.request_run import RequestRun
+from coordinator.response_writer import collect_response, stream_response
 from core.config import TandemConfig
-from core.outputs import FINISH_ABORT, FINISH_ERROR, OutputDelta
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a 100k-token prompt as a JSON id list fits easily
 HEALTH_TIMEOUT_S = 5.0
 RETRY_AFTER_S = 1
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",  # tell reverse proxies not to buffer the stream
-}
 
 
 @dataclass
@@ -234,9 +228,9 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     outcome = "error"
     try:
         if gen.stream:
-            response, outcome = await _stream(request, run, builder)
+            response, outcome = await stream_response(request, run, builder)
         else:
-            response, outcome = await _collect(run, builder)
+            response, outcome = await collect_response(run, builder)
         return response
     except asyncio.CancelledError:
         outcome = "disconnect"
@@ -249,77 +243,3 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         state.num_in_flight -= 1
         state.metrics.in_flight.dec()
         state.metrics.requests.labels(endpoint, outcome).inc()
-
-
-def _failure(delta: OutputDelta) -> ApiError | None:
-    if delta.error is None and delta.finish_reason not in (FINISH_ERROR, FINISH_ABORT):
-        return None
-    if delta.finish_reason == FINISH_ABORT and delta.error is None:
-        return ApiError(503, "the request was aborted by the engine", SERVER, code="aborted")
-    return ApiError(500, f"engine error: {delta.error or 'unknown'}", SERVER, code="engine_error")
-
-
-def _timeout_error(exc: RequestTimeout) -> ApiError:
-    return ApiError(504, str(exc), TIMEOUT, code="timeout")
-
-
-async def _collect(run: RequestRun, builder: ResponseBuilder) -> tuple[web.Response, str]:
-    try:
-        async for delta in run:
-            failure = _failure(delta)
-            if failure is not None:
-                raise failure
-            builder.add(delta)
-    except RequestTimeout as exc:
-        raise _timeout_error(exc) from None
-    except (ApiError, asyncio.CancelledError):
-        raise
-    except Exception as exc:
-        log.exception("engine failed on %s", run.request_id)
-        raise ApiError(500, f"engine error: {exc!r}", SERVER, code="engine_error") from None
-    if not run.finished:
-        raise ApiError(500, "the engine ended the request without finishing it", SERVER)
-    return web.json_response(builder.final()), builder.finish_reason or "stop"
-
-
-async def _stream(
-    request: web.Request, run: RequestRun, builder: ResponseBuilder
-) -> tuple[web.StreamResponse, str]:
-    response = web.StreamResponse(status=200, headers=SSE_HEADERS)
-    await response.prepare(request)
-
-    async def send(payload: dict | str) -> None:
-        data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-        await response.write(f"data: {data}\n\n".encode())
-
-    outcome = "error"
-    try:
-        role = builder.role_chunk()
-        if role is not None:
-            await send(role)
-        try:
-            async for delta in run:
-                failure = _failure(delta)
-                if failure is not None:
-                    await send(failure.body())
-                    break
-                builder.add(delta)
-                await send(builder.chunk(delta))
-            if run.finished and builder.finish_reason is not None:
-                outcome = builder.finish_reason
-                if builder.request.include_usage:
-                    await send(builder.usage_chunk())
-        except RequestTimeout as exc:
-            outcome = "timeout"
-            await send(_timeout_error(exc).body())
-        except ConnectionError:
-            raise
-        except Exception as exc:
-            log.exception("engine failed on %s", run.request_id)
-            await send(ApiError(500, f"engine error: {exc!r}", SERVER).body())
-        await send("[DONE]")
-        await response.write_eof()
-    except ConnectionError:
-        # The client went away mid-write; the caller's finally aborts the request.
-        outcome = "disconnect"
-    return response, outcome

@@ -34,6 +34,7 @@ class ScriptedEngine:
     tokens_per_delta: int = 1
     eos_after: int | None = None
     fail_after: int | None = None  # send an error delta after this many tokens
+    vanish_after: int | None = None  # end the stream without a finish (a broken engine)
     live: dict[str, bool] = field(default_factory=lambda: {"prefill": True, "decode": True})
     snapshot: EngineStats = field(default_factory=EngineStats)
     requests: list[tuple[str, list[int], SamplingParams]] = field(default_factory=list)
@@ -52,6 +53,8 @@ class ScriptedEngine:
             if self.token_delay_s:
                 await asyncio.sleep(self.token_delay_s)
             if request_id in self.aborted:
+                return
+            if self.vanish_after is not None and num_sent >= self.vanish_after:
                 return
             if self.fail_after is not None and num_sent >= self.fail_after:
                 yield OutputDelta(request_id, (), finish_reason=FINISH_ERROR, error="worker died")

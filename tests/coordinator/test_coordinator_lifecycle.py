@@ -130,6 +130,29 @@ def test_engine_error_surfaces(stream):
     assert error["code"] == "engine_error" and "worker died" in error["message"]
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_stream_ending_without_finish_is_an_error_and_aborts(stream):
+    engine = ScriptedEngine(vanish_after=2)
+
+    async def main():
+        async with running_server(make_config(), engine, TOK) as url:
+            async with aiohttp.ClientSession() as session:
+                body = {**SLOW, "stream": stream}
+                async with session.post(f"{url}/v1/completions", json=body) as resp:
+                    return resp.status, await resp.read()
+
+    status, raw = asyncio.run(main())
+    if stream:
+        events = _events(raw)
+        assert events[-1] == "[DONE]" and len(events) == 2 + 1 + 1
+        error = json.loads(events[-2])["error"]
+    else:
+        assert status == 500
+        error = json.loads(raw)["error"]
+    assert "without finishing" in error["message"]
+    assert engine.aborted == [engine.requests[0][0]]  # its blocks must still be freed
+
+
 @pytest.mark.parametrize(
     ("mode", "live", "expected"),
     [

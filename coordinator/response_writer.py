@@ -1,0 +1,109 @@
+"""Write one generation's deltas to the client: as one JSON body, or as SSE events.
+
+Both return ``(response, outcome)`` where outcome is the finish reason, "timeout", "error" or
+"disconnect" (for metrics). Engine failures become OpenAI-shaped errors: an HTTP status when the
+body is not sent yet, an in-band ``data: {"error": ...}`` event followed by ``data: [DONE]``
+once a stream has started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from aiohttp import web
+
+from coordinator.api_errors import SERVER, TIMEOUT, ApiError
+from coordinator.openai_responses import ResponseBuilder
+from coordinator.request_run import RequestRun, RequestTimeout
+from core.outputs import FINISH_ABORT, FINISH_ERROR, OutputDelta
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # tell reverse proxies not to buffer the stream
+}
+
+
+def _failure(delta: OutputDelta) -> ApiError | None:
+    if delta.error is None and delta.finish_reason not in (FINISH_ERROR, FINISH_ABORT):
+        return None
+    if delta.finish_reason == FINISH_ABORT and delta.error is None:
+        return ApiError(503, "the request was aborted by the engine", SERVER, code="aborted")
+    return ApiError(500, f"engine error: {delta.error or 'unknown'}", SERVER, code="engine_error")
+
+
+def _unfinished() -> ApiError:
+    return ApiError(500, "the engine ended the request without finishing it", SERVER)
+
+
+def _timeout_error(exc: RequestTimeout) -> ApiError:
+    return ApiError(504, str(exc), TIMEOUT, code="timeout")
+
+
+async def collect_response(run: RequestRun, builder: ResponseBuilder) -> tuple[web.Response, str]:
+    try:
+        async for delta in run:
+            failure = _failure(delta)
+            if failure is not None:
+                raise failure
+            builder.add(delta)
+    except RequestTimeout as exc:
+        raise _timeout_error(exc) from None
+    except (ApiError, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        log.exception("engine failed on %s", run.request_id)
+        raise ApiError(500, f"engine error: {exc!r}", SERVER, code="engine_error") from None
+    if not run.finished:
+        raise _unfinished()
+    return web.json_response(builder.final()), builder.finish_reason or "stop"
+
+
+async def stream_response(
+    request: web.Request, run: RequestRun, builder: ResponseBuilder
+) -> tuple[web.StreamResponse, str]:
+    response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    await response.prepare(request)
+
+    async def send(payload: dict | str) -> None:
+        data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+        await response.write(f"data: {data}\n\n".encode())
+
+    outcome = "error"
+    try:
+        role = builder.role_chunk()
+        if role is not None:
+            await send(role)
+        try:
+            async for delta in run:
+                failure = _failure(delta)
+                if failure is not None:
+                    await send(failure.body())
+                    break
+                builder.add(delta)
+                await send(builder.chunk(delta))
+            else:
+                if run.finished:
+                    outcome = builder.finish_reason or "stop"
+                    if builder.request.include_usage:
+                        await send(builder.usage_chunk())
+                else:
+                    await send(_unfinished().body())
+        except RequestTimeout as exc:
+            outcome = "timeout"
+            await send(_timeout_error(exc).body())
+        except ConnectionError:
+            raise
+        except Exception as exc:
+            log.exception("engine failed on %s", run.request_id)
+            await send(ApiError(500, f"engine error: {exc!r}", SERVER).body())
+        await send("[DONE]")
+        await response.write_eof()
+    except ConnectionError:
+        # The client went away mid-write; the caller's finally aborts the request.
+        outcome = "disconnect"
+    return response, outcome
