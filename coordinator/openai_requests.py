@@ -80,7 +80,8 @@ def parse_chat(body: dict, limits: ServingLimits, tokenizer: Tokenizer) -> Gener
     messages = _chat_messages(body.get("messages"))
     try:
         prompt_ids = tuple(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-    except (ValueError, TypeError, KeyError) as exc:
+    except Exception as exc:  # templates reject conversations by raising anything
+        # (jinja's raise_exception -> TemplateError); a template refusing the input is a 400.
         raise bad_request(f"cannot apply the chat template: {exc}", param="messages") from None
     _check_prompt_length(prompt_ids, limits, "messages")
     # max_completion_tokens is the newer name; it wins when both are given, as in OpenAI's API.

@@ -20,6 +20,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -102,13 +103,22 @@ def bound_port(runner: web.AppRunner) -> int:
     return address[1]
 
 
-async def serve(config: TandemConfig, engine: EngineClient, tokenizer: Tokenizer) -> None:
-    """Serve until cancelled; the caller owns the engine's lifetime."""
+async def serve(
+    config: TandemConfig,
+    engine: EngineClient,
+    tokenizer: Tokenizer,
+    on_ready: Callable[[int], None] | None = None,
+) -> None:
+    """Serve until cancelled; the caller owns the engine's lifetime. ``on_ready`` gets the bound
+    port once the socket listens (the launcher prints it; port 0 picks a free one)."""
     runner = await start_server(
         build_app(config, engine, tokenizer), config.coordinator.host, config.coordinator.port
     )
-    log.info("Tandem coordinator listening on %s:%d", config.coordinator.host, bound_port(runner))
     try:
+        port = bound_port(runner)
+        log.info("Tandem coordinator listening on %s:%d", config.coordinator.host, port)
+        if on_ready is not None:
+            on_ready(port)
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()

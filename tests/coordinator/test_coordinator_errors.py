@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import jinja2
 import openai
 import pytest
 from engine_double import ScriptedEngine
@@ -147,3 +148,26 @@ def test_api_key_401():
         assert payload["error"]["code"] == "invalid_api_key"
     assert good[0] == 200 and health == 200
     assert len(engine.requests) == 1  # only the authorized request ran
+
+
+class _AlternatingTemplate(ByteTokenizer):
+    """Like many real chat templates: refuses two user turns in a row (jinja raise_exception)."""
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        roles = [m["role"] for m in messages]
+        if any(a == b == "user" for a, b in zip(roles, roles[1:], strict=False)):
+            raise jinja2.exceptions.TemplateError("Conversation roles must alternate")
+        return super().apply_chat_template(messages, add_generation_prompt)
+
+
+def test_chat_template_refusal_is_400():
+    engine = ScriptedEngine()
+    body = {"model": MODEL, "messages": CHAT * 2}
+
+    async def main():
+        async with running_server(make_config(), engine, _AlternatingTemplate()) as url:
+            return await _post(url, "/v1/chat/completions", body)
+
+    status, _, payload = asyncio.run(main())
+    assert status == 400 and payload["error"]["param"] == "messages"
+    assert "roles must alternate" in payload["error"]["message"]

@@ -14,7 +14,7 @@ from serving_harness import MODEL, make_config, running_server, wait_for
 from tokenizer_double import ByteTokenizer
 
 from coordinator.engine_client import EngineStats, PoolStats, TransferStats
-from coordinator.server import build_app
+from coordinator.server import build_app, serve
 
 TOK = ByteTokenizer()
 SLOW = {"model": MODEL, "prompt": "slow", "max_tokens": 50}
@@ -225,3 +225,25 @@ def test_two_servers_in_one_process_do_not_share_metrics():
     first = build_app(make_config(), ScriptedEngine(), TOK)
     second = build_app(make_config(), ScriptedEngine(), TOK)
     assert first is not second
+
+
+def test_serve_runs_until_cancelled_and_releases_the_port():
+    engine = ScriptedEngine()
+    config = make_config()
+
+    async def main():
+        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(serve(config, engine, TOK, on_ready=ready.set_result))
+        port = await asyncio.wait_for(ready, 10)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/health") as resp:
+                status = resp.status
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await session.get(f"http://127.0.0.1:{port}/health")
+        return status
+
+    assert asyncio.run(main()) == 200
