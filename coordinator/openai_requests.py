@@ -118,6 +118,13 @@ def _check_common(body: dict, limits: ServingLimits) -> None:
     n = body.get("n", 1)
     if n != 1 or isinstance(n, bool):
         raise bad_request(f"only n=1 is supported, got {n!r}", param="n")
+    # Refused rather than ignored: a client that asked for these would misread a plain answer.
+    for name in ("tools", "functions", "logit_bias"):
+        if body.get(name):
+            raise bad_request(f"{name} is not supported", param=name)
+    response_format = body.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
 
 
 def _stream_flags(body: dict) -> tuple[bool, bool]:

@@ -81,6 +81,9 @@ def test_completions_400(body, param, fragment):
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages", "role must be one of"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages", "content must be"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages", "text"),
+        ({"tools": [{"type": "function"}]}, "tools", "not supported"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "supported"),
+        ({"logit_bias": {"1": 5}}, "logit_bias", "not supported"),
     ],
 )
 def test_chat_400(body, param, fragment):

@@ -210,3 +210,24 @@ def test_sse_framing_raw():
     assert "".join(p["choices"][0]["text"] for p in payloads) == _text([BOS_ID, *b"hey"], 3)
     assert [p["choices"][0]["finish_reason"] for p in payloads] == [None, None, "length"]
     assert "usage" not in payloads[-1]  # not asked for
+
+
+class _CoroutineEngine(ScriptedEngine):
+    """An engine whose generate is a coroutine returning the iterator (also allowed)."""
+
+    async def generate(self, request_id, prompt_token_ids, params):  # type: ignore[override]
+        await asyncio.sleep(0)
+        return super().generate(request_id, prompt_token_ids, params)
+
+
+def test_engine_generate_may_be_a_coroutine():
+    engine = _CoroutineEngine()
+
+    async def main():
+        async with running_server(make_config(), engine, TOK) as url:
+            stream = await _client(url).completions.create(
+                model=MODEL, prompt="co", max_tokens=3, stream=True
+            )
+            return "".join([chunk.choices[0].text async for chunk in stream])
+
+    assert asyncio.run(main()) == _text([BOS_ID, *b"co"], 3)
