@@ -31,6 +31,7 @@ class OutputDelta:
     token_ids: tuple[int, ...]
     text: str = ""
     logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # first delta only; prompt positions 1..
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0

@@ -1,0 +1,136 @@
+"""Turns a ScheduledBatch into tensors, runs the model over the paged cache, and samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from core.outputs import TokenLogprob
+from engine.attention_metadata import AttentionMetadata
+from engine.kv_cache import KVCache
+from engine.model import LlamaForCausalLM
+from engine.sampler import Sampler, token_logprob
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """Per scheduled sequence: the sampled token (None while its prefill is still partial),
+    its logprob entry, and prompt logprobs computed in this step (positions in order)."""
+
+    token_ids: list[int | None]
+    logprobs: list[TokenLogprob | None]
+    prompt_logprobs: list[list[TokenLogprob]]
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, device: torch.device):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = device
+        self.block_size = kv_cache.spec.block_size
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
+        input_ids, positions, md, sample_rows, prompt_rows = self.prepare(batch)
+        hidden = self.model(input_ids, positions, md, self.kv_cache)  # [N, hidden]
+        seqs = batch.seqs
+        sample_idx = [r for r in sample_rows if r is not None]
+        sampled_seqs = [s for s, r in zip(seqs, sample_rows, strict=True) if r is not None]
+        token_ids: list[int | None] = [None] * len(seqs)
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        if sample_idx:
+            logits = self.model.compute_logits(hidden[sample_idx])  # [S, vocab]
+            result = self.sampler(logits, sampled_seqs)
+            j = 0
+            for i, r in enumerate(sample_rows):
+                if r is not None:
+                    token_ids[i], logprobs[i] = result.token_ids[j], result.logprobs[j]
+                    j += 1
+        prompt_lps = [self._prompt_logprobs(hidden, seq, rows) for seq, rows in zip(
+            seqs, prompt_rows, strict=True)]  # fmt: skip
+        return StepOutput(token_ids, logprobs, prompt_lps)
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, seq: Sequence, rows: tuple[int, int, int] | None
+    ) -> list[TokenLogprob]:
+        """Logprobs of prompt tokens whose predecessors were computed in this step."""
+        if rows is None:
+            return []
+        start_row, first_pos, count = rows  # row of position first_pos-1 .. predicting first_pos
+        if count <= 0:
+            return []
+        logits = self.model.compute_logits(hidden[start_row : start_row + count])
+        lp = torch.log_softmax(logits, dim=-1)
+        targets = seq.prompt_token_ids[first_pos : first_pos + count]
+        k = seq.params.prompt_logprobs or 0
+        return [token_logprob(lp[i], t, k) for i, t in enumerate(targets)]
+
+    # ------------------------------------------------------------------ inputs
+    def prepare(self, batch: ScheduledBatch):
+        """Packed inputs for the step.
+
+        Returns (input_ids [N], positions [N], AttentionMetadata, sample_rows, prompt_rows):
+        ``sample_rows[i]`` is the row whose logits sample seq i's next token (None if its prefill
+        chunk does not reach the end), ``prompt_rows[i]`` (row, first prompt position, count) for
+        prompt logprobs.
+        """
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        cu = [0]
+        ctx: list[int] = []
+        sample_rows: list[int | None] = []
+        prompt_rows: list[tuple[int, int, int] | None] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            c = seq.num_computed_tokens
+            tokens = seq.token_ids
+            ids.extend(tokens[c : c + n])
+            pos.extend(range(c, c + n))
+            ctx.append(c)
+            row0 = cu[-1]
+            cu.append(row0 + n)
+            sample_rows.append(cu[-1] - 1 if c + n == len(tokens) else None)
+            if batch.is_prefill and seq.params.prompt_logprobs is not None:
+                # row r (position c+r) predicts prompt position c+r+1
+                last = min(c + n, seq.num_prompt_tokens - 1)
+                prompt_rows.append((row0, c + 1, last - c))
+            else:
+                prompt_rows.append(None)
+        max_blocks = max(len(s.block_ids) for s in batch.seqs)
+        tables = torch.zeros((len(batch.seqs), max_blocks), dtype=torch.int32)
+        for i, seq in enumerate(batch.seqs):
+            tables[i, : len(seq.block_ids)] = torch.tensor(seq.block_ids, dtype=torch.int32)
+        positions = torch.tensor(pos, dtype=torch.long)
+        cu_seqlens = torch.tensor(cu, dtype=torch.int32)
+        seq_index = torch.repeat_interleave(
+            torch.arange(len(batch.seqs)), torch.tensor(batch.num_new_tokens)
+        )
+        # slot of position p of seq i = block_tables[i, p // bs] * bs + p % bs
+        slots = tables[seq_index, positions // bs].long() * bs + positions % bs
+        dev = self.device
+        max_seqlen = max(batch.num_new_tokens)
+        if batch.is_prefill:
+            md = AttentionMetadata(
+                is_prefill=True,
+                slot_mapping=slots.to(dev),
+                block_tables=tables.to(dev),
+                cu_seqlens=cu_seqlens.to(dev),
+                max_seqlen=max_seqlen,
+                context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev) if any(ctx) else None,
+            )
+        else:
+            seq_lens = [c + n for c, n in zip(ctx, batch.num_new_tokens, strict=True)]
+            md = AttentionMetadata(
+                is_prefill=False,
+                slot_mapping=slots.to(dev),
+                block_tables=tables.to(dev),
+                cu_seqlens=cu_seqlens.to(dev),
+                max_seqlen=max_seqlen,
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        return input_ids, positions.to(dev), md, sample_rows, prompt_rows

@@ -1,0 +1,106 @@
+"""One request inside an engine: its tokens, its blocks and how far its KV has been computed."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from core.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Counters, not phases (as in vLLM v1)::
+
+        token_ids:  | prompt ........................ | output ......... |
+                    0              num_computed_tokens                   num_tokens
+                    |<-- KV in cache -->|<-- still to compute -->|
+
+    A sequence is prefilling while ``num_computed_tokens < num_tokens - 1`` and decoding once only
+    the newest token is missing from the cache. Preemption (recompute) just resets
+    ``num_computed_tokens`` to 0 and drops the blocks; prompt and output tokens are kept.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        eos_token_ids: tuple[int, ...] = (),
+        arrival_time: float = 0.0,
+    ):
+        if not prompt_token_ids:
+            raise ValueError("prompt must contain at least one token")
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.params = params
+        self.eos_token_ids = eos_token_ids
+        self.arrival_time = arrival_time
+        self.status = SequenceStatus.WAITING
+        self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_cached_prompt_tokens = 0  # prefix-cache hit at first admission
+        self.num_preemptions = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        # Per-request RNG: a seeded request samples the same tokens whatever batch it is in.
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+        self.output_logprobs: list = []
+        self.prompt_logprobs: list = []
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed_tokens < self.num_tokens - 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    def num_blocks_for(self, num_tokens: int, block_size: int) -> int:
+        """Blocks needed to hold ``num_tokens`` tokens minus those already held."""
+        return max(0, -(-num_tokens // block_size) - len(self.block_ids))
+
+    def check_stop_token(self, token_id: int) -> bool:
+        """Apply max_tokens / eos / stop_token_ids after ``token_id`` was appended."""
+        p = self.params
+        if self.num_output_tokens >= p.min_tokens:
+            if token_id in p.stop_token_ids:
+                self.finish_reason, self.stop_reason = "stop", token_id
+                return True
+            if not p.ignore_eos and token_id in self.eos_token_ids:
+                self.finish_reason = "stop"
+                return True
+        if self.num_output_tokens >= p.max_tokens:
+            self.finish_reason = "length"
+            return True
+        return False
