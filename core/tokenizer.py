@@ -22,9 +22,9 @@ from tokenizers import Tokenizer as HFTokenizer
 class TokenizerFiles:
     """Everything needed to rebuild a model's tokenizer, as plain data.
 
-    ``tokenizer_json`` is the serialized ``tokenizers.Tokenizer`` (its post-processor decides
-    which special tokens ``encode`` adds); ``add_bos_token`` is what the model's tokenizer config
-    asks for, enforced on top of it. ``eos_token_ids`` are all ids that end generation (the
+    ``tokenizer_json`` is the serialized ``tokenizers.Tokenizer``; its post-processor decides
+    which special tokens ``encode`` adds, and ``add_bos_token`` says whether that includes BOS
+    (checked when a Tokenizer is built). ``eos_token_ids`` are all ids that end generation (the
     tokenizer's EOS plus any the model / generation config lists).
     """
 
@@ -42,8 +42,6 @@ class TokenizerFiles:
         if not self.tokenizer_json:
             raise ValueError("TokenizerFiles.tokenizer_json is empty")
         object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
-        if self.add_bos_token and self.bos_token_id is None:
-            raise ValueError("add_bos_token is set but bos_token_id is None")
 
     def special_tokens_map(self) -> dict[str, str]:
         """The names a chat template may use (``bos_token``, ``eos_token``, ...), as
@@ -104,10 +102,15 @@ class Tokenizer:
         self._template = (
             compile_chat_template(files.chat_template) if files.chat_template else None
         )
-        # The tokenizer.json post-processor normally adds BOS itself; a config that asks for
-        # BOS the post-processor does not add gets it prepended here (as transformers would).
+        # BOS is added by the tokenizer.json post-processor alone (transformers 5 ignores a
+        # tokenizer_config "add_bos_token" that disagrees with it); the flag must describe it.
         probe = self._tok.encode("a", add_special_tokens=True).ids
-        self._prepend_bos = files.add_bos_token and (not probe or probe[0] != files.bos_token_id)
+        adds_bos = bool(probe) and probe[0] == files.bos_token_id
+        if adds_bos != files.add_bos_token:
+            raise ValueError(
+                f"TokenizerFiles.add_bos_token={files.add_bos_token} but the tokenizer's "
+                f"post-processor {'adds' if adds_bos else 'does not add'} BOS"
+            )
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -124,11 +127,7 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens and self._prepend_bos:
-            assert self.files.bos_token_id is not None  # checked by TokenizerFiles
-            ids = [self.files.bos_token_id, *ids]
-        return ids
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int] | tuple[int, ...], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``. Bytes of an incomplete UTF-8 sequence decode to U+FFFD (see

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
+
 from core.tokenizer import TokenizerFiles
 from engine.loader import resolve_source
 
@@ -62,8 +64,7 @@ def _from_transformers(directory: str, gguf_file: str | None = None) -> Tokenize
         pad_token=tok.pad_token,
         bos_token_id=tok.bos_token_id,
         eos_token_ids=_unique(eos_ids),
-        # the backend's post-processor, serialized above, already applies it
-        add_bos_token=bool(getattr(tok, "add_bos_token", False)),
+        add_bos_token=_adds_bos(tok.backend_tokenizer.to_str(), tok.bos_token_id),
     )
 
 
@@ -96,7 +97,7 @@ def _from_hf_dir(directory: Path) -> TokenizerFiles:
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     specials = {name: _token_content(config.get(name)) for name in _SPECIAL_NAMES}
     # ids of special tokens come from the vocabulary itself, not from the model config
-    vocab = _token_ids(tokenizer_json)
+    vocab = Tokenizer.from_str(tokenizer_json).get_vocab(with_added_tokens=True)
     bos_id = vocab.get(specials["bos_token"]) if specials["bos_token"] else None
     eos_ids = [vocab.get(specials["eos_token"])] if specials["eos_token"] else []
     return TokenizerFiles(
@@ -108,11 +109,12 @@ def _from_hf_dir(directory: Path) -> TokenizerFiles:
         pad_token=specials["pad_token"],
         bos_token_id=bos_id,
         eos_token_ids=_unique(eos_ids + _config_eos_ids(directory)),
-        add_bos_token=bool(config.get("add_bos_token", False)) and bos_id is not None,
+        # like transformers 5, trust the post-processor over tokenizer_config's add_bos_token
+        add_bos_token=_adds_bos(tokenizer_json, bos_id),
     )
 
 
-def _token_ids(tokenizer_json: str) -> dict[str, int]:
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_str(tokenizer_json).get_vocab(with_added_tokens=True)
+def _adds_bos(tokenizer_json: str, bos_id: int | None) -> bool:
+    """Whether ``encode(..., add_special_tokens=True)`` starts with BOS."""
+    probe = Tokenizer.from_str(tokenizer_json).encode("a", add_special_tokens=True).ids
+    return bos_id is not None and bool(probe) and probe[0] == bos_id
