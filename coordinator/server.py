@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from coordinator.api_errors import (
     AUTHENTICATION,
@@ -124,9 +125,9 @@ async def serve(
         await runner.cleanup()
 
 
-def _auth_middleware(api_key: str | None):
+def _auth_middleware(api_key: str | None) -> Middleware:
     @web.middleware
-    async def check_key(request: web.Request, handler) -> web.StreamResponse:
+    async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
         if api_key is not None and request.path.startswith("/v1/"):
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             # compare_digest: the time taken must not reveal how much of the key matched.
