@@ -120,6 +120,12 @@ class KVCacheSection(_Section):
             raise ValueError("set exactly one of num_blocks, memory_gib")
         return self
 
+    @property
+    def memory_bytes(self) -> int | None:
+        """The budget in bytes (None when sized by num_blocks); the engine divides it by its
+        bytes per block, which depends on the model and the KV dtype."""
+        return None if self.memory_gib is None else int(self.memory_gib * (1 << 30))
+
 
 class Speculative(_Section):
     """Accepted and validated now; the speculative-decoding work implements the methods."""
@@ -156,6 +162,7 @@ class PoolSection(_Section):
     resources: Resources = Resources()
     scheduler: SchedulerLimits = SchedulerLimits()
     kv_cache: KVCacheSection
+    enable_prefix_caching: bool = True  # reuse KV blocks of shared prompt prefixes
 
 
 class DecodePoolSection(PoolSection):

@@ -64,6 +64,10 @@ def test_colocated_and_gpu_values():
     assert big.pools.decode.resources.num_gpus == 1
     assert big.pools.decode.kv_cache.dtype == "fp8_e4m3"
     assert big.pools.decode.kv_cache.memory_gib == 48
+    assert big.pools.decode.kv_cache.memory_bytes == 48 * 2**30
+    assert big.pools.decode.kv_cache.num_blocks is None
+    assert colocated.pool("colocated").kv_cache.memory_bytes is None
+    assert big.pools.prefill.enable_prefix_caching is True
     assert big.pools.decode.speculative.method == "draft"
     assert big.kv_transfer.side_channel_port_range == (5600, 5799)
     assert load_config(CONFIGS / "gpu-1p1d.yaml").pools.decode.speculative.method == "ngram"
