@@ -204,40 +204,42 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     state = request.app[STATE]
     arrival = time.monotonic()
     endpoint = "chat" if kind == "chat" else "completions"
-    try:
-        # Queue check first: an overloaded server should not spend time tokenizing.
-        if state.num_in_flight >= state.config.coordinator.max_queued_requests:
-            raise ApiError(
-                429,
-                f"too many requests in flight ({state.num_in_flight}); retry later",
-                RATE_LIMIT,
-                code="queue_full",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
-        body = await _json_body(request)
-        parse = parse_chat if kind == "chat" else parse_completion
-        gen = parse(body, state.limits, state.tokenizer)
-    except ApiError as exc:
-        state.metrics.requests.labels(endpoint, f"rejected_{exc.status}").inc()
-        raise
-
-    request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-    run = RequestRun(
-        state.engine,
-        state.metrics,
-        request_id,
-        list(gen.prompt_token_ids),
-        gen.params,
-        arrival,
-        state.config.coordinator.request_timeout_s,
-    )
-    builder = ResponseBuilder(
-        request_id, state.limits.model_name, int(time.time()), gen, state.tokenizer
-    )
+    # Queue check first: an overloaded server should not spend time reading or tokenizing.
+    if state.num_in_flight >= state.config.coordinator.max_queued_requests:
+        state.metrics.requests.labels(endpoint, "rejected_429").inc()
+        raise ApiError(
+            429,
+            f"too many requests in flight ({state.num_in_flight}); retry later",
+            RATE_LIMIT,
+            code="queue_full",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    # The slot is taken before the first await, so concurrent arrivals cannot all pass the check.
     state.num_in_flight += 1
     state.metrics.in_flight.inc()
     outcome = "error"
+    run: RequestRun | None = None
     try:
+        try:
+            body = await _json_body(request)
+            parse = parse_chat if kind == "chat" else parse_completion
+            gen = parse(body, state.limits, state.tokenizer)
+        except ApiError as exc:
+            outcome = f"rejected_{exc.status}"
+            raise
+        request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        run = RequestRun(
+            state.engine,
+            state.metrics,
+            request_id,
+            list(gen.prompt_token_ids),
+            gen.params,
+            arrival,
+            state.config.coordinator.request_timeout_s,
+        )
+        builder = ResponseBuilder(
+            request_id, state.limits.model_name, int(time.time()), gen, state.tokenizer
+        )
         if gen.stream:
             response, outcome = await stream_response(request, run, builder)
         else:
@@ -247,10 +249,12 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         outcome = "disconnect"
         raise
     except ApiError as exc:
-        outcome = "timeout" if exc.type == TIMEOUT else "error"
+        if not outcome.startswith("rejected_"):
+            outcome = "timeout" if exc.type == TIMEOUT else "error"
         raise
     finally:
-        await run.close()
+        if run is not None:
+            await run.close()
         state.num_in_flight -= 1
         state.metrics.in_flight.dec()
         state.metrics.requests.labels(endpoint, outcome).inc()
