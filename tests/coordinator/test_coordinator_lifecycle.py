@@ -247,3 +247,23 @@ def test_serve_runs_until_cancelled_and_releases_the_port():
         return status
 
     assert asyncio.run(main()) == 200
+
+
+def test_concurrent_burst_admits_exactly_the_limit():
+    engine = ScriptedEngine(token_delay_s=0.05)
+    config = make_config(max_queued_requests=2)
+
+    async def main():
+        async with running_server(config, engine, TOK) as url:
+            async with aiohttp.ClientSession() as session:
+
+                async def one() -> int:
+                    body = {**SLOW, "max_tokens": 4}
+                    async with session.post(f"{url}/v1/completions", json=body) as resp:
+                        await resp.read()
+                        return resp.status
+
+                return sorted(await asyncio.gather(*(one() for _ in range(6))))
+
+    assert asyncio.run(main()) == [200, 200, 429, 429, 429, 429]
+    assert len(engine.requests) == 2
