@@ -87,3 +87,46 @@ def round_to_e4m3(y):
     step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(exponent - 3)
     magic = step * 12582912.0  # 1.5 * 2^23
     return (y + magic) - magic
+
+
+@triton.jit
+def paged_offsets(
+    table_row_ptr,  # int32 block ids of one sequence
+    pos,  # [BLOCK_N] token positions in the sequence
+    in_range,  # [BLOCK_N] positions that exist
+    kv_head,
+    stride_cb,  # cache stride over blocks
+    stride_sb,  # scale stride over blocks
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Element offsets of K/V rows and of their scales for ``pos`` read through a block table."""
+    block = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+    slot_in_block = pos % BLOCK_SIZE
+    kv_off = block * stride_cb + (slot_in_block * NUM_KV_HEADS + kv_head) * HEAD_DIM  # [BLOCK_N]
+    scale_off = block * stride_sb + slot_in_block * NUM_KV_HEADS + kv_head  # [BLOCK_N]
+    return kv_off, scale_off
+
+
+@triton.jit
+def online_softmax_update(
+    s,  # [BLOCK_M, BLOCK_N] fp32 scores in log2 units, -inf where masked
+    v,  # [BLOCK_N, HEAD_DIM] values (any float dtype, cast for the dot)
+    m_i,  # [BLOCK_M] running max
+    l_i,  # [BLOCK_M] running sum of exp2(s - m_i)
+    acc,  # [BLOCK_M, HEAD_DIM] fp32 running sum of p @ v
+    DOT_DTYPE: tl.constexpr,
+):
+    """One FlashAttention-2 step: rescale what was accumulated to the new max and add this tile.
+
+    Rows that have seen only masked scores keep m = -inf; exponentiating against 0 instead keeps
+    them at exactly zero weight rather than NaN (-inf - -inf).
+    """
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)  # [BLOCK_M]
+    p = tl.math.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
+    return m_new, l_i, acc

@@ -24,7 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import check_device, check_paged_cache, check_scales, dot_dtype
+from kernels.triton_common import (
+    check_device,
+    check_paged_cache,
+    check_scales,
+    dot_dtype,
+    online_softmax_update,
+    paged_offsets,
+)
 
 BLOCK_N = 32  # KV positions per inner step
 MIN_SPLIT_TOKENS = 256  # a split shorter than this costs more in the reduce than it saves
@@ -85,32 +92,25 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    table_row = block_tables_ptr + seq * stride_bt
     for pos0 in range(start, end, BLOCK_N):
         pos = pos0 + tl.arange(0, BLOCK_N)
         in_seq = pos < end
-        block = tl.load(
-            block_tables_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=in_seq, other=0
-        ).to(tl.int64)  # int64: block * stride_cb may exceed 2^31
-        kv_off = block * stride_cb + (pos % BLOCK_SIZE) * (NUM_KV_HEADS * HEAD_DIM)
-        kv_off += kv_head * HEAD_DIM  # [BLOCK_N]
+        kv_off, sc_off = paged_offsets(
+            table_row, pos, in_seq, kv_head, stride_cb, stride_sb,
+            NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
+        )  # fmt: skip
         kv_mask = in_seq[:, None] & (dims[None, :] < HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
         k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)))  # [BLOCK_M, BLOCK_N] fp32
         if FP8:
-            sc_off = block * stride_sb + (pos % BLOCK_SIZE) * NUM_KV_HEADS + kv_head
             s = s * tl.load(k_scale_ptr + sc_off, mask=in_seq, other=0.0)[None, :]
         visible = in_seq[None, :] & (pos[None, :] < limit[:, None])
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         if FP8:
             v = v.to(tl.float32) * tl.load(v_scale_ptr + sc_off, mask=in_seq, other=0.0)[:, None]
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_update(s, v, m_i, l_i, acc, DOT_DTYPE)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # an empty split contributes nothing
     out = acc / l_safe[:, None]
