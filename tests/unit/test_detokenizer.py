@@ -33,7 +33,8 @@ def _smollm2() -> Tokenizer:
 
 
 def _sentencepiece_style() -> Tokenizer:
-    """A Llama-2-shaped tokenizer: ▁ for spaces, <0xNN> byte fallback, BOS post-processor."""
+    """A Llama-2-shaped tokenizer, laid out as transformers converts a sentencepiece model:
+    ▁ for spaces, <0xNN> byte fallback, leading space stripped, BOS post-processor."""
     specials = ["<unk>", "<s>", "</s>"]
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
     chars = ["▁"] + [chr(c) for c in range(33, 127)]
@@ -43,7 +44,8 @@ def _sentencepiece_style() -> Tokenizer:
     vocab = {token: i for i, token in enumerate(vocab_list)}
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>",
                                  byte_fallback=True, fuse_unk=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first",
+                                                 split=False)
     tok.decoder = decoders.Sequence([
         decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
         decoders.Strip(" ", 1, 0),

@@ -199,3 +199,27 @@ def test_core_tokenizer_imports_no_torch() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+def test_sentencepiece_only_directory_goes_through_transformers(tmp_path) -> None:
+    """No tokenizer.json: transformers converts tokenizer.model (Llama-2 layout, BOS added)."""
+    import sentencepiece
+    import transformers
+
+    corpus = ["Hello world, a tiny corpus for a tiny tokenizer.",
+              "The quick brown fox jumps over the lazy dog 123."] * 50
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_prefix=str(tmp_path / "tokenizer"),
+        vocab_size=340, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, minloglevel=2,
+    )
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>", "add_bos_token": True}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    files = load_tokenizer_files(str(tmp_path))
+    assert files.add_bos_token and files.bos_token_id == 1 and files.eos_token_ids == (2,)
+    ours, theirs = Tokenizer(files), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in TEXTS:
+        ids = theirs.encode(text)
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
