@@ -13,6 +13,10 @@ class KVTransferConfig:
     timeout_s: float = 30.0  # a transfer not done by then fails and releases its handles
     connect_timeout_s: float = 10.0  # handshake answer
     staging_blocks: int = 256  # FP8 staging capacity (sender, only for a non-FP8 -> FP8 pair)
+    # NIXL's progress thread spins a whole core even when idle. On host memory UCX copies with
+    # CMA (process_vm_writev) inside transfer() anyway, so the thread buys nothing there and costs
+    # one of this machine's two cores; enable it where UCX progresses RDMA asynchronously.
+    nixl_progress_thread: bool = False
 
     def __post_init__(self) -> None:
         lo, hi = self.port_range

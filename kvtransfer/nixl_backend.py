@@ -4,8 +4,11 @@ Each side registers its cache tensors once (DRAM for CPU tensors, VRAM for CUDA 
 decode side's agent metadata travels in its Handshake over the ZMQ side channel; the prefill side
 loads it and then WRITEs merged block runs straight into the reserved destination blocks, with a
 ``KVLanded`` notification that NIXL delivers after the data of that WRITE. Progress is polled
-(``check_xfer_state`` / ``get_new_notifs``), never waited on; with UCX on one host this is a
-shared-memory copy done by UCX's progress thread, on a cluster it is RDMA or NVLink.
+(``check_xfer_state`` / ``get_new_notifs``), never waited on.
+
+On one host UCX moves host memory with CMA (``process_vm_writev``): the copy runs inside
+``transfer()``, so ``send`` returns once a host-memory WRITE is done (split a long prompt into
+layer groups to interleave it with compute). On RDMA / NVLink ``transfer()`` only posts.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import logging
 import uuid
 from typing import Any
 
-from engine.kv_cache import KVCache
 from kvtransfer.config import KVTransferConfig
 from kvtransfer.protocol import KVLanded, ProtocolError, decode
 from kvtransfer.receiver import KVReceiver
@@ -24,17 +26,18 @@ from kvtransfer.sender import DescPairs, InFlight, KVSender, Peer
 log = logging.getLogger(__name__)
 
 
-def _new_agent(role: str) -> Any:
+def _new_agent(role: str, config: KVTransferConfig) -> Any:
     from nixl._api import nixl_agent, nixl_agent_config  # heavy import, only for this backend
 
-    return nixl_agent(f"tandem-{role}-{uuid.uuid4().hex[:12]}", nixl_agent_config(backends=["UCX"]))
+    conf = nixl_agent_config(enable_prog_thread=config.nixl_progress_thread, backends=["UCX"])
+    return nixl_agent(f"tandem-{role}-{uuid.uuid4().hex[:12]}", conf)
 
 
 class NixlSender(KVSender):
     backend_name = "nixl"
 
     def _open(self) -> tuple[str, bytes]:
-        self._agent = _new_agent("prefill")
+        self._agent = _new_agent("prefill", self.config)
         self._regs = [self._agent.register_memory(t) for t in cache_tensors(self.cache).values()]
         self._remote_names: dict[str, str] = {}
         return self._agent.name, self._agent.get_agent_metadata()
@@ -94,11 +97,8 @@ class NixlSender(KVSender):
 class NixlReceiver(KVReceiver):
     backend_name = "nixl"
 
-    def __init__(self, cache: KVCache, config: KVTransferConfig, model_id: str):
-        super().__init__(cache, config, model_id)
-
     def _open(self) -> tuple[str, bytes]:
-        self._agent = _new_agent("decode")
+        self._agent = _new_agent("decode", self.config)
         self._regs = [self._agent.register_memory(t) for t in cache_tensors(self.cache).values()]
         return self._agent.name, self._agent.get_agent_metadata()
 

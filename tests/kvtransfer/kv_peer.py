@@ -45,7 +45,7 @@ def block_bytes(cache: Any, block_ids: list[int]) -> tuple[bytes, bytes]:
     return data, scales
 
 
-def serve(shape: CacheShape, backend: str, model_id: str, cmds: Any, out: Any) -> None:
+def serve(shape: CacheShape, backend: str, model_id: str, cmds: Any, acks: Any, out: Any) -> None:
     import torch
 
     from kvtransfer import KVTransferConfig, make_receiver
@@ -66,6 +66,7 @@ def serve(shape: CacheShape, backend: str, model_id: str, cmds: Any, out: Any) -
             if cmd is not None:
                 if cmd[0] == "expect":
                     expected[cmd[1]] = cmd[2]
+                    acks.put(cmd[1])
                 elif cmd[0] == "die":
                     os._exit(1)  # no cleanup: a crashed worker
                 elif cmd[0] == "stop":
@@ -82,15 +83,17 @@ class Peer:
     """Handle on a running decode-side process."""
 
     def __init__(self, shape: CacheShape, backend: str, model_id: str = "test-model"):
-        self.cmds, self.out = SPAWN.Queue(), SPAWN.Queue()
-        self.proc = SPAWN.Process(target=serve, args=(shape, backend, model_id, self.cmds,
-                                                      self.out), daemon=True)  # fmt: skip
+        self.cmds, self.acks, self.out = SPAWN.Queue(), SPAWN.Queue(), SPAWN.Queue()
+        args = (shape, backend, model_id, self.cmds, self.acks, self.out)
+        self.proc = SPAWN.Process(target=serve, args=args, daemon=True)
         self.proc.start()
         tag, self.address, self.port = self.out.get(timeout=60)
         assert tag == "ready"
 
     def expect(self, request_id: str, dst_block_ids: list[int]) -> None:
+        """Register before sending, so the snapshot is taken when ``poll`` reports it."""
         self.cmds.put(("expect", request_id, dst_block_ids))
+        assert self.acks.get(timeout=20) == request_id
 
     def landed(self, timeout: float = 20.0) -> tuple[str, bytes, bytes]:
         tag, rid, data, scales = self.out.get(timeout=timeout)
