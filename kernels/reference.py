@@ -38,9 +38,13 @@ def quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
     by an order of magnitude. A per-tensor or per-block scale lets one outlier token crush the
     resolution of every other token in the block; per row, every stored vector uses the full e4m3
     range, so the error is e4m3's relative rounding (3 mantissa bits: |err| <= 2^-4 = 6.25% of
-    the value, about 2-3% RMS relative to the row's amax) independently of its neighbours. Cost:
-    4 bytes per D values, 3% (D=128) or 6% (D=64) on top of the FP8 data, still ~half of fp16.
-    A row is also the unit the store kernel writes, so the scale is computed without a second pass.
+    each value above 2^-6 * scale; measured 2.6% RMS on Gaussian rows) independently of its
+    neighbours. Cost: 4 bytes per D values, +3% (D=128) or +6% (D=64) over the FP8 data, still
+    about half of fp16. A row is also the unit the store kernel writes: no second pass.
+
+    Attention over an FP8 cache vs fp32 (Gaussian q/K/V, 200 keys, D=64; measured): 3.7% RMS /
+    6.1% worst-element relative error with unit-scale rows; 6.5% / 15% when row norms spread over
+    two decades (large keys amplify their logit errors). tests/kernels/test_fp8.py bounds it.
 
     Quantization is done in fp32 (x / scale, clamped to +-448, then cast) so the Triton kernel and
     this reference agree: the clamp makes the cast never overflow, and round-to-nearest-even of an

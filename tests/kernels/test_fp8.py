@@ -14,7 +14,8 @@ BLOCK_SIZE, KV_HEADS, GROUP, HEAD_DIM = 16, 2, 2, 64
 # relative (~2% RMS); K errors shift the logits, V errors pass straight through. On these inputs
 # (unit q, K/V rows spread over two decades, so large-norm keys amplify their logit errors) the
 # measured error, printed with -s, is 5.0% RMS (||diff|| / ||out||) and 5.9% at the worst element
-# (max|diff| / max|out|); on unit-scale rows (no spread) about 3% / 6%. Bounds with headroom:
+# (max|diff| / max|out|). Other draws land around 3.7% / 6.1% (unit-scale rows) up to 6.5% / 15%
+# (spread rows, 64 queries): see kernels.reference.quantize_fp8. Bounds for this fixed draw:
 FP8_RMS_TOL = 0.08
 FP8_MAX_TOL = 0.12
 
