@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from engine.loader import expected_weight_shapes, load_model
-from engine.loader.gguf_loader import unpermute_rows
+from engine.loader.gguf_loader import _BLOCK_NAMES, _GLOBAL_NAMES, unpermute_rows
 from engine.model_config import RopeScaling
 
 
@@ -187,8 +190,6 @@ def test_unsupported_architecture_is_named(tmp_path, tiny_llama_dir) -> None:
 
 
 def test_unsupported_gguf_architecture_is_named(tmp_path) -> None:
-    import gguf
-
     path = tmp_path / "tiny.gguf"
     writer = gguf.GGUFWriter(str(path), "gpt2")
     writer.add_block_count(1)
@@ -213,3 +214,73 @@ def test_expected_shapes_cover_every_layer(tiny_llama_dir) -> None:
     shapes = expected_weight_shapes(config)
     assert len(shapes) == 1 + 9 * config.num_layers + 1  # embed, per-layer, final norm (tied)
     assert {k: tuple(v.shape) for k, v in weights.items()} == shapes
+
+
+# --- a GGUF written here from a tiny Llama (GQA, head_dim != hidden / heads, untied) ---------
+
+
+def _llama_cpp_permute(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py LlamaModel.permute, for Q (num_heads) and K (kv heads)."""
+    return w.reshape(num_heads, 2, w.shape[0] // num_heads // 2, *w.shape[1:]).swapaxes(
+        1, 2
+    ).reshape(w.shape)
+
+
+def _write_gguf(path: Path, config, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Write ``weights`` as llama.cpp would (2-D tensors Q8_0, norms F32); returns what a
+    correct loader must read back: the Q8_0 round trip of each weight, in HF row order."""
+    inverse = {hf: g for g, hf in _GLOBAL_NAMES.items()}
+    inverse.update({
+        f"model.layers.{i}.{hf}.weight": f"blk.{i}.{g}.weight"
+        for i in range(config.num_layers) for g, hf in _BLOCK_NAMES.items()
+    })
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(config.num_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    expected = {}
+    for name, tensor in weights.items():
+        array = tensor.numpy()
+        if array.ndim == 1:
+            writer.add_tensor(inverse[name], array)
+            expected[name] = tensor
+            continue
+        quantized = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
+        expected[name] = torch.from_numpy(
+            gguf.quants.dequantize(quantized, gguf.GGMLQuantizationType.Q8_0)
+        )
+        if ".q_proj." in name or ".k_proj." in name:
+            heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
+            # quantization blocks run along a row, so permuting rows commutes with it
+            quantized = _llama_cpp_permute(quantized, heads)
+        writer.add_tensor(inverse[name], quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return expected
+
+
+def test_gguf_written_from_tiny_llama_loads_back(tmp_path, make_tiny_llama) -> None:
+    directory = make_tiny_llama(tmp_path / "hf", seed=3, tie_word_embeddings=False)
+    config, weights = load_model(str(directory), torch.float32)
+    expected = _write_gguf(tmp_path / "tiny.gguf", config, weights)
+    gguf_config, gguf_weights = load_model(str(tmp_path / "tiny.gguf"), torch.float32)
+    # GGUF stores the epsilon as float32
+    assert gguf_config.rms_norm_eps == pytest.approx(config.rms_norm_eps, rel=1e-6)
+    assert gguf_config == replace(config, name="tiny", rms_norm_eps=gguf_config.rms_norm_eps)
+    assert_same_weights(gguf_weights, expected)
+    # and Q8_0 really is lossy here, so the comparison above is not against the input itself
+    assert not torch.equal(expected["model.layers.0.self_attn.q_proj.weight"],
+                           weights["model.layers.0.self_attn.q_proj.weight"])
