@@ -7,12 +7,14 @@ explicit mask) so it can serve as the ground truth for the vectorised references
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from kernels.reference import FP8_DTYPE, quantize_fp8
 
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 NUM_LAYERS = 3
 LAYER = 1  # the slice under test: neither first nor last, so dim-0 strides matter
 
