@@ -163,7 +163,7 @@ def prefill_attention(
     """
     _check_heads(q, k.shape[1])
     if context_lens is None or k_cache is None:
-        return _prefill_no_prefix(q, k, v, cu_seqlens, max_seqlen, sm_scale)
+        return causal_varlen_attention(q, k, v, cu_seqlens, max_seqlen, sm_scale)
     assert v_cache is not None and block_tables is not None
     n_total = q.shape[0]
     starts = cu_seqlens[:-1].long()  # [B]
@@ -191,19 +191,27 @@ def prefill_attention(
     return out.to(q.dtype)
 
 
-# Padded batch up to this longest chunk, per-sequence calls above it. Measured on the 2-core dev
-# box (SmolLM2 heads: 9 q / 3 kv, D=64; `python -m bench.kernels --cpu-prefill`), e.g. 64 x 16
-# tokens padded 27 ms vs loop 84 ms; 64 x 128: 209 vs 418 ms; 8 x 512: 328 vs 213 ms. Short chunks
-# lose to per-call overhead, long ones to padding waste and the loop's skipped upper triangles.
-PADDED_PREFILL_MAX_SEQLEN = 128
+# Padded batch up to this longest chunk, per-sequence calls above it. Measured with
+# `python -m bench.kernels --cpu-prefill` (SmolLM2 heads 9 q / 3 kv, D=64, ragged lengths in
+# [S/2, S], 2 busy cores, so +-30%): B x S = 64 x 16: padded 37 ms vs loop 75 ms; 32 x 64: 72 vs
+# 109; 8 x 128: 89 vs 258; 64 x 128: 317 vs 531; 8 x 512: 252 vs 240; 16 x 512: 471 vs 620.
+# Short chunks lose to per-call overhead in the loop; long ragged ones to padding waste.
+PADDED_PREFILL_MAX_SEQLEN = 256
 
 
-def _prefill_no_prefix(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, sm_scale: float
+def causal_varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    sm_scale: float,
+    padded_max_seqlen: int = PADDED_PREFILL_MAX_SEQLEN,
 ) -> Tensor:
-    """Causal attention within each packed sequence, no cached prefix -> [N, Hq, D]."""
+    """Causal attention within each packed sequence, no cached prefix -> [N, Hq, D].
+    ``padded_max_seqlen`` picks the strategy (overridable for bench.kernels --cpu-prefill)."""
     gqa = q.shape[1] != k.shape[1]
-    if max_seqlen <= PADDED_PREFILL_MAX_SEQLEN:
+    if max_seqlen <= padded_max_seqlen:
         # Padding sits at the END of each row, so is_causal alone hides padded keys from every
         # real query (a padded key j' >= len_b > j); padded query rows are dropped afterwards.
         starts = cu_seqlens[:-1].long()  # [B]
