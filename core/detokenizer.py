@@ -14,6 +14,11 @@ together with the new ones and emit only the difference:
 
 Text is held back (offsets unchanged) while the window ends in U+FFFD or adds no characters
 (a skipped special token); the window therefore stays a few tokens long.
+
+Known limit, shared with vLLM: a byte-fallback decoder (Llama-2 style ``<0xNN>`` tokens) turns
+a whole run of byte tokens into U+FFFDs when the run is invalid UTF-8, so if a model emits an
+ASCII byte token followed by a stray continuation byte, the ASCII character already streamed
+differs from the final full decode. Valid output always matches.
 """
 
 from __future__ import annotations
@@ -64,6 +69,10 @@ class IncrementalDetokenizer:
         if self.read_offset == len(self.token_ids):
             return ""
         prefix_text = self._decode(self.prefix_offset, self.read_offset)
+        if self.read_offset == self.num_prompt_tokens:
+            # A prompt given as ids may end inside a character (emitted text never does): that
+            # U+FFFD is not in the output, the character completed by output bytes will be.
+            prefix_text = prefix_text.rstrip(REPLACEMENT_CHAR)
         new_text = self._decode(self.prefix_offset)
         if len(new_text) <= len(prefix_text):
             return ""  # nothing visible yet (e.g. a skipped special token): keep the window

@@ -172,3 +172,16 @@ def test_many_random_sequences_match_full_decode(smollm2: Tokenizer) -> None:
         assert "".join(chunks) == full
         if REPLACEMENT_CHAR not in full:
             assert not any(REPLACEMENT_CHAR in chunk for chunk in chunks)
+
+
+def test_prompt_ending_inside_a_character(tokenizer) -> None:
+    """Ids of a prompt that stops mid-emoji: the output's first bytes complete it, and the
+    whole character is streamed (never a U+FFFD)."""
+    ids = tokenizer.encode("Say 👋 now", add_special_tokens=False)
+    cut = next(k for k in range(1, len(ids))
+               if tokenizer.decode(ids[:k]).endswith(REPLACEMENT_CHAR))
+    prompt, output = ids[:cut], ids[cut:]
+    chunks = stream(tokenizer, output, [1] * len(output), prompt_ids=prompt)
+    assert not any(REPLACEMENT_CHAR in chunk for chunk in chunks)
+    prompt_text = tokenizer.decode(prompt).rstrip(REPLACEMENT_CHAR)
+    assert prompt_text + "".join(chunks) == tokenizer.decode(ids) == "Say 👋 now"
