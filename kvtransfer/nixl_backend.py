@@ -92,6 +92,7 @@ class NixlSender(KVSender):
         for reg in self._regs:
             self._agent.deregister_memory(reg)
         self._regs, self._remote_names = [], {}
+        self._agent = None  # the last reference: destroys the agent and its UCX workers
 
 
 class NixlReceiver(KVReceiver):
@@ -119,3 +120,4 @@ class NixlReceiver(KVReceiver):
         for reg in self._regs:
             self._agent.deregister_memory(reg)
         self._regs = []
+        self._agent = None  # the last reference: destroys the agent and its UCX workers

@@ -167,7 +167,8 @@ class KVSender(ABC):
                 f"buffer ({self.config.staging_blocks}); send it in layer groups or raise "
                 "staging_blocks"
             )
-        if self._waiting or not self._start(t):
+        # FIFO among transfers that need staging; a plain transfer never waits behind them
+        if (p.fp8_staging and self._waiting) or not self._start(t):
             self._waiting.append(t)
 
     def poll(self) -> list[TransferEvent]:
