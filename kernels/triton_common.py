@@ -12,17 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0
-AMAX_FLOOR = 1e-12  # keep equal to kernels.reference.AMAX_FLOOR (tests compare scales bit-exactly)
-LOG2E = 1.4426950408889634
-
-TL_DTYPES: dict[torch.dtype, tl.dtype] = {
-    torch.float32: tl.float32,
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-    torch.float8_e4m3fn: tl.float8e4nv,
-}
-
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -31,9 +20,9 @@ def interpreting() -> bool:
 def dot_dtype(dtype: torch.dtype) -> tl.dtype:
     """Operand dtype of tl.dot: the activations' 16-bit type on GPU (tensor cores), fp32 for fp32.
 
-    The interpreter's tl.dot on bf16 operands returns garbage, so under TRITON_INTERPRET bf16 (and
-    FP8, which has no interpreter dot either) is computed in fp32: the same algorithm, with a
-    little more precision than the GPU path.
+    The interpreter's tl.dot on bf16 operands returns garbage, so under TRITON_INTERPRET bf16 is
+    computed in fp32: the same algorithm, with a little more precision than the GPU path. FP8
+    caches are decoded to fp16 and then cast to this dtype (exact: e4m3 fits in both).
     """
     if dtype == torch.float16:
         return tl.float16
@@ -73,12 +62,36 @@ def check_scales(cache: torch.Tensor, *scales: torch.Tensor | None) -> None:
         assert s.stride() == first.stride(), "k_scale and v_scale views must share strides"
 
 
+# FP8 in the kernels travels as raw uint8 codes, encoded and decoded with integer ops below:
+# Triton's float8e4nv type only compiles for sm_89+, and this way A100-class GPUs (and the
+# interpreter, whose fp8 casts round differently from torch) run the same code bit for bit.
+
+
+@triton.jit
+def e4m3_to_fp16_div256(code):
+    """uint8 e4m3 codes -> fp16 holding exactly value / 256 (subnormals included; callers fold the
+    256 into the scale). e4m3 is s.eeee.mmm with bias 7, fp16 s.eeeee.mmmmmmmmmm with bias 15:
+    placing the 7 magnitude bits at fp16 bits 13..7 gives 2^(e-15) * 1.m = value * 2^-8."""
+    c = code.to(tl.uint16)
+    return (((c & 0x80) << 8) | ((c & 0x7F) << 7)).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def e4m3_encode(y):
+    """fp32 ``y`` already on the e4m3 grid (see ``round_to_e4m3``) -> its uint8 code, exactly."""
+    bits = y.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    exponent = ((bits >> 23) & 0xFF) - 127
+    normal = ((exponent + 7) << 3) | ((bits >> 20) & 0x7)  # top 3 mantissa bits
+    subnormal = (tl.abs(y) * 512.0).to(tl.int32)  # below 2^-6: multiples of 2^-9
+    return (tl.where(exponent >= -6, normal, subnormal) | sign).to(tl.uint8)
+
+
 @triton.jit
 def round_to_e4m3(y):
     """Round fp32 ``y`` (|y| <= 448) to the nearest-even float8_e4m3fn value, in fp32.
 
-    The cast that follows is then exact, so the result does not depend on how the backend (or the
-    interpreter, whose down-cast rounding differs from torch's) rounds fp32 -> fp8. e4m3 keeps 3
+    Encoding it is then exact, independent of any backend's fp32 -> fp8 rounding. e4m3 keeps 3
     mantissa bits; below 2^-6 it is subnormal with a fixed step of 2^-9. Adding and subtracting
     1.5 * 2^23 * step rounds to a multiple of step with the FPU's round-to-nearest-even.
     """

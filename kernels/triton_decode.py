@@ -9,8 +9,9 @@ tile so every K/V block is loaded once for all of them::
     limit(r)   = seq_len - n_b + i + 1   (query i sees positions [0, limit); causal among drafts)
 
 Positions are gathered through the block table per token (``pos // BLOCK_SIZE``), so BLOCK_N need
-not equal the cache block size. FP8: K scales multiply the scores column-wise (fp32), V tiles are
-dequantized before the dot; both read one scale per token and KV head.
+not equal the cache block size. FP8 codes are decoded with integer ops (any sm_80+ GPU); K scales
+multiply the scores column-wise (fp32), V tiles are dequantized before the dot; both read one
+scale per token and KV head.
 
 With one split the program normalises and writes the output directly. With several, each writes
 its normalised partial output and log-sum-exp (base 2), and ``_reduce_kernel`` merges them. The
@@ -29,6 +30,7 @@ from kernels.triton_common import (
     check_paged_cache,
     check_scales,
     dot_dtype,
+    e4m3_to_fp16_div256,
     online_softmax_update,
     paged_offsets,
 )
@@ -101,15 +103,18 @@ def _decode_kernel(
             NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
         )  # fmt: skip
         kv_mask = in_seq[:, None] & (dims[None, :] < HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
-        k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)))  # [BLOCK_M, BLOCK_N] fp32
+        k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0)
         if FP8:
-            s = s * tl.load(k_scale_ptr + sc_off, mask=in_seq, other=0.0)[None, :]
+            k = e4m3_to_fp16_div256(k)
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)))  # [BLOCK_M, BLOCK_N] fp32
+        if FP8:  # x256: the decoded codes are value / 256
+            s = s * (tl.load(k_scale_ptr + sc_off, mask=in_seq, other=0.0) * 256.0)[None, :]
         visible = in_seq[None, :] & (pos[None, :] < limit[:, None])
         s = tl.where(visible, s, float("-inf"))
-        v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0)
         if FP8:
-            v = v.to(tl.float32) * tl.load(v_scale_ptr + sc_off, mask=in_seq, other=0.0)[:, None]
+            v_scale = tl.load(v_scale_ptr + sc_off, mask=in_seq, other=0.0) * 256.0
+            v = e4m3_to_fp16_div256(v).to(tl.float32) * v_scale[:, None]
         m_i, l_i, acc = online_softmax_update(s, v, m_i, l_i, acc, DOT_DTYPE)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # an empty split contributes nothing
@@ -217,9 +222,11 @@ def decode_attention(
         )
         lse = torch.empty((num_tokens, num_heads, num_splits), dtype=torch.float32, device=q.device)
         stride_os = target.stride(2)
+    if fp8:  # raw e4m3 codes, decoded in the kernel (see triton_common)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     _decode_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache,
-        k_scale if fp8 else k_cache, v_scale if fp8 else v_cache,
+        k_scale if fp8 else q, v_scale if fp8 else q,
         block_tables, seq_lens, cu_seqlens_q, target, lse, sm_scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_scale.stride(0) if fp8 else 0,
         block_tables.stride(0), target.stride(0), target.stride(1), stride_os, split_size,

@@ -24,6 +24,7 @@ from kernels.triton_common import (
     check_paged_cache,
     check_scales,
     dot_dtype,
+    e4m3_to_fp16_div256,
     interpreting,
     online_softmax_update,
     paged_offsets,
@@ -97,15 +98,17 @@ def _prefill_kernel(
                 NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
             )  # fmt: skip
             kv_mask = in_ctx[:, None] & (dims[None, :] < HEAD_DIM)
-            k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0)
+            if FP8:
+                k = e4m3_to_fp16_div256(k)
             s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)))  # [BLOCK_M, BLOCK_N]
-            if FP8:
-                s = s * tl.load(k_scale_ptr + sc_off, mask=in_ctx, other=0.0)[None, :]
+            if FP8:  # x256: the decoded codes are value / 256
+                s = s * (tl.load(k_scale_ptr + sc_off, mask=in_ctx, other=0.0) * 256.0)[None, :]
             s = tl.where(in_ctx[None, :], s, float("-inf"))
-            v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0)
             if FP8:
-                v_scale = tl.load(v_scale_ptr + sc_off, mask=in_ctx, other=0.0)
-                v = v.to(tl.float32) * v_scale[:, None]
+                v_scale = tl.load(v_scale_ptr + sc_off, mask=in_ctx, other=0.0) * 256.0
+                v = e4m3_to_fp16_div256(v).to(tl.float32) * v_scale[:, None]
             m_i, l_i, acc = online_softmax_update(s, v, m_i, l_i, acc, DOT_DTYPE)
 
     # phases 2 and 3: the new keys of this chunk, packed like the queries
@@ -197,6 +200,8 @@ def prefill_attention(
     assert bm % bn == 0, f"BLOCK_N {bn} must divide BLOCK_M {bm}"
     # Without a prefix the cache arguments are never read; pass q so the pointers are valid.
     k_cache_, v_cache_ = (k_cache, v_cache) if has_prefix else (q, q)
+    if fp8:  # raw e4m3 codes, decoded in the kernel (see triton_common)
+        k_cache_, v_cache_ = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     k_scale_, v_scale_ = (k_scale, v_scale) if fp8 else (q, q)
     tables, ctx = (block_tables, context_lens) if has_prefix else (cu_seqlens, cu_seqlens)
     _prefill_kernel[(triton.cdiv(max_seqlen, bm), batch, num_heads)](

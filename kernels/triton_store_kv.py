@@ -4,8 +4,8 @@ One program per token writes all KV heads of K and V. For an FP8 cache it quanti
 (token, head) row of D values with its own scale (why per row: see
 ``kernels.reference.quantize_fp8``) and writes the scale next to it. The quantization is the
 reference's, op for op in fp32: amax, scale = max(amax, 1e-12) / 448, y = x / scale (correctly
-rounded, ``div_rn``), clamp to +-448, round to the e4m3 grid in fp32, then an exact cast. So the
-FP8 bytes and the scales equal torch's bit for bit (tested under the interpreter).
+rounded, ``div_rn``), clamp to +-448, round to the e4m3 grid in fp32, then an exact integer
+encode. So the FP8 bytes and the scales equal torch's bit for bit (tested under the interpreter).
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import (
-    AMAX_FLOOR,
-    FP8_MAX,
     check_device,
     check_paged_cache,
     check_scales,
+    e4m3_encode,
     round_to_e4m3,
 )
 
@@ -33,12 +32,12 @@ def _quantize_store(
     row_mask,  # [HEADS_PAD]
     FP8: tl.constexpr,
 ):
-    if FP8:
+    if FP8:  # literals: 1e-12 = reference.AMAX_FLOOR, 448 = reference.FP8_MAX (e4m3 max)
         amax = tl.max(tl.abs(x), axis=1)  # [HEADS_PAD]
-        scale = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR), FP8_MAX)
+        scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
         y = tl.math.div_rn(x, scale[:, None])
-        y = round_to_e4m3(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX))
-        tl.store(cache_ptrs, y.to(cache_ptrs.dtype.element_ty), mask=mask)
+        y = round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
+        tl.store(cache_ptrs, e4m3_encode(y), mask=mask)  # cache_ptrs: uint8 view
         tl.store(scale_ptrs, scale, mask=row_mask)
     else:
         tl.store(cache_ptrs, x.to(cache_ptrs.dtype.element_ty), mask=mask)
@@ -117,6 +116,8 @@ def store_kv(
         return
     scale_k = k_scale if fp8 else k_cache  # unused pointer when not FP8
     scale_v = v_scale if fp8 else v_cache
+    if fp8:  # the kernel writes raw e4m3 codes (see triton_common)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     _store_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, scale_k, scale_v, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
