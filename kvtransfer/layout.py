@@ -14,9 +14,10 @@ two blocks' slices are not adjacent, so they never merge.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
-from kvtransfer.protocol import Handshake, Region
+from kvtransfer.protocol import Handshake, Region, TransferSpec
 
 Desc = tuple[int, int]  # (address, length in bytes)
 
@@ -66,6 +67,21 @@ def paired_descs(
             dst_descs.append((dst.base_addr + d * stride + offset, length))
         prev = (s, d)
     return src_descs, dst_descs
+
+
+def split_layers(spec: TransferSpec, num_layers: int, num_groups: int) -> list[TransferSpec]:
+    """``spec`` as ``num_groups`` specs over consecutive layer ranges (sizes differ by at most 1).
+
+    For overlapping transfer with prefill: send group ``g`` once layers ``[0, end_g)`` of the
+    chunk are computed. The receiver reports the request once every layer has landed.
+    """
+    if not 1 <= num_groups <= num_layers:
+        raise ValueError(f"num_groups {num_groups} outside [1, {num_layers}]")
+    bounds = [g * num_layers // num_groups for g in range(num_groups + 1)]
+    return [
+        dataclasses.replace(spec, layer_start=lo, layer_end=hi)
+        for lo, hi in zip(bounds, bounds[1:], strict=False)
+    ]
 
 
 def _check_block(block_id: int, region: Region, side: str) -> None:

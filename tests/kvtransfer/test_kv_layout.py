@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from engine.kv_cache import KVCache, KVCacheSpec
-from kvtransfer.layout import compatibility_problems, paired_descs
-from kvtransfer.protocol import Region
+from kvtransfer.layout import compatibility_problems, paired_descs, split_layers
+from kvtransfer.protocol import Region, TransferSpec
 from kvtransfer.regions import byte_view, make_handshake, region_of
 
 SRC = Region("data", 1_000_000, 100 * 4096, 0, "DRAM", 4096, 1024)  # 100 blocks of 4 layers
@@ -98,3 +98,14 @@ def test_fp8_cannot_be_widened_and_scales_must_be_registered():
     assert compatibility_problems(handshake(), odd) == [
         "scale_layout: decode has unsupported 'per_block'"
     ]
+
+
+def test_split_layers_covers_every_layer_once():
+    spec = TransferSpec("r", (1, 2), (3, 4), tag="t")
+    groups = split_layers(spec, 30, 4)
+    assert [(g.layer_start, g.layer_end) for g in groups] == [(0, 7), (7, 15), (15, 22), (22, 30)]
+    assert all(g.src_block_ids == (1, 2) and g.tag == "t" for g in groups)
+    assert [(g.layer_start, g.layer_end) for g in split_layers(spec, 3, 3)] == [(0, 1), (1, 2),
+                                                                               (2, 3)]  # fmt: skip
+    with pytest.raises(ValueError):
+        split_layers(spec, 3, 4)

@@ -14,6 +14,7 @@ from kv_peer import CacheShape, Peer, block_bytes
 
 from kernels import quantize_fp8
 from kvtransfer import KVTransferConfig, make_sender
+from kvtransfer.layout import split_layers
 from kvtransfer.protocol import TransferDone, TransferFailed, TransferSpec, encode
 from kvtransfer.sender import KVSender
 
@@ -81,12 +82,33 @@ def test_layer_groups_report_once_all_layers_landed(bf16_peer: Peer, backend: st
         peer = sender.connect(bf16_peer.address)
         src, dst = (7, 8, 20), (33, 34, 40)
         bf16_peer.expect("g", list(dst))
-        sender.send(TransferSpec("g", src, dst, layer_start=0, layer_end=1), peer)
-        sender.send(TransferSpec("g", src, dst, layer_start=1), peer)  # layers [1, L)
-        events = drain(sender, 2)
-        assert sorted((e.layer_start, e.layer_end) for e in events) == [(0, 1), (1, 4)]
+        first, second = split_layers(TransferSpec("g", src, dst), cache.spec.num_layers, 2)
+        sender.send(first, peer)  # layers [0, 2): the receiver must not report "g" yet
+        assert isinstance(drain(sender, 1)[0], TransferDone)
+        time.sleep(0.2)
+        assert bf16_peer.out.empty()
+        sender.send(second, peer)  # layers [2, 4)
+        events = drain(sender, 1)
+        assert (events[0].layer_start, events[0].layer_end) == (2, 4)
         rid, data, _ = bf16_peer.landed()
         assert rid == "g" and data == block_bytes(cache, list(src))[0]
+    finally:
+        sender.close()
+
+
+def test_fp8_to_fp8_moves_data_and_scales_unchanged(fp8_peer: Peer, backend: str):
+    cache = CacheShape(dtype="fp8_e4m3").make()
+    q, scale = quantize_fp8(random_cache(CacheShape(dtype="float32"), seed=6).data)
+    cache.data.copy_(q)
+    cache.scales.copy_(scale)
+    sender = make_sender(cache, KVTransferConfig(backend=backend), "test-model")
+    try:
+        peer = sender.connect(fp8_peer.address)
+        fp8_peer.expect("f", [12, 13, 3])
+        sender.send(TransferSpec("f", (4, 5, 6), (12, 13, 3)), peer)
+        assert isinstance(drain(sender, 1)[0], TransferDone)
+        rid, data, scales = fp8_peer.landed()
+        assert rid == "f" and (data, scales) == block_bytes(cache, [4, 5, 6])
     finally:
         sender.close()
 
