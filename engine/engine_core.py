@@ -7,12 +7,13 @@ API, tests and benchmarks drive it directly; the prefill and decode workers use 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import torch
 
 from core.outputs import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, OutputDelta
 from core.sampling_params import SamplingParams
+from core.text_state import TextState
+from core.tokenizer import Tokenizer
 from engine.block_pool import BlockPool
 from engine.engine_config import EngineConfig
 from engine.kv_cache import KVCache, KVCacheSpec
@@ -22,10 +23,6 @@ from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner, StepOutput
 from engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from engine.sequence import Sequence
-
-if TYPE_CHECKING:
-    from core.tokenizer import Tokenizer
-    from engine.output_processor import TextState
 
 
 def build_model(
@@ -111,9 +108,7 @@ class EngineCore:
         self.seqs[request_id] = seq
         if self.tokenizer is not None:
             # text (and stop strings) only where a tokenizer was given: a token-only engine,
-            # like a prefill worker's, never detokenizes
-            from engine.output_processor import TextState
-
+            # like a worker's (the coordinator detokenizes), never does
             self.texts[request_id] = TextState(self.tokenizer, prompt_token_ids, params)
         self.scheduler.add(seq)
 

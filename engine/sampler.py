@@ -53,7 +53,7 @@ class Sampler:
             if p.greedy:
                 continue
             probs = _filtered_probs(logits[i], p.temperature, p.top_k, p.top_p, p.min_p)
-            token_ids[i] = int(torch.multinomial(probs, 1, generator=seq.generator).item())
+            token_ids[i] = int(torch.multinomial(probs, 1, generator=seq.generator()).item())
         return token_ids
 
     # ------------------------------------------------------------------ logprobs

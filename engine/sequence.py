@@ -51,12 +51,22 @@ class Sequence:
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
-        # Per-request RNG: a seeded request samples the same tokens whatever batch it is in.
-        self.generator: torch.Generator | None = None
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+        self._generator: torch.Generator | None = None
         self.output_logprobs: list = []
         self.prompt_logprobs: list = []
+
+    def generator(self) -> torch.Generator | None:
+        """RNG for the next sampled token of a seeded request, keyed by (seed, output position).
+
+        Keyed by position rather than carried along, so a seeded request samples the same
+        tokens whatever batch it is in, after a preemption, and when its first token comes
+        from a prefill worker and the rest from a decode worker.
+        """
+        if self.params.seed is None:
+            return None
+        if self._generator is None:
+            self._generator = torch.Generator()
+        return self._generator.manual_seed(hash((self.params.seed, self.num_output_tokens)))
 
     @property
     def token_ids(self) -> list[int]:

@@ -96,7 +96,6 @@ def test_chunked_prefill_and_prefix_reuse_match_plain(smollm2, chat_prompts, hf_
     run_engine(cached, chat_prompts[:1], greedy)
     cached.add_request("probe", chat_prompts[1], greedy)
     probe = cached.scheduler.waiting[0]
-    out, _ = run_engine(cached, [], greedy)
     while cached.has_unfinished():
         cached.step()
     assert probe.num_cached_prompt_tokens >= 8

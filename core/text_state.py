@@ -1,4 +1,5 @@
-"""Per-request text state: incremental detokenization and stop strings.
+"""Per-request text state: incremental detokenization and stop strings (torch-free: the
+coordinator runs it for requests served by workers).
 
 Stop strings are matched on text, so they live here rather than in the sampler. While a request
 streams, the last ``len(longest stop) - 1`` characters are held back: they might be the start of
@@ -22,6 +23,7 @@ class TextState:
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.text = ""  # all output text so far (truncated at a stop string once one is hit)
         self.emitted = 0  # chars of ``text`` already handed out
+        self.stopped = False  # a stop string cut the text: nothing after it may appear
 
     def push(self, token_ids: list[int]) -> str | None:
         """Add tokens; returns the stop string if one completed (text is then truncated)."""
@@ -39,11 +41,14 @@ class TextState:
         if best is None:
             return None
         k, stop = best
+        self.stopped = True
         self.text = self.text[: k + len(stop) if self.include_stop else k]
         return stop
 
     def take(self, finished: bool) -> str:
         """Text not yet handed out (all of it once finished)."""
+        if finished and not self.stopped:  # held-back bytes of an unfinished character
+            self.text += self.detok.flush()
         end = len(self.text) if finished else max(self.emitted, len(self.text) - self.hold)
         out = self.text[self.emitted : end]
         self.emitted = end
