@@ -23,6 +23,10 @@ __all__ = [
     "store_kv",
     "prefill_attention",
     "decode_attention",
+    "rms_norm",
+    "add_rms_norm",
+    "silu_mul",
+    "rotary",
     "KERNELS",
 ]
 
@@ -39,6 +43,10 @@ KERNELS: dict[str, dict[str, str]] = {
     "decode_attention": {
         "cpu": "kernels.reference:decode_attention",
         "cuda": "kernels.triton_decode:decode_attention",
+    },
+    **{
+        name: {"cpu": f"kernels.fused_reference:{name}", "cuda": f"kernels.triton_fused:{name}"}
+        for name in ("rms_norm", "add_rms_norm", "silu_mul", "rotary")
     },
 }
 
@@ -112,3 +120,26 @@ def decode_attention(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_query_len, sm_scale,
         k_scale, v_scale,
     )  # fmt: skip
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x [N, H] -> weight * (x / rms(x)).to(x.dtype), float32 statistics (HF Llama)."""
+    return resolve("rms_norm", x.device.type)(x, weight, eps)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """h = x + residual; returns (rms_norm(h, weight, eps), h) in one pass."""
+    return resolve("add_rms_norm", x.device.type)(x, residual, weight, eps)
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """gate_up [N, 2 * I] (gate first) -> silu(gate) * up [N, I]."""
+    return resolve("silu_mul", gate_up.device.type)(gate_up)
+
+
+def rotary(
+    q: Tensor, k: Tensor, positions: Tensor, cos: Tensor, sin: Tensor
+) -> tuple[Tensor, Tensor]:
+    """RoPE (rotate-half form) on q [N, Hq, D], k [N, Hkv, D] at positions int64 [N] with
+    float32 cos/sin tables [P, D] (engine.model.RotaryEmbedding's). Returns new tensors."""
+    return resolve("rotary", q.device.type)(q, k, positions, cos, sin)
