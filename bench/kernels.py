@@ -1,4 +1,4 @@
-"""Kernel benchmark: Triton prefill / decode / store_kv on CUDA at Llama-3-8B attention shapes.
+"""Kernel benchmark: every Triton kernel on CUDA at Llama-3-8B shapes (32 q / 8 kv heads, D=128).
 
     python -m bench.kernels                 # all kernels, bf16 (and an FP8 decode cache)
     python -m bench.kernels --only decode   # one kernel
@@ -25,13 +25,14 @@ import torch.nn.functional as F
 
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16  # Llama-3-8B attention, 16-token blocks
 # name substring -> (dense bf16 TFLOP/s, memory GB/s), from vendor datasheets
-KNOWN_PEAKS: dict[str, tuple[float, float]] = {
-    "H100 SXM": (989.0, 3350.0),
-    "H100 PCIe": (756.0, 2000.0),
-    "H100": (756.0, 2000.0),
+KNOWN_PEAKS: dict[str, tuple[float, float]] = {  # first match wins: specific names first
+    "H100 80GB HBM3": (989.0, 3350.0),  # SXM
+    "H100 NVL": (835.0, 3900.0),
+    "H100": (756.0, 2000.0),  # PCIe
     "H200": (989.0, 4800.0),
     "A100-SXM4-80GB": (312.0, 2039.0),
-    "A100": (312.0, 1555.0),
+    "A100 80GB PCIe": (312.0, 1935.0),
+    "A100": (312.0, 1555.0),  # 40 GB parts
     "L40S": (362.0, 864.0),
     "L4": (121.0, 300.0),
     "A10G": (70.0, 600.0),
@@ -158,9 +159,11 @@ def run_decode(peak_gbps: float) -> None:
     for dtype in (torch.bfloat16, torch.float8_e4m3fn):
         for batch in (1, 16, 64, 256):
             for ctx in (1024, 4096, 16384, 32768):
-                kv_bytes = batch * ctx * KV_HEADS * HEAD_DIM * 2 * dtype.itemsize
-                # the paged cache holds 2 layers (strided views); keep 1 GiB of headroom
-                if 2 * kv_bytes + (1 << 30) > free_bytes():
+                kv_elems = batch * ctx * KV_HEADS * HEAD_DIM * 2
+                # the paged cache holds 2 layers (strided views) and is freed before SDPA's
+                # dense bf16 copy is built; keep 1 GiB of headroom
+                need = max(2 * kv_elems * dtype.itemsize, 2 * kv_elems)
+                if need + (1 << 30) > free_bytes():
                     continue
                 ms, sdpa_ms, moved, dense = decode_case(dtype, batch, ctx)
                 torch.cuda.empty_cache()
@@ -188,6 +191,40 @@ def run_store_kv(peak_gbps: float) -> None:
             gbps = moved / ms / 1e6
             print(f"{str(dtype).split('.')[-1]:>12} {n:>7} {ms:>8.3f} {gbps:>7.0f} "
                   f"{100 * gbps / peak_gbps:>5.1f}%")  # fmt: skip
+
+
+def run_fused(peak_gbps: float) -> None:
+    """Memory-bound fused kernels vs the torch expressions they replace (Llama-3-8B sizes)."""
+    from kernels import fused_reference as ref
+    from kernels import triton_fused as tri
+
+    print(f"\nfused elementwise, bf16, 4096 tokens   peak {peak_gbps:.0f} GB/s")
+    print(f"{'kernel':>13} {'triton ms':>10} {'GB/s':>7} {'%peak':>6} {'torch ms':>9}")
+    n, hidden, inter = 4096, 4096, 14336
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    x, res = torch.randn(n, hidden, **bf16), torch.randn(n, hidden, **bf16)
+    w = torch.rand(hidden, **bf16)
+    gate_up = torch.randn(n, 2 * inter, **bf16)
+    q = torch.randn(n, Q_HEADS, HEAD_DIM, **bf16)
+    k = torch.randn(n, KV_HEADS, HEAD_DIM, **bf16)
+    pos = torch.randint(0, 8192, (n,), device="cuda")
+    freqs = torch.rand(8192, HEAD_DIM // 2, device="cuda")
+    cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
+    act = n * hidden * 2  # bytes of one [n, hidden] bf16 activation
+    cases = [  # (name, triton, torch, bytes moved at minimum)
+        ("rms_norm", partial(tri.rms_norm, x, w, 1e-5), partial(ref.rms_norm, x, w, 1e-5), 2 * act),
+        ("add_rms_norm", partial(tri.add_rms_norm, x, res, w, 1e-5),
+         partial(ref.add_rms_norm, x, res, w, 1e-5), 4 * act),
+        ("silu_mul", partial(tri.silu_mul, gate_up), partial(ref.silu_mul, gate_up),
+         3 * n * inter * 2),
+        ("rotary", partial(tri.rotary, q, k, pos, cos, sin),
+         partial(ref.rotary, q, k, pos, cos, sin), 2 * (q.numel() + k.numel()) * 2),
+    ]  # fmt: skip
+    for name, fast, slow, moved in cases:
+        ms = bench_ms(fast)
+        gbps = moved / ms / 1e6
+        print(f"{name:>13} {ms:>10.3f} {gbps:>7.0f} {100 * gbps / peak_gbps:>5.1f}% "
+              f"{bench_ms(slow):>9.3f}")  # fmt: skip
 
 
 def run_cpu_prefill() -> None:
@@ -221,7 +258,7 @@ def run_cpu_prefill() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["prefill", "decode", "store_kv"], default=None)
+    parser.add_argument("--only", choices=["prefill", "decode", "store_kv", "fused"], default=None)
     parser.add_argument("--cpu-prefill", action="store_true", help="CPU reference strategies")
     args = parser.parse_args(argv)
     if args.cpu_prefill:
@@ -238,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         run_decode(gbps)
     if args.only in (None, "store_kv"):
         run_store_kv(gbps)
+    if args.only in (None, "fused"):
+        run_fused(gbps)
     return 0
 
 
