@@ -74,6 +74,14 @@ class KVReceiver(ABC):
     # ---- API -----------------------------------------------------------------------------
     def poll(self) -> list[str]:
         """Request ids whose KV has fully landed since the last call. Non-blocking."""
+        return [request_id for request_id, _ in self.poll_landed()]
+
+    def poll_landed(self) -> list[tuple[str, str]]:
+        """(request id, tag) of each request whose KV has fully landed since the last call.
+
+        The tag is the sender's ``TransferSpec.tag`` (the tag of the group that completed the
+        request): a prefill worker uses it to hand over what decode needs to start, e.g. the
+        first sampled token. Non-blocking."""
         self._collect()
         with self._lock:
             landed, self._landed = self._landed, []
@@ -84,7 +92,7 @@ class KVReceiver(ABC):
             layers.update(range(n.layer_start, n.layer_end))
             if len(layers) == num_layers:
                 del self._layers[n.request_id]
-                ready.append(n.request_id)
+                ready.append((n.request_id, n.tag))
         return ready
 
     def discard(self, request_id: str) -> None:
