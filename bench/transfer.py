@@ -29,6 +29,7 @@ from kvtransfer.protocol import TransferDone, TransferSpec
 from kvtransfer.regions import Fp8Staging
 
 MiB = 1 << 20
+SEND_SECONDS: dict[str, float] = {}  # request id -> time spent inside sender.send()
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,12 @@ class Decode:
 
 
 def timed_send(sender: Any, peer: str, n: int, dst_pool: int, rid: str) -> TransferDone:
+    """Send n blocks to random destinations and poll until done. The time spent inside
+    ``send`` itself (how long a worker loop is held) goes to SEND_SECONDS."""
     dst = random.Random(rid).sample(range(dst_pool), n)
+    t0 = time.perf_counter()
     sender.send(TransferSpec(rid, tuple(range(n)), tuple(dst)), peer)
+    SEND_SECONDS[rid] = time.perf_counter() - t0
     while True:
         for ev in sender.poll():
             if not isinstance(ev, TransferDone):
@@ -124,6 +129,7 @@ def bench_pair(
             rows.append(dict(kind="bandwidth", backend=backend, layout=layout.name,
                              block_size=block_size, mib=size, num_blocks=n,
                              bytes=best.num_bytes, seconds=best.seconds,
+                             send_seconds=SEND_SECONDS[best.request_id],
                              gbps=best.num_bytes / best.seconds / 1e9))  # fmt: skip
         if want_prompt:
             best = min(
@@ -189,13 +195,14 @@ def main() -> None:
     print(f"torch copy bandwidth (256 MiB, {torch.get_num_threads()} threads): start "
           f"{copy_start:.2f} GB/s, end {copy_end:.2f} GB/s, reference {copy:.2f} GB/s")  # fmt: skip
 
-    print("\n| backend | layout | block | MiB | blocks | GB/s | % of copy |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| backend | layout | block | MiB | blocks | GB/s | % of copy | send() ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["kind"] == "bandwidth":
             pct = 100 * r["gbps"] / copy
             print(f"| {r['backend']} | {r['layout']} | {r['block_size']} | {r['mib']} | "
-                  f"{r['num_blocks']} | {r['gbps']:.2f} | {pct:.0f}% |")  # fmt: skip
+                  f"{r['num_blocks']} | {r['gbps']:.2f} | {pct:.0f}% | "
+                  f"{1e3 * r['send_seconds']:.1f} |")  # fmt: skip
     print(f"\n| backend | 4k-token prompt, {LAYOUTS[1].name} | wire | MiB | ms | quantize |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -4,11 +4,8 @@ Each side registers its cache tensors once (DRAM for CPU tensors, VRAM for CUDA 
 decode side's agent metadata travels in its Handshake over the ZMQ side channel; the prefill side
 loads it and then WRITEs merged block runs straight into the reserved destination blocks, with a
 ``KVLanded`` notification that NIXL delivers after the data of that WRITE. Progress is polled
-(``check_xfer_state`` / ``get_new_notifs``), never waited on.
-
-On one host UCX moves host memory with CMA (``process_vm_writev``): the copy runs inside
-``transfer()``, so ``send`` returns once a host-memory WRITE is done (split a long prompt into
-layer groups to interleave it with compute). On RDMA / NVLink ``transfer()`` only posts.
+(``check_xfer_state`` / ``get_new_notifs``), never waited on; WRITEs are posted from one
+background thread (``nixl_poster``) because on host memory UCX copies inside ``transfer()``.
 """
 
 from __future__ import annotations
@@ -18,6 +15,7 @@ import uuid
 from typing import Any
 
 from kvtransfer.config import KVTransferConfig
+from kvtransfer.nixl_poster import Poster, PostJob
 from kvtransfer.protocol import KVLanded, ProtocolError, decode
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.regions import Fp8Staging, cache_tensors
@@ -26,10 +24,14 @@ from kvtransfer.sender import DescPairs, InFlight, KVSender, Peer
 log = logging.getLogger(__name__)
 
 
-def _new_agent(role: str, config: KVTransferConfig) -> Any:
-    from nixl._api import nixl_agent, nixl_agent_config  # heavy import, only for this backend
+def _new_agent(role: str, config: KVTransferConfig, shared: bool) -> Any:
+    """``shared``: used from two threads (worker + poster), so reader-writer locked."""
+    from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t  # only this backend
 
-    conf = nixl_agent_config(enable_prog_thread=config.nixl_progress_thread, backends=["UCX"])
+    sync = nixl_thread_sync_t.NIXL_THREAD_SYNC_RW if shared else None
+    conf = nixl_agent_config(
+        enable_prog_thread=config.nixl_progress_thread, backends=["UCX"], sync_mode=sync
+    )
     return nixl_agent(f"tandem-{role}-{uuid.uuid4().hex[:12]}", conf)
 
 
@@ -37,7 +39,8 @@ class NixlSender(KVSender):
     backend_name = "nixl"
 
     def _open(self) -> tuple[str, bytes]:
-        self._agent = _new_agent("prefill", self.config)
+        self._agent = _new_agent("prefill", self.config, shared=True)
+        self._poster = Poster(self._agent, f"nixl-post-{self._agent.name}")
         self._regs = [self._agent.register_memory(t) for t in cache_tensors(self.cache).values()]
         self._remote_names: dict[str, str] = {}
         return self._agent.name, self._agent.get_agent_metadata()
@@ -69,21 +72,29 @@ class NixlSender(KVSender):
             self._remote_names[t.peer.address],
             notif,
         )
-        t.handle = handle  # so that a failing post still releases it
-        if self._agent.transfer(handle) == "ERR":
-            raise RuntimeError("NIXL refused to post the WRITE")
-        return handle
+        return self._poster.submit(handle)
 
     def _state(self, t: InFlight) -> str:
+        job: PostJob = t.handle
+        if not job.done.is_set():
+            return "PROC"
+        if job.error is not None:
+            return job.error
         try:
-            return self._agent.check_xfer_state(t.handle)
+            return self._agent.check_xfer_state(job.xfer)
         except Exception as e:  # e.g. nixlRemoteDisconnectError when the decode side died
             return f"{type(e).__name__}: {e}"
 
     def _release(self, t: InFlight) -> None:
-        self._agent.release_xfer_handle(t.handle)
+        job: PostJob = t.handle
+        # A post under way is a copy in progress: wait for it (briefly: poll must not block)
+        # before releasing the handle and the staging slots it reads. If it is stuck, both leak.
+        if not self._poster.cancel(job, wait_s=1.0):
+            raise RuntimeError("the WRITE is still being posted; its handle is leaked")
+        self._agent.release_xfer_handle(job.xfer)
 
     def _shutdown(self) -> None:
+        self._poster.close()
         for name in self._remote_names.values():
             try:
                 self._agent.remove_remote_agent(name)
@@ -99,7 +110,7 @@ class NixlReceiver(KVReceiver):
     backend_name = "nixl"
 
     def _open(self) -> tuple[str, bytes]:
-        self._agent = _new_agent("decode", self.config)
+        self._agent = _new_agent("decode", self.config, shared=False)
         self._regs = [self._agent.register_memory(t) for t in cache_tensors(self.cache).values()]
         return self._agent.name, self._agent.get_agent_metadata()
 

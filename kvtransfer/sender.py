@@ -242,13 +242,15 @@ class KVSender(ABC):
 
     def _finish(self, t: InFlight, error: str | None) -> None:
         self._inflight.pop(t.key, None)
+        released = True
         if t.handle is not None:
             try:
                 self._release(t)
             except Exception as e:  # a stuck handle must not stop the loop; it is logged
                 log.warning("releasing %s failed: %s", t.key, e)
+                released = False  # its staging slots may still be read: leak them too
             t.handle = None
-        if t.slots and self._staging is not None:
+        if t.slots and self._staging is not None and released:
             self._staging.free(t.slots)
             t.slots = []
         s = t.spec
