@@ -30,14 +30,16 @@ def _params(fn) -> list[tuple[str, object, object]]:
 
 @pytest.mark.parametrize("name", sorted(kernels.KERNELS))
 def test_cpu_resolves_to_reference(name):
-    assert kernels.resolve(name, "cpu") is getattr(reference, name)
+    impl = kernels.resolve(name, "cpu")
+    assert impl.__module__ in ("kernels.reference", "kernels.fused_reference")
+    assert impl.__name__ == name
 
 
 @pytest.mark.parametrize("name", sorted(kernels.KERNELS))
 def test_cuda_entry_is_a_triton_twin_with_the_reference_signature(name):
     triton_impl = kernels.resolve(name, "cuda")
     assert triton_impl.__module__.startswith("kernels.triton_")
-    ref_params = _params(getattr(reference, name))
+    ref_params = _params(kernels.resolve(name, "cpu"))
     tri_params = _params(triton_impl)
     # the Triton wrapper takes the reference's parameters first, then keyword-only extras
     assert tri_params[: len(ref_params)] == ref_params
