@@ -66,3 +66,11 @@ def test_decode_matches_reference(dtype, group, head_dim):
         assert not out.isnan().any()
         err = rel_err(out, ref)
         assert err < TOL[dtype], f"splits={num_splits}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("block_size", [8, 64])  # tiles spanning several blocks / within one
+def test_decode_other_block_sizes(block_size):
+    seq_lens, n_q = [37, 70], [2, 1]
+    case = _case(torch.float32, 3, 64, seq_lens, n_q, block_size=block_size, seed=block_size)
+    out, ref = _run_both(*case, max(n_q), 2)
+    assert rel_err(out, ref) < TOL[torch.float32]
