@@ -112,6 +112,23 @@ class EngineCore:
             self.texts[request_id] = TextState(self.tokenizer, prompt_token_ids, params)
         self.scheduler.add(seq)
 
+    def add_prefilled(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token_id: int,
+        params: SamplingParams,
+        block_ids: list[int],
+    ) -> None:
+        """Admit a request whose prompt KV already sits in ``block_ids`` (written by a prefill
+        worker) and whose first token was sampled there: it joins the next decode step."""
+        seq = Sequence(request_id, prompt_token_ids, params, self.eos_token_ids, time.monotonic())
+        seq.output_token_ids.append(first_token_id)
+        seq.block_ids = list(block_ids)
+        seq.num_computed_tokens = len(prompt_token_ids)
+        self.seqs[request_id] = seq
+        self.scheduler.add_running(seq)
+
     def abort(self, request_ids: list[str]) -> list[OutputDelta]:
         out = []
         for seq in self.scheduler.abort(request_ids):
