@@ -4,7 +4,10 @@ The engine calls only the names below. The table maps (kernel, device type) to a
 given as ``"module:function"``; Triton modules are imported on the first CUDA call, so
 ``import kernels`` never imports triton (cheap on CPU, and TRITON_INTERPRET need not be set).
 
-Shapes and semantics are documented on the references in ``kernels/reference.py``.
+Shapes and semantics are documented on the references: ``kernels/reference.py`` (attention,
+KV store, FP8) and ``kernels/fused_reference.py`` (RMSNorm, SiLU-mul, RoPE). Each Triton twin
+(``kernels/triton_*.py``) takes the same arguments plus keyword-only extras (``out=``, tile or
+split overrides) and asserts shapes, strides and dtypes before launching.
 """
 
 from __future__ import annotations
