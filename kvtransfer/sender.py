@@ -12,10 +12,17 @@ Use (from a prefill worker's loop; every call but ``connect`` is non-blocking)::
     sender.close()
 
 Invariants: every ``send`` yields exactly one TransferDone or TransferFailed from a later
-``poll`` (one per layer range when a request is sent in layer groups); the source blocks must stay
-untouched until then (FP8 staging copies them at ``send`` time, but the plain path reads them
-during the WRITE). A transfer not done ``config.timeout_s`` after ``send`` fails and its handles
-and staging slots are released.
+``poll`` (one per layer range when a request is sent in layer groups, see
+``layout.split_layers``); the source blocks must stay untouched until then (FP8 staging copies
+them at ``send`` time, but the plain path reads them during the WRITE). A transfer not done
+``config.timeout_s`` after ``send`` fails and its handles and staging slots are released.
+Request ids must be unique per attempt: a retry after TransferFailed uses a fresh id (or the
+receiver's ``discard`` first), since the receiver counts landed layers per id.
+
+What ``send`` costs the caller: nixl, ~0.1-1 ms (the WRITE is posted from a background thread);
+tcp, one gather copy of the bytes (~50 ms per 256 MiB here); with FP8 staging, additionally the
+quantization (``kernels.quantize_fp8``; seconds per 512 MiB with the CPU reference). Staging that
+has to wait for free slots happens in a later ``poll``.
 """
 
 from __future__ import annotations
