@@ -5,6 +5,7 @@ Request life on this side::
     reserve()  -> blocks allocated, request pending        (coordinator, before prefill)
     KV landed  -> tag carries token 1 -> joins the batch   (kvtransfer notification)
     step()...  -> tokens 2.. streamed; finish frees blocks
+    release()  -> pending, and the coordinator knows no KV will come: blocks freed at once
     abort()    -> pending: blocks quarantined until the in-flight WRITE lands or times out
                   (freeing them at once could hand them to another request while the old
                   transfer still writes into them); running: freed at once
@@ -80,6 +81,16 @@ class DecodeWorker(WorkerBase):
                 return None
             self.pending[request_id] = Reservation(list(prompt_token_ids), params, block_ids)
             return block_ids
+
+    def release(self, request_ids: list[str]) -> None:
+        """Free reservations whose KV will never come (prefill ended the request at token 1,
+        or it was never sent a prefill): no quarantine needed, unlike ``abort``."""
+        with self.lock:
+            for rid in request_ids:
+                res = self.pending.pop(rid, None)
+                if res is not None:
+                    self.receiver.discard(rid)
+                    self.engine.block_pool.free(res.block_ids)
 
     def _abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:

@@ -1,0 +1,158 @@
+"""Worker actors in one process (no Ray): the disaggregated hand-off over real NIXL / tcp equals
+the colocated path, and every way a request can end leaves no block behind."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import zmq
+
+from core.delta_codec import decode_deltas
+from core.sampling_params import SamplingParams
+from decode.worker import DecodeWorker
+from engine.colocated_worker import ColocatedWorker
+from prefill.worker import PrefillWorker
+from tests.model.conftest import save_tiny_llama
+
+BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    return str(save_tiny_llama(tmp_path_factory.mktemp("tiny"), seed=5))
+
+
+@pytest.fixture()
+def sink():
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    yield pull, f"tcp://127.0.0.1:{port}"
+    pull.close(0)
+    ctx.term()
+
+
+def spec(name: str, model: str, out: str, backend: str = "nixl", **engine) -> dict:
+    eng = dict(model=model, num_blocks=64, block_size=BLOCK, max_model_len=256, num_threads=1)
+    return {"name": name, "engine": {**eng, **engine}, "kv_transfer": {"backend": backend},
+            "output_address": out}  # fmt: skip
+
+
+def collect(pull, ids: set[str], timeout: float = 60.0) -> dict[str, list]:
+    out: dict[str, list] = {rid: [] for rid in ids}
+    done: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while done != ids:
+        assert time.monotonic() < deadline, f"unfinished: {ids - done}"
+        if pull.poll(200):
+            for d in decode_deltas(pull.recv()):
+                out[d.request_id].append(d)
+                if d.finished:
+                    done.add(d.request_id)
+    return out
+
+
+def wait_until(cond, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+PROMPTS = [list(range(3, 3 + n)) for n in (1, 4, 7, 13, 30)]
+
+
+def run_colocated(model: str, out: str, pull, params: SamplingParams) -> list[list[int]]:
+    worker = ColocatedWorker(spec("colo", model, out))
+    try:
+        for i, p in enumerate(PROMPTS):
+            worker.add_request(f"c{i}", p, params.to_dict())
+        got = collect(pull, {f"c{i}" for i in range(len(PROMPTS))})
+        assert worker.stats()["kv_blocks_used"] == 0
+    finally:
+        worker.shutdown()
+    return [[t for d in got[f"c{i}"] for t in d.token_ids] for i in range(len(PROMPTS))]
+
+
+@pytest.mark.parametrize("backend", ["nixl", "tcp"])
+def test_disaggregated_equals_colocated(tiny_model, sink, backend):
+    pull, out = sink
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=10, temperature=0.8, seed=7, ignore_eos=True)
+    ref = run_colocated(tiny_model, out, pull, params)
+    ref_sampled = run_colocated(tiny_model, out, pull, sampled)
+    decode = DecodeWorker(spec("decode-0", tiny_model, out, backend))
+    prefill = PrefillWorker(spec("prefill-0", tiny_model, out, backend))
+    try:
+        prefill.connect("decode-0", decode.ready()["kv_address"])
+        for tag, p_ in (("g", params), ("s", sampled)):
+            for i, prompt in enumerate(PROMPTS):
+                blocks = decode.reserve(f"{tag}{i}", prompt, p_.to_dict())
+                assert len(blocks) == -(-len(prompt) // BLOCK)
+                prefill.prefill(f"{tag}{i}", prompt, p_.to_dict(), "decode-0", blocks)
+        ids = {f"{t}{i}" for t in "gs" for i in range(len(PROMPTS))}
+        got = collect(pull, ids)
+        for i in range(len(PROMPTS)):
+            assert [t for d in got[f"g{i}"] for t in d.token_ids] == ref[i]
+            assert [t for d in got[f"s{i}"] for t in d.token_ids] == ref_sampled[i]
+            assert got[f"g{i}"][-1].num_output_tokens == 10
+        wait_until(lambda: prefill.stats()["kv_blocks_used"] == 0)
+        assert decode.stats()["kv_blocks_used"] == 0
+        assert prefill.stats()["transfer_bytes"] > 0
+        assert prefill.stats()["loop_error"] is None and decode.stats()["loop_error"] is None
+    finally:
+        prefill.shutdown()
+        decode.shutdown()
+
+
+def test_first_token_finishing_sends_no_kv_and_aborts_free_everything(tiny_model, sink):
+    pull, out = sink
+    decode = DecodeWorker(spec("decode-0", tiny_model, out))
+    prefill = PrefillWorker(spec("prefill-0", tiny_model, out))
+    try:
+        prefill.connect("decode-0", decode.ready()["kv_address"])
+        one = SamplingParams(max_tokens=1, temperature=0).to_dict()
+        blocks = decode.reserve("one", PROMPTS[3], one)
+        prefill.prefill("one", PROMPTS[3], one, "decode-0", blocks)
+        (d,) = collect(pull, {"one"})["one"]
+        assert d.finish_reason == "length" and len(d.token_ids) == 1
+        assert prefill.stats()["transfer_bytes"] == 0
+        assert decode.stats()["kv_blocks_used"] == len(blocks)
+        decode.release(["one"])  # token 1 ended it: the coordinator releases the reservation
+        assert decode.stats()["kv_blocks_used"] == 0
+        # A long request aborted while decoding frees both sides.
+        long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True).to_dict()
+        blocks = decode.reserve("long", PROMPTS[4], long)
+        prefill.prefill("long", PROMPTS[4], long, "decode-0", blocks)
+        wait_until(lambda: decode.stats()["running"] == 1)
+        decode.abort(["long"])
+        prefill.abort(["long"])
+        # Aborted before prefill ran: nothing is sent, nothing is held.
+        blocks = decode.reserve("early", PROMPTS[2], long)
+        decode.abort(["early"])
+        wait_until(lambda: prefill.stats()["kv_blocks_used"] == 0)
+        # the early reservation is quarantined until the transfer timeout: not reusable yet
+        assert decode.stats()["kv_blocks_used"] == len(blocks)
+    finally:
+        prefill.shutdown()
+        decode.shutdown()
+
+
+def test_reserve_refuses_when_full_and_rejects_bad_input(tiny_model, sink):
+    pull, out = sink
+    decode = DecodeWorker(spec("decode-0", tiny_model, out, num_blocks=4, max_num_seqs=2))
+    try:
+        p = SamplingParams(max_tokens=4).to_dict()
+        assert decode.reserve("a", list(range(3, 15)), p) == [0, 1, 2]
+        assert decode.reserve("b", list(range(3, 15)), p) is None  # 3 more blocks: none
+        assert decode.reserve("c", [5], p) == [3]
+        assert decode.reserve("d", [5], p) is None  # max_num_seqs
+        with pytest.raises(ValueError, match="duplicate"):
+            decode.reserve("a", [5], p)
+        with pytest.raises(ValueError, match="max_model_len"):
+            decode.reserve("e", [5] * 300, p)
+    finally:
+        decode.shutdown()
+    assert torch.get_num_threads() == 1
