@@ -166,13 +166,13 @@ class KVSender(ABC):
         _check_ids(spec.src_block_ids, self.cache.num_blocks, "source")
         _check_ids(spec.dst_block_ids, p.handshake.num_blocks, "destination")
         t = InFlight(spec, p, time.monotonic())
-        if t.key in self._inflight:
+        if t.key in self._inflight or any(w.key == t.key for w in self._waiting):
             raise ValueError(f"transfer {t.key} is already in flight")
         if p.fp8_staging and len(spec.src_block_ids) > self.config.staging_blocks:
             raise ValueError(
                 f"{spec.request_id}: {len(spec.src_block_ids)} blocks exceed the FP8 staging "
-                f"buffer ({self.config.staging_blocks}); send it in layer groups or raise "
-                "staging_blocks"
+                f"buffer ({self.config.staging_blocks} blocks); raise "
+                "KVTransferConfig.staging_blocks to the longest prompt's block count"
             )
         # FIFO among transfers that need staging; a plain transfer never waits behind them
         if (p.fp8_staging and self._waiting) or not self._start(t):

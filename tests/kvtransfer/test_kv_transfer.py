@@ -200,3 +200,23 @@ def test_dead_peer_yields_failure_in_bounded_time(backend: str):
     finally:
         sender.close()
         peer_proc.stop()
+
+
+def test_caller_bugs_raise_at_send(bf16_peer: Peer, fp8_peer: Peer, backend: str):
+    cache = random_cache(CacheShape(dtype="bfloat16"), seed=7)
+    config = KVTransferConfig(backend=backend, staging_blocks=2)
+    sender = make_sender(cache, config, "test-model")
+    try:
+        with pytest.raises(KeyError, match="connect"):
+            sender.send(TransferSpec("a", (1,), (1,)), bf16_peer.address)
+        peer = sender.connect(bf16_peer.address)
+        with pytest.raises(ValueError, match=r"source block ids \[48\]"):
+            sender.send(TransferSpec("a", (48,), (1,)), peer)
+        with pytest.raises(ValueError, match=r"destination block ids \[-1\]"):
+            sender.send(TransferSpec("a", (1,), (-1,)), peer)
+        fp8 = sender.connect(fp8_peer.address)
+        with pytest.raises(ValueError, match="staging_blocks"):
+            sender.send(TransferSpec("b", (1, 2, 3), (1, 2, 3)), fp8)
+        assert sender.num_in_flight == 0 and sender.poll() == []
+    finally:
+        sender.close()
