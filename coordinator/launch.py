@@ -1,0 +1,223 @@
+"""Start (or join) a Ray cluster, create the worker actors of a topology, and serve HTTP.
+
+    python -m coordinator.launch --config configs/local.yaml [--address auto] [--host H] [--port N]
+
+is what ``tandem serve`` runs and what ``ray job submit -- python -m coordinator.launch ...``
+runs on a cluster. Without ``--address`` it starts a private local Ray (no dashboard, usage stats
+off) and shuts it down on exit; with one it joins that cluster and leaves it running. SIGINT and
+SIGTERM (``ray job stop`` sends SIGTERM) stop the server, shut the workers down and kill them.
+
+This process hosts the coordinator and never imports torch: the tokenizer files are collected
+by a Ray task, and the actors are ``WorkerHost``s that import their worker class themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import ray  # noqa: E402  (after the environment it reads at import)
+
+from coordinator.ray_client import RayEngineClient, WorkerRef  # noqa: E402
+from coordinator.server import bound_port, build_app, start_server  # noqa: E402
+from coordinator.token_stream import TokenStream  # noqa: E402
+from coordinator.worker_host import WorkerHost  # noqa: E402
+from coordinator.worker_specs import total_cpus, worker_plans  # noqa: E402
+from core.config import ConfigError, TandemConfig, load_config  # noqa: E402
+from core.tokenizer import Tokenizer, TokenizerFiles  # noqa: E402
+
+log = logging.getLogger("tandem.launch")
+
+READY_TIMEOUT_S = 900.0  # first start on a cluster may download nothing but still load weights
+SHUTDOWN_TIMEOUT_S = 15.0
+MAX_WORKER_THREADS = 32  # concurrent actor calls per worker (stats, reserve, abort ...)
+
+
+@ray.remote(num_cpus=0)
+def collect_tokenizer_files(source: str) -> dict:
+    """Runs in a Ray worker: ``load_tokenizer_files`` imports transformers (and torch)."""
+    from engine.tokenizer_files import load_tokenizer_files
+
+    return load_tokenizer_files(source).to_dict()
+
+
+@dataclass
+class Deployment:
+    """Everything one ``deploy`` created; ``shutdown`` undoes it."""
+
+    client: RayEngineClient
+    tokenizer: Tokenizer
+    stream: TokenStream
+    actors: list
+
+    async def shutdown(self) -> None:
+        await self.client.aclose()
+        calls = [actor.call.remote("shutdown") for actor in self.actors]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                asyncio.gather(*calls, return_exceptions=True), SHUTDOWN_TIMEOUT_S
+            )
+        for actor in self.actors:
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+        await self.stream.aclose()
+
+
+def init_ray(config: TandemConfig, address: str | None, num_cpus: int | None) -> bool:
+    """Join ``address`` or start a local Ray; True if this process started it."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    wanted = math.ceil(total_cpus(config))
+    ray.init(
+        num_cpus=num_cpus or max(wanted, os.cpu_count() or 1),
+        include_dashboard=False,
+        log_to_driver=True,
+    )
+    return True
+
+
+async def deploy(config: TandemConfig, stream_host: str) -> Deployment:
+    stream = TokenStream(stream_host)
+    tokenizer_files = collect_tokenizer_files.remote(config.model.source)
+    host_class = ray.remote(WorkerHost)
+    plans = worker_plans(config, stream.address)
+    actors = [
+        host_class.options(
+            num_cpus=plan.num_cpus,
+            num_gpus=plan.num_gpus,
+            max_concurrency=MAX_WORKER_THREADS,
+        ).remote(plan.class_path, plan.spec)
+        for plan in plans
+    ]
+    try:
+        infos = await asyncio.wait_for(
+            asyncio.gather(*(actor.call.remote("ready") for actor in actors)), READY_TIMEOUT_S
+        )
+        workers = [
+            WorkerRef(
+                name=plan.name,
+                role=plan.role,
+                actor=actor,
+                num_blocks=info["num_blocks"],
+                block_size=info["block_size"],
+                kv_address=info.get("kv_address"),
+            )
+            for plan, actor, info in zip(plans, actors, infos, strict=True)
+        ]
+        # every prefill worker can write into every decode worker
+        decodes = [w for w in workers if w.role == "decode"]
+        connects = [
+            w.actor.call.remote("connect", d.name, d.kv_address)
+            for w in workers
+            if w.role == "prefill"
+            for d in decodes
+        ]
+        await asyncio.gather(*connects)
+        tokenizer = Tokenizer(TokenizerFiles.from_dict(await tokenizer_files))
+        client = RayEngineClient(config, workers, stream, tokenizer)
+        await client.start()
+    except BaseException:
+        for actor in actors:
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+        await stream.aclose()
+        raise
+    return Deployment(client, tokenizer, stream, actors)
+
+
+async def serve_topology(
+    config: TandemConfig,
+    stream_host: str,
+    stop: asyncio.Event,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Deploy, serve until ``stop`` is set, then tear down (Ray itself is the caller's)."""
+    deployment = await deploy(config, stream_host)
+    try:
+        app = build_app(config, deployment.client, deployment.tokenizer)
+        runner = await start_server(app, config.coordinator.host, config.coordinator.port)
+        try:
+            url = f"http://{config.coordinator.host}:{bound_port(runner)}"
+            log.info("Tandem serving %s (%s) at %s", config.model.name, config.mode, url)
+            if on_ready is not None:
+                on_ready(url)
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+    finally:
+        await deployment.shutdown()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="a YAML topology (configs/*.yaml)")
+    parser.add_argument("--host", help="HTTP bind address (overrides coordinator.host)")
+    parser.add_argument("--port", type=int, help="HTTP port (overrides coordinator.port)")
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    parser.add_argument(
+        "--address",
+        help="join this Ray cluster ('auto' inside `ray job submit`); default: a local Ray",
+    )
+    parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
+    parser.add_argument(
+        "--stream-host",
+        help="where workers send tokens (default 127.0.0.1, or this node's IP with --address)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        config = load_config(args.config).with_overrides(
+            host=args.host, port=args.port, api_key=args.api_key
+        )
+    except (ConfigError, OSError) as exc:
+        print(f"tandem: {exc}", file=sys.stderr)
+        return 2
+    started_ray = init_ray(config, args.address, args.num_cpus)
+    stream_host = args.stream_host or (
+        ray.util.get_node_ip_address() if args.address else "127.0.0.1"
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+        def announce(url: str) -> None:
+            print(f"Tandem: serving {config.model.name} at {url}", flush=True)
+
+        await serve_topology(config, stream_host, stop, announce)
+
+    try:
+        asyncio.run(main())
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m coordinator.launch", description="Serve a Tandem topology on Ray."
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
