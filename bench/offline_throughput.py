@@ -8,9 +8,9 @@ Same model (the builtin SmolLM2-135M GGUF, dequantized to float32 on both sides)
 (random token ids, 112-144 tokens, fresh per batch size so no prefix-cache hits), same planned
 output lengths (uniform in [min-new, max-new]; ignore_eos on our side, min_new_tokens =
 max_new_tokens on HF's, so no request stops early), same ``torch.set_num_threads``. HF runs the
-batch as one left-padded ``generate`` to the longest planned length: tokens past a request's planned length are
-generated but not counted (that is the cost of static batching). tokens/s = planned output tokens
-/ wall time including prefill.
+batch as one left-padded ``generate`` to the longest planned length: tokens past a request's
+planned length are generated but not counted (that is the cost of static batching).
+tokens/s = planned output tokens / wall time including prefill.
 
 The batch-1 decode step is also set against the memory-bandwidth floor: weight bytes read per
 step (every parameter once; the tied embedding is read in full as the LM head) / copy bandwidth
