@@ -71,8 +71,8 @@ def serve(shape: CacheShape, backend: str, model_id: str, cmds: Any, acks: Any, 
                     os._exit(1)  # no cleanup: a crashed worker
                 elif cmd[0] == "stop":
                     break
-            for rid in receiver.poll():
-                out.put(("landed", rid, *block_bytes(cache, expected.pop(rid, []))))
+            for rid, tag in receiver.poll_landed():
+                out.put(("landed", rid, tag, *block_bytes(cache, expected.pop(rid, []))))
             time.sleep(0.0005)
     finally:
         receiver.close()
@@ -96,9 +96,13 @@ class Peer:
         assert self.acks.get(timeout=20) == request_id
 
     def landed(self, timeout: float = 20.0) -> tuple[str, bytes, bytes]:
-        tag, rid, data, scales = self.out.get(timeout=timeout)
-        assert tag == "landed"
+        rid, _tag, data, scales = self.landed_with_tag(timeout)
         return rid, data, scales
+
+    def landed_with_tag(self, timeout: float = 20.0) -> tuple[str, str, bytes, bytes]:
+        kind, rid, tag, data, scales = self.out.get(timeout=timeout)
+        assert kind == "landed"
+        return rid, tag, data, scales
 
     def kill(self) -> None:
         self.proc.kill()

@@ -64,10 +64,11 @@ def test_blocks_land_byte_identical_with_several_in_flight(bf16_peer: Peer, back
             e = by_id[s.request_id]
             assert e.backend == backend and e.tag == s.tag and e.seconds > 0
             assert e.num_bytes == len(s.src_block_ids) * shape.make().spec.bytes_per_block()
-        landed = {}
+        landed, tags = {}, {}
         for _ in specs:
-            rid, data, _scales = bf16_peer.landed()
+            rid, tags[rid], data, _scales = bf16_peer.landed_with_tag()
             landed[rid] = data
+        assert tags == {s.request_id: s.tag for s in specs}  # the receiver sees the sender's tag
         # the bytes were snapshotted when poll() reported the request: data before notification
         for s in specs:
             assert landed[s.request_id] == block_bytes(cache, list(s.src_block_ids))[0]
