@@ -15,6 +15,37 @@ MODEL_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+SPEC_METHODS = ("none", "ngram", "draft")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str = "none"  # none | ngram | draft
+    num_speculative_tokens: int = 0
+    ngram_min: int = 1
+    ngram_max: int = 4
+    draft_model: str | None = None  # a model source sharing the target's tokenizer
+    # Off-switch: once a request has had ``warmup_tokens`` proposals, it stops speculating if
+    # fewer than ``min_acceptance_rate`` of them were accepted (verifying rejected guesses
+    # costs compute and, for a draft model, a draft forward per token).
+    min_acceptance_rate: float = 0.2
+    warmup_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        if self.method not in SPEC_METHODS:
+            raise ValueError(f"speculative.method must be one of {SPEC_METHODS}: {self.method!r}")
+        if self.method != "none" and self.num_speculative_tokens < 1:
+            raise ValueError("speculative.num_speculative_tokens must be >= 1 to speculate")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError("speculative: need 1 <= ngram_min <= ngram_max")
+        if (self.method == "draft") != (self.draft_model is not None):
+            raise ValueError("speculative.draft_model is required with, and only with, 'draft'")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str = "builtin:smollm2-135m-instruct"
@@ -30,8 +61,11 @@ class EngineConfig:
     chunk_size: int = 512
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # CPU intra-op threads; None: torch's default
+    speculative: SpeculativeConfig = SpeculativeConfig()
 
     def __post_init__(self) -> None:
+        if isinstance(self.speculative, dict):  # from a msgpack / Ray worker spec
+            object.__setattr__(self, "speculative", SpeculativeConfig(**self.speculative))
         if self.dtype not in MODEL_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(MODEL_DTYPES)}, got {self.dtype!r}")
         if self.kv_cache_dtype not in ("auto", "fp8_e4m3"):

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from core.outputs import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, OutputDelta
+from core.outputs import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, OutputDelta, TokenLogprob
 from core.sampling_params import SamplingParams
 from core.text_state import TextState
 from core.tokenizer import Tokenizer
@@ -23,6 +23,7 @@ from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner, StepOutput
 from engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from engine.sequence import Sequence
+from engine.spec.speculator import Speculator
 
 
 def build_model(
@@ -90,6 +91,9 @@ class EngineCore:
         )
         self.seqs: dict[str, Sequence] = {}
         self.texts: dict[str, TextState] = {}
+        self.speculator = (
+            Speculator(config.speculative, self) if config.speculative.enabled else None
+        )
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -140,9 +144,12 @@ class EngineCore:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[OutputDelta]:
-        batch = self.scheduler.schedule()
+        lookahead = self.speculator.k if self.speculator is not None else 0
+        batch = self.scheduler.schedule(num_lookahead_tokens=lookahead)
         if not batch:
             return []
+        if self.speculator is not None and not batch.is_prefill:
+            return self.speculator.step(self, batch)
         out = self.runner.execute(batch)
         return self.postprocess(batch, out)
 
@@ -150,20 +157,32 @@ class EngineCore:
         self.scheduler.commit_computed(batch)
         deltas = []
         for i, seq in enumerate(batch.seqs):
+            seq.prompt_logprobs.extend(out.prompt_logprobs[i])
             token = out.token_ids[i]
             if token is None:  # partial prefill chunk: nothing to say yet
-                if out.prompt_logprobs[i]:
-                    seq.prompt_logprobs.extend(out.prompt_logprobs[i])
                 continue
-            seq.prompt_logprobs.extend(out.prompt_logprobs[i])
+            lp = out.logprobs[i]
+            deltas.append(self.append_tokens(seq, [token], None if lp is None else [lp]))
+        return deltas
+
+    def append_tokens(
+        self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob] | None
+    ) -> OutputDelta:
+        """Append accepted tokens one by one, stopping at the first that finishes the request
+        (later ones are dropped); finishing frees the blocks. Returns the step's delta."""
+        taken: list[int] = []
+        finish = None
+        for token in tokens:
             seq.output_token_ids.append(token)
-            lp = [out.logprobs[i]] if out.logprobs[i] is not None else []
-            seq.output_logprobs.extend(lp)
+            taken.append(token)
             finish = self._check_finish(seq, token)
             if finish is not None:
-                self.scheduler.finish(seq, finish)
-            deltas.append(self._delta(seq, [token], lp, finish))
-        return deltas
+                break
+        lps = list(logprobs[: len(taken)]) if logprobs else []
+        seq.output_logprobs.extend(lps)
+        if finish is not None:
+            self.scheduler.finish(seq, finish)
+        return self._delta(seq, taken, lps, finish)
 
     def _check_finish(self, seq: Sequence, token: int) -> str | None:
         stopped = seq.check_stop_token(token)

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import torch
 
 from core.outputs import TokenLogprob
-from engine.attention_metadata import AttentionMetadata
 from engine.kv_cache import KVCache
 from engine.model import LlamaForCausalLM
 from engine.sampler import Sampler, token_logprob
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
+from engine.step_inputs import build_step_inputs
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,22 @@ class ModelRunner:
         k = seq.params.prompt_logprobs or 0
         return [token_logprob(lp[i], t, k) for i, t in enumerate(targets)]
 
+    @torch.inference_mode()
+    def verify_logits(
+        self, batch: ScheduledBatch, drafts: list[list[int]]
+    ) -> list[torch.Tensor]:
+        """Decode step with speculative tokens: seq i computes [last token, *drafts[i]] and
+        gets back target logits for each of those positions, [1 + len(drafts[i]), vocab]."""
+        assert not batch.is_prefill
+        chunks = [[s.last_token_id, *d] for s, d in zip(batch.seqs, drafts, strict=True)]
+        starts = [s.num_computed_tokens for s in batch.seqs]
+        input_ids, positions, md = build_step_inputs(
+            chunks, starts, [s.block_ids for s in batch.seqs], False, self.block_size, self.device
+        )
+        hidden = self.model(input_ids, positions, md, self.kv_cache)
+        logits = self.model.compute_logits(hidden)  # [N, vocab]
+        return list(logits.split([len(c) for c in chunks]))
+
     # ------------------------------------------------------------------ inputs
     def prepare(self, batch: ScheduledBatch):
         """Packed inputs for the step.
@@ -78,59 +94,25 @@ class ModelRunner:
         chunk does not reach the end), ``prompt_rows[i]`` (row, first prompt position, count) for
         prompt logprobs.
         """
-        bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        cu = [0]
-        ctx: list[int] = []
+        chunks, starts = [], []
         sample_rows: list[int | None] = []
         prompt_rows: list[tuple[int, int, int] | None] = []
+        row0 = 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             c = seq.num_computed_tokens
             tokens = seq.token_ids
-            ids.extend(tokens[c : c + n])
-            pos.extend(range(c, c + n))
-            ctx.append(c)
-            row0 = cu[-1]
-            cu.append(row0 + n)
-            sample_rows.append(cu[-1] - 1 if c + n == len(tokens) else None)
+            chunks.append(tokens[c : c + n])
+            starts.append(c)
+            sample_rows.append(row0 + n - 1 if c + n == len(tokens) else None)
             if batch.is_prefill and seq.params.prompt_logprobs is not None:
                 # row r (position c+r) predicts prompt position c+r+1
                 last = min(c + n, seq.num_prompt_tokens - 1)
                 prompt_rows.append((row0, c + 1, last - c))
             else:
                 prompt_rows.append(None)
-        max_blocks = max(len(s.block_ids) for s in batch.seqs)
-        tables = torch.zeros((len(batch.seqs), max_blocks), dtype=torch.int32)
-        for i, seq in enumerate(batch.seqs):
-            tables[i, : len(seq.block_ids)] = torch.tensor(seq.block_ids, dtype=torch.int32)
-        positions = torch.tensor(pos, dtype=torch.long)
-        cu_seqlens = torch.tensor(cu, dtype=torch.int32)
-        seq_index = torch.repeat_interleave(
-            torch.arange(len(batch.seqs)), torch.tensor(batch.num_new_tokens)
-        )
-        # slot of position p of seq i = block_tables[i, p // bs] * bs + p % bs
-        slots = tables[seq_index, positions // bs].long() * bs + positions % bs
-        dev = self.device
-        max_seqlen = max(batch.num_new_tokens)
-        if batch.is_prefill:
-            md = AttentionMetadata(
-                is_prefill=True,
-                slot_mapping=slots.to(dev),
-                block_tables=tables.to(dev),
-                cu_seqlens=cu_seqlens.to(dev),
-                max_seqlen=max_seqlen,
-                context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev) if any(ctx) else None,
-            )
-        else:
-            seq_lens = [c + n for c, n in zip(ctx, batch.num_new_tokens, strict=True)]
-            md = AttentionMetadata(
-                is_prefill=False,
-                slot_mapping=slots.to(dev),
-                block_tables=tables.to(dev),
-                cu_seqlens=cu_seqlens.to(dev),
-                max_seqlen=max_seqlen,
-                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            )
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        return input_ids, positions.to(dev), md, sample_rows, prompt_rows
+            row0 += n
+        input_ids, positions, md = build_step_inputs(
+            chunks, starts, [s.block_ids for s in batch.seqs], batch.is_prefill,
+            self.block_size, self.device,
+        )  # fmt: skip
+        return input_ids, positions, md, sample_rows, prompt_rows

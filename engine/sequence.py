@@ -52,6 +52,11 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self._generator: torch.Generator | None = None
+        # speculative decoding
+        self.draft_computed = 0  # tokens whose draft-model KV is valid
+        self.spec_proposed = 0
+        self.spec_accepted = 0
+        self.spec_disabled = False  # acceptance too low to pay: plain decode from now on
         self.output_logprobs: list = []
         self.prompt_logprobs: list = []
 

@@ -1,0 +1,105 @@
+"""Speculative decoding is lossless: greedy output with speculation equals greedy without, token
+for token (n-gram and draft, with a draft that agrees and one that does not); sampled output
+follows the target distribution (chi-square); rolled-back slots leak no blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.sampling_params import SamplingParams
+from engine.engine_config import EngineConfig, SpeculativeConfig
+from engine.engine_core import EngineCore
+from tests.model.test_engine_vs_hf import run_engine
+
+K = 4
+
+
+def engine_for(model_dir, spec: SpeculativeConfig | None = None, **kw) -> EngineCore:
+    cfg = dict(model=str(model_dir), num_blocks=96, block_size=4, max_model_len=256,
+               num_threads=1)  # fmt: skip
+    return EngineCore(EngineConfig(**{**cfg, **kw}, speculative=spec or SpeculativeConfig()))
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory, make_tiny_llama):
+    # untied: with tied random embeddings a tiny model just repeats its input token
+    return make_tiny_llama(tmp_path_factory.mktemp("target"), seed=11, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def other_draft_dir(tmp_path_factory, make_tiny_llama):
+    # same vocabulary, different weights and depth: disagrees with the target most of the time
+    return make_tiny_llama(tmp_path_factory.mktemp("draft"), seed=99, num_hidden_layers=1,
+                           tie_word_embeddings=False)
+
+
+def repetitive_prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    motif = torch.randint(3, 256, (6,), generator=g).tolist()
+    return [
+        motif * 5,  # n-gram lookup has plenty to copy
+        torch.randint(3, 256, (9,), generator=g).tolist(),
+        [7] * 3 + motif + torch.randint(3, 256, (20,), generator=g).tolist() + motif[:3],
+        torch.randint(3, 256, (33,), generator=g).tolist(),
+    ]
+
+
+@pytest.mark.parametrize("variant", ["ngram", "draft_same", "draft_other"])
+def test_greedy_with_speculation_equals_without(target_dir, other_draft_dir, variant):
+    greedy = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    prompts = repetitive_prompts()
+    plain, _ = run_engine(engine_for(target_dir), prompts, greedy)
+    if variant == "ngram":
+        spec = SpeculativeConfig(method="ngram", num_speculative_tokens=K, ngram_max=3)
+    else:
+        draft = target_dir if variant == "draft_same" else other_draft_dir
+        spec = SpeculativeConfig(method="draft", num_speculative_tokens=K, draft_model=str(draft),
+                                 min_acceptance_rate=0.0)  # fmt: skip
+    engine = engine_for(target_dir, spec)
+    out, _ = run_engine(engine, prompts, greedy)
+    assert out == plain
+    m = engine.speculator.metrics
+    assert m.draft_tokens > 0
+    if variant == "draft_same":  # the target drafting for itself agrees on every token
+        assert m.accepted_tokens == m.draft_tokens
+    if variant == "draft_other":
+        assert m.accepted_tokens < m.draft_tokens / 2
+    assert engine.block_pool.num_used_blocks == 0  # rollback leaks nothing
+
+
+def test_rollback_keeps_block_accounting_exact(target_dir, other_draft_dir):
+    spec = SpeculativeConfig(method="draft", num_speculative_tokens=K,
+                             draft_model=str(other_draft_dir), min_acceptance_rate=0.0)  # fmt: skip
+    engine = engine_for(target_dir, spec)
+    engine.add_request("a", repetitive_prompts()[3], SamplingParams(max_tokens=30, temperature=0))
+    seq = engine.seqs["a"]
+    while engine.has_unfinished():
+        engine.step()
+        if not seq.is_finished and not seq.is_prefilling:
+            # exactly the blocks that hold the tokens so far: no lookahead slot kept
+            assert len(seq.block_ids) == -(-seq.num_tokens // 4)
+            assert engine.block_pool.num_used_blocks == len(seq.block_ids)
+            assert seq.num_computed_tokens == seq.num_tokens - 1
+    assert engine.block_pool.num_used_blocks == 0
+
+
+def test_low_acceptance_switches_speculation_off(target_dir, other_draft_dir):
+    spec = SpeculativeConfig(method="draft", num_speculative_tokens=K,
+                             draft_model=str(other_draft_dir), min_acceptance_rate=0.9,
+                             warmup_tokens=8)  # fmt: skip
+    engine = engine_for(target_dir, spec)
+    engine.add_request("a", repetitive_prompts()[1], SamplingParams(max_tokens=40, temperature=0))
+    seq = engine.seqs["a"]
+    while engine.has_unfinished():
+        engine.step()
+    assert seq.spec_disabled
+    assert engine.speculator.metrics.draft_tokens < 40
+
+
+def test_opt_out_per_request(target_dir):
+    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=K)
+    engine = engine_for(target_dir, spec)
+    p = SamplingParams(max_tokens=20, temperature=0, use_speculation=False, ignore_eos=True)
+    run_engine(engine, repetitive_prompts()[:1], p)
+    assert engine.speculator.metrics.draft_tokens == 0

@@ -1,0 +1,103 @@
+"""Verification is lossless: emitted tokens follow the target distribution (chi-square over many
+seeded trials), for draft-model (q = draft distribution) and n-gram (q = one-hot) proposals;
+greedy verification takes the target's argmax; n-gram lookup proposes exactly the right span."""
+
+from __future__ import annotations
+
+import torch
+
+from core.sampling_params import SamplingParams
+from engine.sampler import _filtered_probs
+from engine.sequence import Sequence
+from engine.spec.ngram import propose_ngram
+from engine.spec.verify import verify
+
+V = 8
+TRIALS = 6000
+CHI2_CRIT_DF7_P001 = 24.32  # chi-square critical value, 7 degrees of freedom, p = 0.001
+
+
+def chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a token with target probability 0 was emitted"
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+def seq_with_seed(seed: int, **params) -> Sequence:
+    return Sequence("r", [1, 2, 3], SamplingParams(max_tokens=8, seed=seed, **params))
+
+
+def target_and_draft() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(3, V, generator=g) * 1.5  # rows for positions 0, 1, 2 (k = 2)
+    draft = torch.softmax(torch.randn(2, V, generator=g), dim=-1)  # a different distribution
+    return target, draft
+
+
+def test_draft_rejection_sampling_matches_target_distribution():
+    target, q = target_and_draft()
+    p0 = torch.softmax(target[0], dim=-1)
+    g = torch.Generator().manual_seed(123)
+    first = torch.zeros(V)
+    second_given_accept = torch.zeros(V)
+    for trial in range(TRIALS):
+        drafts = [int(torch.multinomial(q[j], 1, generator=g)) for j in range(2)]
+        out = verify(target, drafts, seq_with_seed(trial), q)
+        first[out[0]] += 1
+        if out[0] == drafts[0] and len(out) >= 2:
+            second_given_accept[out[1]] += 1
+    assert chi2(first, p0) < CHI2_CRIT_DF7_P001
+    # the token after an accepted one follows the target's row 1
+    assert chi2(second_given_accept, torch.softmax(target[1], dim=-1)) < CHI2_CRIT_DF7_P001
+
+
+def test_ngram_one_hot_rejection_matches_target_with_top_p():
+    target, _ = target_and_draft()
+    params = dict(temperature=0.7, top_p=0.9)
+    p0 = _filtered_probs(target[0], 0.7, 0, 0.9, 0.0)
+    counts = torch.zeros(V)
+    draft = int(p0.argmin())  # a poor guess (probability 0 after top-p): always rejected
+    draft_good = int(p0.argmax())
+    for trial in range(TRIALS):
+        d = draft if trial % 2 else draft_good
+        out = verify(target, [d, 0], seq_with_seed(trial, **params))
+        counts[out[0]] += 1
+    assert chi2(counts, p0) < CHI2_CRIT_DF7_P001
+
+
+def test_a_wrong_residual_would_be_caught():
+    """Sanity of the test itself: sampling the first token from q instead fails chi-square."""
+    target, q = target_and_draft()
+    g = torch.Generator().manual_seed(5)
+    counts = torch.bincount(torch.multinomial(q[0], TRIALS, replacement=True, generator=g),
+                            minlength=V).float()  # fmt: skip
+    assert chi2(counts, torch.softmax(target[0], dim=-1)) > CHI2_CRIT_DF7_P001
+
+
+def test_greedy_verification_takes_target_argmax():
+    target, _ = target_and_draft()
+    best = target.argmax(-1).tolist()
+    seq = Sequence("r", [1], SamplingParams(max_tokens=8, temperature=0))
+    assert verify(target, [best[0], best[1]], seq) == best  # all accepted + bonus
+    wrong = (best[0] + 1) % V
+    assert verify(target, [wrong, best[1]], seq) == [best[0]]
+    assert verify(target, [best[0], (best[1] + 1) % V], seq) == [best[0], best[1]]
+
+
+def test_seeded_verification_is_reproducible():
+    target, q = target_and_draft()
+    a = [verify(target, [1, 2], seq_with_seed(s), q) for s in range(50)]
+    b = [verify(target, [1, 2], seq_with_seed(s), q) for s in range(50)]
+    assert a == b and len({tuple(x) for x in a}) > 1
+
+
+def test_ngram_proposals_exact():
+    assert propose_ngram([1, 2, 3, 4, 1, 2], k=3, n_min=1, n_max=3) == [3, 4, 1]
+    # the longest suffix wins over a more recent shorter match
+    assert propose_ngram([5, 1, 2, 9, 7, 2, 8, 1, 2], k=2, n_min=1, n_max=2) == [9, 7]
+    # most recent occurrence of the suffix
+    assert propose_ngram([3, 1, 3, 2, 3], k=1, n_min=1, n_max=1) == [2]
+    assert propose_ngram([1, 2, 3], k=2, n_min=1, n_max=3) == []
+    assert propose_ngram([4, 4], k=3, n_min=1, n_max=1) == [4]
+    assert propose_ngram([7], k=3, n_min=1, n_max=2) == []
