@@ -9,6 +9,7 @@ the ``Receiver`` object's locked queue, read by ``poll()``.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable
 
@@ -17,6 +18,8 @@ import zmq
 from kvtransfer.protocol import ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
+
+ANY_HOST = ("0.0.0.0", "*")
 
 # (sender identity, frames) -> reply frames or None. Must not raise for bad input: see serve().
 FrameHandler = Callable[[bytes, list[zmq.Frame]], list[bytes] | None]
@@ -47,7 +50,9 @@ class SideChannelServer:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self.port = bind_in_range(self._sock, host, port_range)
-        self.address = f"tcp://{host}:{self.port}"
+        # Bound to every interface: advertise this host's address, which peers can dial.
+        reachable = socket.gethostbyname(socket.gethostname()) if host in ANY_HOST else host
+        self.address = f"tcp://{reachable}:{self.port}"
         self._handler = handler
         self._stop = threading.Event()
         self._thread = threading.Thread(

@@ -6,7 +6,8 @@ import pytest
 import zmq
 
 from kvtransfer import KVTransferConfig, make_receiver, make_sender
-from kvtransfer.side_channel import bind_in_range
+from kvtransfer.protocol import HandshakeRefused, encode
+from kvtransfer.side_channel import SideChannelServer, bind_in_range, request
 
 
 def test_unknown_backend_is_an_error_not_a_fallback():
@@ -45,3 +46,15 @@ def test_bind_takes_the_next_free_port_in_the_range_and_fails_when_full():
     finally:
         for s in socks:
             s.close(linger=0)
+
+
+def test_a_wildcard_bind_advertises_a_dialable_address():
+    answer = encode(HandshakeRefused("server", ("just checking",)))
+    server = SideChannelServer("0.0.0.0", (0, 0), lambda identity, frames: [answer])
+    try:
+        assert "0.0.0.0" not in server.address and server.address.endswith(f":{server.port}")
+        sock, reply = request(zmq.Context.instance(), server.address, b"hello", timeout_s=10.0)
+        sock.close(linger=0)
+        assert reply == HandshakeRefused("server", ("just checking",))
+    finally:
+        server.close()
