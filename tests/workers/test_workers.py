@@ -156,3 +156,39 @@ def test_reserve_refuses_when_full_and_rejects_bad_input(tiny_model, sink):
     finally:
         decode.shutdown()
     assert torch.get_num_threads() == 1
+
+
+def test_fp8_decode_pool_gets_fp8_on_the_wire_and_matches_colocated_fp8(tiny_model, sink):
+    """Prefill keeps full precision, decode keeps FP8: the sender quantizes before the WRITE,
+    with the same quantizer the colocated FP8 cache uses, so the tokens are identical."""
+    pull, out = sink
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    colo = ColocatedWorker(spec("colo", tiny_model, out, kv_cache_dtype="fp8_e4m3"))
+    try:
+        for i, p in enumerate(PROMPTS):
+            colo.add_request(f"c{i}", p, params.to_dict())
+        ref = collect(pull, {f"c{i}" for i in range(len(PROMPTS))})
+    finally:
+        colo.shutdown()
+    decode = DecodeWorker(spec("decode-0", tiny_model, out, kv_cache_dtype="fp8_e4m3"))
+    prefill = PrefillWorker(spec("prefill-0", tiny_model, out))
+    try:
+        prefill.connect("decode-0", decode.ready()["kv_address"])
+        for i, prompt in enumerate(PROMPTS):
+            blocks = decode.reserve(f"r{i}", prompt, params.to_dict())
+            prefill.prefill(f"r{i}", prompt, params.to_dict(), "decode-0", blocks)
+        got = collect(pull, {f"r{i}" for i in range(len(PROMPTS))})
+        for i in range(len(PROMPTS)):
+            assert [t for d in got[f"r{i}"] for t in d.token_ids] == [
+                t for d in ref[f"c{i}"] for t in d.token_ids
+            ]
+        wait_until(lambda: prefill.stats()["kv_blocks_used"] == 0)
+        # FP8 data + float32 scales per token and head: well under half of the fp32 bytes
+        fp32_bytes = (
+            sum(-(-len(p) // BLOCK) for p in PROMPTS)
+            * prefill.engine.kv_cache.spec.bytes_per_block()
+        )
+        assert prefill.stats()["transfer_bytes"] < fp32_bytes / 2
+    finally:
+        prefill.shutdown()
+        decode.shutdown()
