@@ -3,6 +3,7 @@ stop ids and max_tokens, penalty formulas. Plus stop strings through ``LLM.gener
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -193,3 +194,38 @@ def test_logprobs_are_of_the_raw_distribution():
     assert entry.token_id == result.token_ids[0] == int(lp.argmax())
     assert math.isclose(entry.logprob, float(lp.max()), abs_tol=1e-6)
     assert [t for t, _ in entry.top] == lp.topk(3).indices.tolist()
+
+
+# ---------------------------------------------------------------------- stops through LLM.generate
+@pytest.fixture(scope="module")
+def llm():
+    from engine.llm import LLM
+
+    return LLM(num_blocks=64, max_num_seqs=4, num_threads=1)
+
+
+@pytest.mark.slow
+def test_llm_generate_cuts_text_before_stop_string(llm):
+    prompt = llm.encode_chat("Write a long story about the moon.")
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)  # a planned length
+    (ref,) = llm.generate([prompt], greedy)
+    assert ref.finish_reason == "length" and len(ref.token_ids) == 24
+    text = ref.text
+    stop = text[len(text) // 2 : len(text) // 2 + 4]
+    cut = text.index(stop)
+    assert cut > 0
+    never = "\x07never\x07"
+    with_stop = dataclasses.replace(greedy, stop=(never, stop))
+    keep_stop = dataclasses.replace(with_stop, include_stop_str_in_output=True)
+    stop_id = dataclasses.replace(greedy, stop_token_ids=(ref.token_ids[5],))
+    # one batch, mixed parameters
+    cut_out, kept, by_id, plain = llm.generate(
+        [prompt, prompt, prompt, prompt], [with_stop, keep_stop, stop_id, greedy]
+    )
+    assert (cut_out.text, cut_out.finish_reason) == (text[:cut], "stop")
+    assert cut_out.token_ids == ref.token_ids[: len(cut_out.token_ids)]
+    assert len(cut_out.token_ids) < 24
+    assert (kept.text, kept.finish_reason) == (text[: cut + len(stop)], "stop")
+    first = ref.token_ids.index(ref.token_ids[5])
+    assert (by_id.token_ids, by_id.finish_reason) == (ref.token_ids[: first + 1], "stop")
+    assert (plain.text, plain.token_ids) == (text, ref.token_ids)
