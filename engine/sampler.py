@@ -40,7 +40,7 @@ class Sampler:
             if out is None:
                 out = logits.clone()
             row = out[i]
-            if p.has_penalties and seq.output_token_ids:
+            if p.has_penalties:  # repetition also covers the prompt, even before token 1
                 _apply_penalties(row, seq)
             if ban:
                 row[torch.tensor(ban, dtype=torch.long)] = float("-inf")
@@ -84,7 +84,7 @@ def token_logprob(logprobs_row: torch.Tensor, token_id: int, k: int) -> TokenLog
 def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
     p = seq.params
     out_ids = torch.tensor(seq.output_token_ids, dtype=torch.long)
-    counts = torch.bincount(out_ids, minlength=row.shape[0]).to(row.dtype)  # [V]
+    counts = torch.bincount(out_ids, minlength=row.shape[0]).to(row.dtype)  # [V] (zeros if none)
     if p.repetition_penalty != 1.0:  # applies to prompt and output tokens (HF / vLLM convention)
         seen = torch.zeros_like(row, dtype=torch.bool)
         seen[torch.tensor(seq.token_ids, dtype=torch.long)] = True
