@@ -68,6 +68,7 @@ class WorkerBase(ABC):
             "transfer_seconds": 0.0,
             "transfer_backend": None,
             "loop_error": self.loop_error,
+            "spec": spec.metrics.to_dict() if (spec := self.engine.speculator) else None,
         }
 
     def abort(self, request_ids: list[str]) -> None:
