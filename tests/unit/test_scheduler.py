@@ -233,3 +233,18 @@ def test_engine_small_cache_preempts_and_matches_big_cache(tiny_model):
     assert generate(small, prompts, 30) == expected
     assert small.scheduler.num_preemptions >= 3
     assert small.block_pool.num_free_blocks == 14
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a sequence outgrowing the whole KV cache is preempted "
+                   "and never readmitted; the engine spins on empty steps (livelock)")
+def test_engine_request_longer_than_the_cache_terminates(tiny_model):
+    config, model = tiny_model
+    engine = EngineCore(EngineConfig(**{**config.__dict__, "num_blocks": 4}), model=model)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)  # 30 > 16 slots
+    try:
+        engine.add_request("r", list(range(3, 13)), params)
+    except ValueError:
+        return  # refusing it up front is an answer too
+    for _ in range(100):
+        engine.step()
+    assert not engine.has_unfinished()  # finished (any reason) rather than stuck
