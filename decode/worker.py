@@ -76,6 +76,10 @@ class DecodeWorker(WorkerBase):
             if eng.scheduler.num_running + len(self.pending) >= eng.config.max_num_seqs:
                 return None
             need = -(-len(prompt_token_ids) // eng.config.block_size)
+            # headroom: a block per running sequence to grow into, so that admitting a prompt
+            # does not force the next decode step to preempt someone (recompute is costly)
+            if need + eng.scheduler.num_running > eng.block_pool.num_free_blocks:
+                return None
             block_ids = eng.block_pool.allocate(need)
             if block_ids is None:
                 return None
