@@ -68,10 +68,10 @@ class DecodeWorker(WorkerBase):
             eng = self.engine
             if request_id in self.pending or request_id in eng.seqs:
                 raise ValueError(f"duplicate request id {request_id!r}")
-            if len(prompt_token_ids) >= eng.config.max_model_len:
+            if len(prompt_token_ids) >= eng.max_seq_len:
                 raise ValueError(
-                    f"prompt has {len(prompt_token_ids)} tokens; max_model_len is "
-                    f"{eng.config.max_model_len}"
+                    f"prompt has {len(prompt_token_ids)} tokens; this decode worker holds "
+                    f"{eng.max_seq_len} (max_model_len {eng.config.max_model_len})"
                 )
             if eng.scheduler.num_running + len(self.pending) >= eng.config.max_num_seqs:
                 return None

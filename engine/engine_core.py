@@ -91,6 +91,9 @@ class EngineCore:
         )
         self.seqs: dict[str, Sequence] = {}
         self.texts: dict[str, TextState] = {}
+        # A sequence ends ("length") at max_model_len or when it would outgrow the whole cache:
+        # alone in the cache it then always fits, so preemption can never livelock.
+        self.max_seq_len = min(config.max_model_len, self.block_pool.num_blocks * config.block_size)
         self.speculator = (
             Speculator(config.speculative, self) if config.speculative.enabled else None
         )
@@ -106,8 +109,11 @@ class EngineCore:
             raise ValueError(
                 f"prompt has {n} tokens; max_model_len is {self.config.max_model_len}"
             )
-        if -(-n // self.config.block_size) > self.block_pool.num_blocks:
-            raise ValueError(f"prompt of {n} tokens does not fit in the KV cache")
+        if n >= self.max_seq_len:
+            raise ValueError(
+                f"prompt has {n} tokens; the KV cache holds {self.max_seq_len} tokens of one "
+                "sequence"
+            )
         seq = Sequence(request_id, prompt_token_ids, params, self.eos_token_ids, time.monotonic())
         self.seqs[request_id] = seq
         if self.tokenizer is not None:
@@ -193,7 +199,7 @@ class EngineCore:
             if hit is not None:  # a stop string outranks max_tokens on the same token
                 seq.finish_reason, seq.stop_reason = FINISH_STOP, hit
                 stopped = True
-        if not stopped and seq.num_tokens >= self.config.max_model_len:
+        if not stopped and seq.num_tokens >= self.max_seq_len:
             seq.finish_reason = FINISH_LENGTH
             stopped = True
         return seq.finish_reason if stopped else None

@@ -79,19 +79,19 @@ class Speculator:
             cache = KVCache(spec, engine.kv_cache.num_blocks, device=engine.device)
             self.draft = DraftProposer(draft_model, cache, engine.device)
 
-    def eligible(self, seq: Sequence, max_model_len: int) -> bool:
+    def eligible(self, seq: Sequence, max_seq_len: int) -> bool:
         p = seq.params
         return (
             p.use_speculation
             and not seq.spec_disabled
             and not p.has_penalties  # penalties would change along the drafted tokens
             and seq.num_output_tokens >= p.min_tokens
-            and seq.num_tokens + self.k <= max_model_len
+            and seq.num_tokens + self.k <= max_seq_len  # lookahead slots must fit too
         )
 
     def step(self, engine: EngineCore, batch: ScheduledBatch) -> list[OutputDelta]:
         seqs = list(batch.seqs)
-        ok = [self.eligible(s, engine.config.max_model_len) for s in seqs]
+        ok = [self.eligible(s, engine.max_seq_len) for s in seqs]
         drafts: list[list[int]] = [[] for _ in seqs]
         draft_probs: list[torch.Tensor | None] = [None] * len(seqs)
         if self.draft is not None:

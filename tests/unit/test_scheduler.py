@@ -235,8 +235,6 @@ def test_engine_small_cache_preempts_and_matches_big_cache(tiny_model):
     assert small.block_pool.num_free_blocks == 14
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a sequence outgrowing the whole KV cache is preempted "
-                   "and never readmitted; the engine spins on empty steps (livelock)")
 def test_engine_request_longer_than_the_cache_terminates(tiny_model):
     config, model = tiny_model
     engine = EngineCore(EngineConfig(**{**config.__dict__, "num_blocks": 4}), model=model)
