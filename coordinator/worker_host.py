@@ -22,6 +22,8 @@ class WorkerHost:
         module_name, class_name = class_path.split(":")
         cls = getattr(importlib.import_module(module_name), class_name)
         self.worker = cls(spec)
+        # Operators (and the e2e tests) map worker names to processes from this line.
+        print(f"tandem worker {spec.get('name')} ready in pid {os.getpid()}", flush=True)
 
     def call(self, method: str, *args: Any) -> Any:
         return getattr(self.worker, method)(*args)

@@ -1,0 +1,91 @@
+"""Talking to a served model over HTTP (plain requests, aiohttp for concurrent streams), and the
+prompts and parameters the e2e tests share."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import aiohttp
+import requests
+
+from core.sampling_params import SamplingParams
+
+MODEL = "smollm2-135m-instruct"
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain gravity in one sentence.",
+    "List three prime numbers.",
+    "How do I boil an egg?",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 7?",
+    "Give me a tip for learning to program.",
+]
+TEXT_PROMPTS = [
+    "The quick brown fox",
+    "Once upon a time, in a kingdom by the sea, there lived a",
+    "def fibonacci(n):",
+    "Water boils at",
+]
+
+
+def greedy(max_tokens: int, **kwargs: object) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kwargs)
+
+
+def complete(url: str, **body: object) -> requests.Response:
+    return requests.post(f"{url}/v1/completions", json={"model": MODEL, **body}, timeout=120)
+
+
+def metric(url: str, name: str, default: float | None = None, **labels: str) -> float:
+    """One sample of /metrics (labels must match exactly); ``default`` if it has none yet."""
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.compile(rf"^{re.escape(name)}(?:\{{{re.escape(wanted)}\}})? (\S+)$", re.M)
+    match = pattern.search(text)
+    if match is None and default is not None:
+        return default
+    if match is None:
+        raise AssertionError(f"no sample {name}{{{wanted}}} in /metrics")
+    return float(match.group(1))
+
+
+async def stream_completion(
+    session: aiohttp.ClientSession, url: str, stop_after: int | None = None, **body: object
+) -> tuple[str, str | None, list[dict]]:
+    """POST a streamed completion; returns (text, finish_reason, events). ``stop_after``: leave
+    (close the connection) after that many text chunks."""
+    payload = {"model": MODEL, "stream": True, **body}
+    text, finish, events = [], None, []
+    async with session.post(f"{url}/v1/completions", json=payload) as response:
+        assert response.status == 200, await response.text()
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: ") :])
+            events.append(event)
+            if "error" in event:
+                break
+            choice = event["choices"][0]
+            text.append(choice["text"])
+            finish = choice["finish_reason"] or finish
+            if stop_after is not None and len(text) >= stop_after:
+                response.close()  # drop the connection mid-stream, like a client that left
+                break
+    return "".join(text), finish, events
+
+
+def run_concurrently(url: str, bodies: list[dict], stop_after: int | None = None) -> list:
+    async def main() -> list:
+        timeout = aiohttp.ClientTimeout(total=300)
+        connector = aiohttp.TCPConnector(limit=0)  # every request on its own connection
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            return await asyncio.gather(
+                *(stream_completion(session, url, stop_after, **b) for b in bodies)
+            )
+
+    return asyncio.run(main())
+

@@ -1,0 +1,120 @@
+"""Run ``tandem serve`` (or any command that prints the serving URL) as a real subprocess.
+
+The process gets its own session, so a hung server can be killed as one group without touching
+anything else on the machine. ``stop()`` sends SIGINT, as a user at a terminal would, and reports
+how the process ended; the fixture that owns it asserts a clean exit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[2]
+URL_LINE = re.compile(r"Tandem: serving \S+ at (http://\S+)")
+WORKER_LINE = re.compile(r"tandem worker (\S+) ready in pid (\d+)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false"
+    )
+    # the venv's python first: Ray starts its workers (and job entrypoints) with this PATH
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return env
+
+
+class ServerProcess:
+    def __init__(self, args: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=server_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.url: str | None = None
+        self.worker_pids: dict[str, int] = {}
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._log.write(line)
+            self._log.flush()
+            if (m := WORKER_LINE.search(line)) is not None:
+                self.worker_pids[m.group(1)] = int(m.group(2))
+            if self.url is None and (m := URL_LINE.search(line)) is not None:
+                self.url = m.group(1)
+                self._ready.set()
+        self._ready.set()  # the process ended: wake a waiter
+
+    def wait_ready(self, timeout_s: float) -> str:
+        if not self._ready.wait(timeout_s) or self.url is None:
+            self.kill()
+            raise RuntimeError(f"server not ready; log:\n{self.tail()}")
+        return self.url
+
+    def tail(self, num_lines: int = 60) -> str:
+        return "".join(self.log_path.read_text().splitlines(keepends=True)[-num_lines:])
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout_s: float = 60.0) -> tuple[int | None, list[int]]:
+        """SIGINT, wait; returns (exit code or None if it had to be killed, pids left over)."""
+        children = self.descendants()
+        code: int | None = None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                code = self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        else:
+            code = self.proc.returncode
+        deadline = time.monotonic() + 15
+        left = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        for p in left:  # only our own server's leftovers, by pid
+            p.kill()
+        self._reader.join(5)
+        self._log.close()
+        return code, [p.pid for p in left]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def start_tandem(config: str, log_path: Path, *extra: str) -> ServerProcess:
+    args = [sys.executable, "-m", "coordinator.cli", "serve", "--config", config]
+    return ServerProcess([*args, "--port", "0", "--num-cpus", "2", *extra], log_path)

@@ -1,0 +1,61 @@
+"""The colocated topology (configs/colocated.yaml: one worker prefills and decodes, no KV
+transfer) serves the same greedy outputs as the in-process engine, and survives its worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import requests
+from e2e_client import complete, greedy, metric, run_concurrently
+from server_process import start_tandem
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, llm):
+    proc = start_tandem("configs/colocated.yaml", tmp_path_factory.mktemp("coloc") / "server.log")
+    try:
+        proc.wait_ready(300)
+        yield proc
+    finally:
+        code, left = proc.stop()
+    assert code == 0, f"unclean exit {code}:\n{proc.tail()}"
+    assert not left, f"processes left behind: {left}"
+
+
+def test_colocated_equals_engine_streamed_and_not(server, llm, mixed_prompts):
+    prompts = mixed_prompts[::4]  # 8 prompts, short and long
+    max_tokens = [5 + 3 * i for i in range(len(prompts))]
+    expected = llm.generate(prompts, [greedy(n) for n in max_tokens])
+    bodies = [
+        {"prompt": ids, "max_tokens": n, "temperature": 0}
+        for ids, n in zip(prompts, max_tokens, strict=True)
+    ]
+    streamed = run_concurrently(server.url, bodies)
+    for i, ((text, finish, _), ref) in enumerate(zip(streamed, expected, strict=True)):
+        assert (text, finish) == (ref.text, ref.finish_reason), f"request {i}"
+    whole = complete(server.url, **bodies[0]).json()["choices"][0]
+    assert (whole["text"], whole["finish_reason"]) == (expected[0].text, expected[0].finish_reason)
+    assert metric(server.url, "tandem_kv_blocks_total", pool="colocated") == 1024
+    deadline = time.monotonic() + 30
+    while metric(server.url, "tandem_kv_blocks_used", pool="colocated") != 0:
+        assert time.monotonic() < deadline, "colocated KV blocks not freed"
+        time.sleep(0.25)
+
+
+def test_dead_worker_turns_health_503_and_fails_requests(server):
+    assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
+    os.kill(server.worker_pids["colocated-0"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while (health := requests.get(f"{server.url}/health", timeout=10)).status_code == 200:
+        assert time.monotonic() < deadline, "/health still 200 after the worker died"
+        time.sleep(0.2)
+    assert health.status_code == 503
+    assert health.json() == {"status": "unavailable", "pools": {"colocated": False}}
+    failed = complete(server.url, prompt="Hello", max_tokens=4)
+    assert failed.status_code == 500
+    assert "no live colocated worker" in failed.json()["error"]["message"]
