@@ -176,8 +176,6 @@ def test_repetition_penalty_on_prompt_and_output_tokens():
     assert torch.allclose(out, repetition_reference(logits[0], {3, 7, 5}, 2.0), atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: engine/sampler.py skips penalties while the output is "
-                   "empty, so repetition_penalty misses prompt tokens for the first token")
 def test_repetition_penalty_applies_to_the_first_generated_token():
     logits = torch.zeros(1, V)
     logits[0, 3], logits[0, 4] = 2.0, 1.5  # prompt token 3 is best until penalised (2 / 2 = 1)
