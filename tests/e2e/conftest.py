@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from e2e_client import CHAT_PROMPTS, MODEL, TEXT_PROMPTS
+from e2e_client import CHAT_PROMPTS, MODEL, TEXT_PROMPTS, greedy
 
 from engine.engine_config import EngineConfig
 from engine.llm import LLM
@@ -30,12 +30,24 @@ def chat_ids(llm: LLM) -> list[list[int]]:
 
 @pytest.fixture(scope="session")
 def mixed_prompts(llm: LLM, chat_ids: list[list[int]]) -> list[list[int]]:
-    """32 prompts of 5 to ~400 tokens: chat prompts, plain text, and long repeated passages."""
+    """32 prompts of 5 to ~200 tokens: chat prompts, plain text, and long repeated passages."""
     texts = [llm.tokenizer.encode(t) for t in TEXT_PROMPTS]
     story = "The river ran past the old mill, and the miller counted the sacks of grain. "
-    long = [llm.tokenizer.encode(story * k + "Then") for k in (3, 8, 14, 20)]
+    long = [llm.tokenizer.encode(story * k + "Then") for k in (2, 5, 8, 11)]
     prompts = chat_ids + texts + long
     return [prompts[i % len(prompts)] for i in range(32)]
+
+
+@pytest.fixture(scope="session")
+def mixed_max_tokens(mixed_prompts: list[list[int]]) -> list[int]:
+    return [4 + (i * 5) % 17 for i in range(len(mixed_prompts))]  # 4..20
+
+
+@pytest.fixture(scope="session")
+def mixed_expected(llm: LLM, mixed_prompts, mixed_max_tokens) -> list:
+    """The in-process engine's greedy outputs for the mixed prompts (one batch, computed once
+    for every topology)."""
+    return llm.generate(mixed_prompts, [greedy(n) for n in mixed_max_tokens])
 
 
 @pytest.fixture(scope="session")

@@ -9,14 +9,14 @@ import time
 
 import pytest
 import requests
-from e2e_client import complete, greedy, metric, run_concurrently
+from e2e_client import complete, metric, run_concurrently
 from server_process import start_tandem
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, llm):
+def server(tmp_path_factory, mixed_expected):
     proc = start_tandem("configs/colocated.yaml", tmp_path_factory.mktemp("coloc") / "server.log")
     try:
         proc.wait_ready(300)
@@ -27,10 +27,11 @@ def server(tmp_path_factory, llm):
     assert not left, f"processes left behind: {left}"
 
 
-def test_colocated_equals_engine_streamed_and_not(server, llm, mixed_prompts):
-    prompts = mixed_prompts[::4]  # 8 prompts, short and long
-    max_tokens = [5 + 3 * i for i in range(len(prompts))]
-    expected = llm.generate(prompts, [greedy(n) for n in max_tokens])
+def test_colocated_equals_engine_streamed_and_not(
+    server, mixed_prompts, mixed_max_tokens, mixed_expected
+):
+    prompts, max_tokens = mixed_prompts[::3], mixed_max_tokens[::3]  # 11, short and long
+    expected = mixed_expected[::3]
     bodies = [
         {"prompt": ids, "max_tokens": n, "temperature": 0}
         for ids, n in zip(prompts, max_tokens, strict=True)
