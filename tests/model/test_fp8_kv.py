@@ -14,11 +14,16 @@ one batch per cache dtype). Definitions, per prompt, FP8 run against the float32
   - |delta logprob|: |logprob_fp8 - logprob_fp32| of the chosen token at each common-prefix
     position (both runs decoded that token from the same context, so the difference is the
     cache's error alone), pooled over all prompts.
-Measured here (2026-11-23, CPU): 24/32 prompts identical over 64 tokens, mean common prefix
-55.5 / 64, mean |delta logprob| 0.0114, max 0.2167 (over 1777 positions).
-With the scales broken (every stored scale x1.5: dequantized K/V 1.5x too large) in a scratch
-run: 0/32 identical, mean common prefix 5.6, mean |delta logprob| 0.55, max 4.3 -- far outside
-the bounds below, which leave room for run-to-run and platform noise only.
+Measured (2026-11-23, CPU, torch 2.13, 1 thread): 4/32 prompts identical over all 64 tokens,
+mean common prefix 24.75 / 64, mean |delta logprob| 0.032, max 0.281 (over 792 positions). Greedy
+agreement over 64 tokens is a harsh measure for a 135M model: its logprob error is small, but one
+near-tie flipped anywhere in 64 steps makes a prompt "not identical".
+Broken scale path, scratch runs (``kernels.reference.quantize_fp8`` patched to return every scale
+times m, so dequantized K and V come out m times too large):
+  m = 1.5: 0/32 identical, mean prefix 2.28, mean |dlp| 0.155, max 1.79 (73 positions);
+  m = 1.1: 0/32 identical, mean prefix 11.5, mean |dlp| 0.083, max 0.563 (367 positions).
+The bounds in the test sit between the FP8 figures and the m = 1.1 ones: each of them fails for
+m = 1.1 (and m = 1.5), with margin for run-to-run and platform noise on the good side.
 """
 
 from __future__ import annotations
@@ -167,7 +172,9 @@ def chat_prompts(hf_tokenizer):
 
 
 def run_smollm2(model, prompts: list[list[int]], kv_cache_dtype: str):
-    engine = EngineCore(EngineConfig(num_blocks=512, kv_cache_dtype=kv_cache_dtype), model=model)
+    # one intra-op thread: with other jobs on 2 cores, spinning OpenMP threads cost 8x here
+    config = EngineConfig(num_blocks=512, kv_cache_dtype=kv_cache_dtype, num_threads=1)
+    engine = EngineCore(config, model=model)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
     result = run_engine(engine, prompts, params)
     assert engine.block_pool.num_used_blocks == 0
@@ -176,20 +183,19 @@ def run_smollm2(model, prompts: list[list[int]], kv_cache_dtype: str):
 
 @pytest.mark.slow
 def test_fp8_greedy_agreement_and_logprobs(chat_prompts):
-    """Bounds from the measurements in the module docstring (24/32 identical, prefix 55.5,
-    mean 0.011, max 0.22); a 1.5x scale error gives 0/32, 5.6, 0.55, 4.3."""
+    """Bounds between the measured FP8 figures (module docstring: 4/32, 24.75, 0.032, 0.281 over
+    792) and those of a 1.1x scale error (0/32, 11.5, 0.083, 0.563 over 367)."""
     assert len(chat_prompts) >= 32
-    config = EngineConfig()
-    model = build_model(config, torch.device("cpu"))
+    model = build_model(EngineConfig(), torch.device("cpu"))
     full = run_smollm2(model, chat_prompts, "auto")
     fp8 = run_smollm2(model, chat_prompts, "fp8_e4m3")
     assert all(len(t) == NEW_TOKENS for t in full[0] + fp8[0])
     a = compare(full, fp8)
     print(a)
-    assert a.num_identical >= 16
-    assert a.mean_common_prefix >= 44.0
-    assert a.num_compared >= 1000
-    assert a.mean_abs_dlogprob <= 0.03
-    assert a.max_abs_dlogprob <= 0.6
+    assert a.num_identical >= 2
+    assert a.mean_common_prefix >= 18.0
+    assert a.num_compared >= 550
+    assert a.mean_abs_dlogprob <= 0.05
+    assert a.max_abs_dlogprob <= 0.45
     # FP8 quantization does change the cache: a bit-identical run would mean it was bypassed
     assert a.max_abs_dlogprob > 0.0
