@@ -124,6 +124,19 @@ def copy_bandwidth(num_bytes: int = 1 << 28) -> float:
     return 2 * num_bytes / best
 
 
+def matmul_flops(m: int = 64, k: int = 576, n: int = 1536) -> float:
+    """float32 FLOP/s of a decode-shaped matmul ([m, k] @ [k, n], a Llama MLP at batch m), best
+    of 20: the compute ceiling a batch-m decode step meets before the bandwidth one."""
+    a, w = torch.randn(m, k), torch.randn(n, k)
+    torch.nn.functional.linear(a, w)
+    best = float("inf")
+    for _ in range(20):
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(a, w)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * k * n / best
+
+
 def machine() -> str:
     cpu = platform.processor() or "?"
     try:
@@ -165,6 +178,7 @@ def main() -> None:
     vocab = engine.model_config.vocab_size
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     bandwidth = copy_bandwidth()
+    flops = matmul_flops(m=max(sizes))
     hf = None if args.skip_hf else load_hf(builtin_gguf_path(MODEL))
     pad_id = engine.model_config.eos_token_ids[0] if engine.model_config.eos_token_ids else 0
 
@@ -175,31 +189,43 @@ def main() -> None:
 
     rows = []
     batch1_step = None
+    decode_steps: dict[int, float] = {}
     for n in sizes:
         work = make_workload(n, vocab, min_new, args.max_new, args.seed)
         ours = run_ours(engine, work)
         theirs = run_hf(hf, work, pad_id) if hf is not None else None
+        if ours.decode_step_seconds:
+            decode_steps[n] = statistics.median(ours.decode_step_seconds)
         if n == 1 and ours.decode_step_seconds:
-            batch1_step = statistics.median(ours.decode_step_seconds)
+            batch1_step = decode_steps[n]
         ours_tps = work.num_output_tokens / ours.seconds
         hf_tps = work.num_output_tokens / theirs.seconds if theirs else float("nan")
+        waste = n * max(work.output_lens) / work.num_output_tokens  # HF's generated / planned
         rows.append((n, work.num_output_tokens, ours.seconds, ours_tps,
-                     theirs.seconds if theirs else float("nan"), hf_tps))  # fmt: skip
+                     theirs.seconds if theirs else float("nan"), hf_tps, waste))  # fmt: skip
         print(f"  n={n:3d} done: ours {ours_tps:8.1f} tok/s, HF {hf_tps:8.1f} tok/s "
               f"(load avg {load_average()})", flush=True)  # fmt: skip
 
     print(f"\nload avg after: {load_average()}")
     print(f"{'seqs':>5} {'out tok':>8} {'ours s':>8} {'ours tok/s':>11} {'HF s':>8} "
-          f"{'HF tok/s':>9} {'ours/HF':>8}")  # fmt: skip
-    for n, tok, s_ours, tps_ours, s_hf, tps_hf in rows:
+          f"{'HF tok/s':>9} {'ours/HF':>8} {'HF gen/planned':>15}")  # fmt: skip
+    for n, tok, s_ours, tps_ours, s_hf, tps_hf, waste in rows:
         print(f"{n:5d} {tok:8d} {s_ours:8.2f} {tps_ours:11.1f} {s_hf:8.2f} {tps_hf:9.1f} "
-              f"{tps_ours / tps_hf:8.2f}")  # fmt: skip
+              f"{tps_ours / tps_hf:8.2f} {waste:15.2f}")  # fmt: skip
     floor = weight_bytes / bandwidth
     print(f"\nweights {weight_bytes / 1e6:.1f} MB; copy bandwidth {bandwidth / 1e9:.2f} GB/s "
           f"(read+write); batch-1 decode floor {floor * 1e3:.2f} ms/step")  # fmt: skip
     if batch1_step is not None:
         print(f"batch-1 decode step (ours, median): {batch1_step * 1e3:.2f} ms "
               f"= {batch1_step / floor:.2f}x the floor")  # fmt: skip
+
+    # every weight takes part in 2 FLOPs per token (the embedding once more, as the LM head)
+    step_flops = 2 * max(sizes) * sum(p.numel() for p in engine.model.parameters())
+    print(f"matmul {flops / 1e9:.1f} GFLOP/s at M={max(sizes)}; batch-{max(sizes)} decode "
+          f"compute floor {step_flops / flops * 1e3:.0f} ms/step")  # fmt: skip
+    for n, *_ in rows:
+        if n in decode_steps:
+            print(f"batch-{n} decode step (ours, median): {decode_steps[n] * 1e3:.1f} ms")
 
     if args.profile:
         work = make_workload(max(sizes), vocab, min_new, args.max_new, args.seed + 7)
