@@ -235,14 +235,16 @@ def test_engine_small_cache_preempts_and_matches_big_cache(tiny_model):
     assert small.block_pool.num_free_blocks == 14
 
 
-def test_engine_request_longer_than_the_cache_terminates(tiny_model):
+def test_engine_request_longer_than_the_cache_ends_at_its_capacity(tiny_model):
     config, model = tiny_model
     engine = EngineCore(EngineConfig(**{**config.__dict__, "num_blocks": 4}), model=model)
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)  # 30 > 16 slots
-    try:
-        engine.add_request("r", list(range(3, 13)), params)
-    except ValueError:
-        return  # refusing it up front is an answer too
-    for _ in range(100):
-        engine.step()
-    assert not engine.has_unfinished()  # finished (any reason) rather than stuck
+    with pytest.raises(ValueError, match="KV cache holds 16 tokens"):
+        engine.add_request("too-long", list(range(3, 19)), params)  # 16-token prompt
+    engine.add_request("r", list(range(3, 13)), params)
+    deltas = [d for _ in range(100) for d in engine.step()]
+    assert not engine.has_unfinished()  # no livelock in preemption
+    # it ends ("length") when the 16 slots of the whole cache are full: 10 prompt + 6 output
+    assert [len(d.token_ids) for d in deltas] == [1] * 6
+    assert deltas[-1].finish_reason == "length"
+    assert engine.block_pool.num_free_blocks == 4
