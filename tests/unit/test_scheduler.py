@@ -184,6 +184,26 @@ def test_prefix_hit_on_admission_skips_cached_tokens():
     assert twin.num_cached_prompt_tokens == 8
 
 
+def test_preempting_a_prefix_sharer_keeps_the_shared_blocks_for_the_other():
+    sched = make(5)
+    a = seq("A", 9)
+    sched.add(a)
+    step(sched)  # A: [0, 1, 2]; blocks 0 and 1 (8 full tokens) are cached
+    twin = Sequence("A2", list(a.prompt_token_ids), SamplingParams(max_tokens=16))
+    sched.add(twin)
+    assert shape(step(sched)) == (True, [("A2", 1)])  # hits [0, 1], computes token 8 only
+    assert twin.block_ids == [0, 1, 3]
+    assert sched.pool.ref_counts == [2, 2, 1, 1, 0]
+    for _ in range(3):
+        assert shape(step(sched)) == (False, [("A", 1), ("A2", 1)])
+    # 13th slot: A takes the last free block, A2 (latest admitted) is preempted
+    assert shape(step(sched)) == (False, [("A", 1)])
+    assert (a.block_ids, twin.block_ids) == ([0, 1, 2, 4], [])
+    assert sched.pool.ref_counts == [1, 1, 1, 0, 1]  # shared blocks still held by A
+    assert sched.pool.num_free_blocks == 1
+    assert [s.request_id for s in sched.waiting] == ["A2"]
+
+
 def test_abort_frees_blocks_of_running_and_waiting():
     sched = make(4)
     a, b = seq("A", 8), seq("B", 8)
