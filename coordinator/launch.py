@@ -29,10 +29,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # noqa: E402  (after the environment it reads at import)
 
-from coordinator.ray_client import RayEngineClient, WorkerRef  # noqa: E402
+from coordinator.ray_client import RayEngineClient  # noqa: E402
 from coordinator.server import bound_port, build_app, start_server  # noqa: E402
 from coordinator.token_stream import TokenStream  # noqa: E402
 from coordinator.worker_host import WorkerHost  # noqa: E402
+from coordinator.worker_pool import WorkerRef  # noqa: E402
 from coordinator.worker_specs import total_cpus, worker_plans  # noqa: E402
 from core.config import ConfigError, TandemConfig, load_config  # noqa: E402
 from core.tokenizer import Tokenizer, TokenizerFiles  # noqa: E402

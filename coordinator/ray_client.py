@@ -7,7 +7,7 @@
         tokens <- queue: reorder, detokenize, stop strings  (OutputAssembler)
         finally: abort every holder that did not finish it  (RequestRecord.workers_to_abort)
 
-Stats of every worker are refreshed every ``STATS_INTERVAL_S`` and right after each admission;
+Stats of every worker are refreshed every ``STATS_INTERVAL_S`` and soon after each admission;
 between refreshes the blocks this coordinator reserved are counted against the worker, so a
 burst of arrivals does not pile onto one snapshot. A worker whose actor died is marked dead at
 its next call (stats included): its in-flight requests end with an error, and /health reports
@@ -20,16 +20,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
-from ray.exceptions import RayActorError
-
-from coordinator.engine_client import EngineStats, PoolStats, TransferStats
+from coordinator.engine_client import EngineStats
 from coordinator.output_assembler import OutputAssembler
 from coordinator.request_state import Phase, RequestRecord
 from coordinator.router import DecodeLoad, PrefillLoad, Route, blocks_for, route
 from coordinator.token_stream import TokenStream
+from coordinator.worker_pool import WorkerPool, WorkerRef, WorkerUnavailable
 from core.config import TandemConfig
 from core.outputs import FINISH_LENGTH, FINISH_STOP, OutputDelta
 from core.sampling_params import SamplingParams
@@ -38,32 +36,9 @@ from core.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 0.25
-STATS_TIMEOUT_S = 5.0  # a worker that cannot answer stats in time keeps its old snapshot
+MIN_REFRESH_GAP_S = 0.05  # admissions and ends ask for fresh stats; a burst shares one refresh
 ROOM_POLL_S = 0.05  # a queued request re-checks for room at least this often
 CALL_TIMEOUT_S = 30.0  # waiting for an in-flight call before aborting what it started
-
-
-class WorkerUnavailable(Exception):
-    pass
-
-
-@dataclass
-class WorkerRef:
-    name: str
-    role: str  # "prefill" | "decode" | "colocated"
-    actor: Any  # a Ray ActorHandle of coordinator.worker_host.WorkerHost
-    num_blocks: int
-    block_size: int
-    kv_address: str | None = None
-    alive: bool = True
-    stats: dict = field(default_factory=dict)
-    num_reserved_since_stats: int = 0  # blocks this coordinator took since ``stats`` was read
-    num_queued_tokens: int = 0  # prefill: prompt tokens handed over whose token 1 is not back
-
-    @property
-    def num_free_blocks(self) -> int:
-        used = self.stats.get("kv_blocks_used", 0) + self.num_reserved_since_stats
-        return max(0, self.num_blocks - used)
 
 
 class RayEngineClient:
@@ -77,7 +52,7 @@ class RayEngineClient:
         self.config = config
         self.colocated = config.mode == "colocated"
         self.serving_role = "colocated" if self.colocated else "decode"
-        self.workers = {w.name: w for w in workers}
+        self.pool = WorkerPool(workers, on_death=self._fail_requests_of)
         self.stream = stream
         self.tokenizer = tokenizer
         self.records: dict[str, RequestRecord] = {}
@@ -89,7 +64,7 @@ class RayEngineClient:
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         self.stream.start()
-        await self.refresh_stats()
+        await self.pool.refresh()
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
 
     async def aclose(self) -> None:
@@ -135,52 +110,20 @@ class RayEngineClient:
             await asyncio.shield(self._release(rec, None))
 
     async def health(self) -> dict[str, bool]:
-        return {
-            role: any(w.alive for w in self.workers.values() if w.role == role)
-            for role in self.config.pool_names
-        }
+        return {role: bool(self.pool.live(role)) for role in self.config.pool_names}
 
     async def stats(self) -> EngineStats:
-        pools = []
-        for role in self.config.pool_names:
-            live = [w for w in self.workers.values() if w.role == role and w.alive]
-            pools.append(
-                PoolStats(
-                    role,
-                    sum(min(w.stats.get("kv_blocks_used", 0), w.num_blocks) for w in live),
-                    sum(w.num_blocks for w in live),
-                    sum(w.stats.get("running", 0) for w in live),
-                    sum(w.stats.get("waiting", 0) for w in live),
-                )
-            )
+        records = self.records.values()
         return EngineStats(
-            pools=tuple(pools),
-            transfers=self._transfer_totals(),
-            num_running=sum(r.phase == Phase.DECODING for r in self.records.values()),
-            num_waiting=sum(
-                r.phase in (Phase.QUEUED, Phase.PREFILLING) for r in self.records.values()
-            ),
+            pools=tuple(self.pool.pool_stats(role) for role in self.config.pool_names),
+            transfers=self.pool.transfer_totals(),
+            num_running=sum(r.phase == Phase.DECODING for r in records),
+            num_waiting=sum(r.phase in (Phase.QUEUED, Phase.PREFILLING) for r in records),
         )
 
-    def _transfer_totals(self) -> tuple[TransferStats, ...]:
-        # The sending side counts each transfer once; dead workers keep their last totals so
-        # the exported counters never go down.
-        totals: dict[str, list] = {}
-        for w in self.workers.values():
-            backend = w.stats.get("transfer_backend")
-            if w.role != "prefill" or not backend:
-                continue
-            entry = totals.setdefault(backend, [0, 0.0])
-            entry[0] += int(w.stats.get("transfer_bytes", 0))
-            entry[1] += float(w.stats.get("transfer_seconds", 0.0))
-        return tuple(TransferStats(b, n, s) for b, (n, s) in sorted(totals.items()))
-
     # ---- placement -----------------------------------------------------------------------
-    def _live(self, role: str) -> list[WorkerRef]:
-        return [w for w in self.workers.values() if w.role == role and w.alive]
-
     def _route(self, num_tokens: int) -> Route | None:
-        servers = self._live(self.serving_role)
+        servers = self.pool.live(self.serving_role)
         decode_loads = [
             DecodeLoad(w.name, w.num_free_blocks, w.stats.get("running", 0)) for w in servers
         ]
@@ -188,7 +131,7 @@ class RayEngineClient:
         if not self.colocated:
             prefill_loads = [
                 PrefillLoad(w.name, w.num_queued_tokens, w.stats.get("running", 0))
-                for w in self._live("prefill")
+                for w in self.pool.live("prefill")
             ]
         block_size = servers[0].block_size
         chosen = route(
@@ -208,10 +151,10 @@ class RayEngineClient:
     async def _place(self, rec: RequestRecord, ids: list[int], params: SamplingParams) -> None:
         wire_params = params.to_dict()
         while True:
-            servers = self._live(self.serving_role)
+            servers = self.pool.live(self.serving_role)
             if not servers:
                 raise WorkerUnavailable(f"no live {self.serving_role} worker")
-            if not self.colocated and not self._live("prefill"):
+            if not self.colocated and not self.pool.live("prefill"):
                 raise WorkerUnavailable("no live prefill worker")
             num_blocks = blocks_for(len(ids), servers[0].block_size)
             if num_blocks > max(w.num_blocks for w in servers):
@@ -223,7 +166,7 @@ class RayEngineClient:
             if chosen is None:
                 await self._wait_for_room()
                 continue
-            server = self.workers[chosen.decode_worker_id]
+            server = self.pool[chosen.decode_worker_id]
             rec.decode_worker = server.name  # before the call: an abort must reach it
             if self.colocated:
                 rec.phase = Phase.PREFILLING
@@ -239,7 +182,7 @@ class RayEngineClient:
                 continue
             server.num_reserved_since_stats += len(blocks)
             rec.dst_block_ids = tuple(blocks)
-            prefill = self.workers[chosen.prefill_worker_id]
+            prefill = self.pool[chosen.prefill_worker_id]
             rec.prefill_worker, rec.phase = prefill.name, Phase.PREFILLING
             prefill.num_queued_tokens += len(ids)
             await self._tracked(
@@ -258,7 +201,7 @@ class RayEngineClient:
     def _first_token(self, rec: RequestRecord) -> None:
         rec.phase = Phase.DECODING
         if rec.prefill_worker is not None:
-            prefill = self.workers[rec.prefill_worker]
+            prefill = self.pool[rec.prefill_worker]
             prefill.num_queued_tokens = max(0, prefill.num_queued_tokens - rec.num_prompt_tokens)
 
     def _finisher(self, rec: RequestRecord, out: OutputDelta) -> str | None:
@@ -268,25 +211,14 @@ class RayEngineClient:
         return rec.decode_worker
 
     # ---- actor calls ---------------------------------------------------------------------
-    async def _call(self, worker: WorkerRef, method: str, *args: Any) -> Any:
-        try:
-            return await worker.actor.call.remote(method, *args)
-        except RayActorError as exc:
-            self._mark_dead(worker, exc)
-            raise WorkerUnavailable(f"worker {worker.name} is gone: {type(exc).__name__}") from None
-
     async def _tracked(self, rec: RequestRecord, worker: WorkerRef, method: str, *args: Any):
         """A call whose effect must be undone if the request ends: recorded as pending, and
         shielded so that a cancelled request still learns when (and whether) it took effect."""
-        call = asyncio.ensure_future(self._call(worker, method, *args))
+        call = asyncio.ensure_future(self.pool.call(worker, method, *args))
         rec.pending.append(call)
         return await asyncio.shield(call)
 
-    def _mark_dead(self, worker: WorkerRef, exc: BaseException) -> None:
-        if not worker.alive:
-            return
-        worker.alive = False
-        log.error("worker %s died (%s); failing its requests", worker.name, exc)
+    def _fail_requests_of(self, worker: WorkerRef) -> None:
         for rec in self.records.values():
             if rec.uses(worker.name):
                 self.stream.fail(rec.request_id, f"worker {worker.name} died")
@@ -309,10 +241,10 @@ class RayEngineClient:
         targets = rec.workers_to_abort(finished_by)
         rec.phase = Phase.DONE
         for name in targets:
-            worker = self.workers[name]
+            worker = self.pool[name]
             if worker.alive:
                 try:
-                    await self._call(worker, "abort", [rec.request_id])
+                    await self.pool.call(worker, "abort", [rec.request_id])
                 except WorkerUnavailable:
                     pass  # its blocks went with it
         self.records.pop(rec.request_id, None)
@@ -320,29 +252,17 @@ class RayEngineClient:
         self._kick.set()
 
     # ---- stats ---------------------------------------------------------------------------
-    async def refresh_stats(self) -> None:
-        live = [w for w in self.workers.values() if w.alive]
-
-        async def one(worker: WorkerRef) -> None:
-            try:
-                stats = await asyncio.wait_for(self._call(worker, "stats"), STATS_TIMEOUT_S)
-            except (WorkerUnavailable, TimeoutError):
-                return
-            worker.stats = stats
-            worker.num_reserved_since_stats = 0
-
-        await asyncio.gather(*(one(w) for w in live))
-        self._room.set()
-
     async def _refresh_loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), STATS_INTERVAL_S)
             self._kick.clear()
             try:
-                await self.refresh_stats()
+                await self.pool.refresh()
+                self._room.set()
             except Exception:  # the loop must outlive any one bad answer
                 log.exception("stats refresh failed")
+            await asyncio.sleep(MIN_REFRESH_GAP_S)
 
 
 def _short(exc: BaseException) -> str:

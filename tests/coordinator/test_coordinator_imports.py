@@ -13,6 +13,8 @@ def test_coordinator_does_not_import_torch():
     code = (
         "import sys\n"
         "import coordinator.server, coordinator.router, core.config\n"
+        # the launcher and the Ray client run in the same (coordinator) process
+        "import coordinator.launch, coordinator.ray_client, coordinator.cli\n"
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)\n"
         "print('ok')\n"
     )
