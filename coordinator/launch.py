@@ -157,7 +157,11 @@ async def serve_topology(
             if on_ready is not None:
                 on_ready(url)
             await stop.wait()
+            log.info("stopping: ending %d in-flight requests", len(deployment.client.records))
         finally:
+            # In-flight streams end first (with an error event), so the HTTP server's graceful
+            # shutdown does not wait on them.
+            await deployment.client.aclose()
             await runner.cleanup()
     finally:
         await deployment.shutdown()

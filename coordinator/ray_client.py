@@ -72,6 +72,7 @@ class RayEngineClient:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
+            self._refresher = None
         for rid in list(self.records):
             self.stream.fail(rid, "the server is shutting down")
 

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a 100k-token prompt as a JSON id list fits easily
 HEALTH_TIMEOUT_S = 5.0
+SHUTDOWN_GRACE_S = 5.0  # in-flight handlers get this long to finish once the server stops
 RETRY_AFTER_S = 1
 
 
@@ -92,7 +93,9 @@ def build_app(config: TandemConfig, engine: EngineClient, tokenizer: Tokenizer) 
 
 
 async def start_server(app: web.Application, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S
+    )
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner

@@ -35,6 +35,9 @@ def server_env() -> dict[str, str]:
     env.update(
         RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false"
     )
+    # Ray folds worker log lines that differ only in words with digits ("decode-0" vs
+    # "prefill-0"); the tests read every worker's "ready in pid" line.
+    env["RAY_DEDUP_LOGS"] = "0"
     # the venv's python first: Ray starts its workers (and job entrypoints) with this PATH
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     return env

@@ -148,14 +148,17 @@ def test_dead_decode_worker_fails_its_requests_not_the_server(server):
             server.url, [{"prompt": "Count from one to a thousand:", "max_tokens": 1500}]
         )[0]
 
+    decode_pid = server.worker_pids["decode-0"]
     thread = threading.Thread(target=stream)
     thread.start()
-    deadline = time.monotonic() + 60
-    while metric(server.url, "tandem_running_requests") < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # a few decode steps in
-    os.kill(server.worker_pids["decode-0"], signal.SIGKILL)
-    thread.join(120)
+    try:
+        deadline = time.monotonic() + 60
+        while metric(server.url, "tandem_running_requests") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # a few decode steps in
+    finally:
+        os.kill(decode_pid, signal.SIGKILL)  # also ends the stream if the wait above failed
+        thread.join(120)
     text, finish, events = result["value"]
     assert text and finish is None
     assert "decode-0" in events[-1]["error"]["message"]
