@@ -42,6 +42,22 @@ class TransferStats:
 
 
 @dataclass(frozen=True)
+class SpecStats:
+    """Speculative decoding, cumulative over the serving workers (dead ones included)."""
+
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    verified: int = 0  # sequence-steps that verified at least one proposal
+    accepted_per_position: tuple[int, ...] = ()
+    proposed_per_position: tuple[int, ...] = ()
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per verification (accepted drafts + the target's own token)."""
+        return (self.accepted_tokens + self.verified) / self.verified if self.verified else 0.0
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """A snapshot for /metrics. ``num_running``/``num_waiting`` count requests (not sequences
     per pool): a request waiting for prefill is waiting, one in any batch is running."""
@@ -50,6 +66,7 @@ class EngineStats:
     transfers: tuple[TransferStats, ...] = ()
     num_running: int = 0
     num_waiting: int = 0
+    spec: SpecStats | None = None  # None: no worker speculates
 
 
 @runtime_checkable

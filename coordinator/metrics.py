@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from coordinator.engine_client import EngineStats
+from coordinator.engine_client import EngineStats, SpecStats
 
 # Seconds. TTFT spans CPU prefill of long prompts (seconds) down to GPU hits (milliseconds).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -92,3 +92,31 @@ class _EngineStatsCollector:
         waiting = GaugeMetricFamily("tandem_waiting_requests", "Requests queued in the engine.")
         waiting.add_metric([], stats.num_waiting)
         yield from (used, total, moved, spent, running, waiting)
+        if stats.spec is not None:
+            yield from _spec_metrics(stats.spec)
+
+
+def _spec_metrics(spec: SpecStats) -> Iterator[Metric]:
+    drafted = CounterMetricFamily(
+        "tandem_spec_draft_tokens", "Speculative tokens proposed and verified."
+    )
+    drafted.add_metric([], spec.draft_tokens)
+    accepted = CounterMetricFamily(
+        "tandem_spec_accepted_tokens", "Speculative tokens accepted by the target model."
+    )
+    accepted.add_metric([], spec.accepted_tokens)
+    per_position = GaugeMetricFamily(
+        "tandem_spec_acceptance_rate",
+        "Accepted / proposed speculative tokens at each draft position (0 = first).",
+        labels=["position"],
+    )
+    for j, (a, n) in enumerate(
+        zip(spec.accepted_per_position, spec.proposed_per_position, strict=True)
+    ):
+        per_position.add_metric([str(j)], a / n if n else 0.0)
+    mean_len = GaugeMetricFamily(
+        "tandem_spec_mean_acceptance_length",
+        "Tokens emitted per verification step (accepted drafts + 1).",
+    )
+    mean_len.add_metric([], spec.mean_acceptance_length)
+    yield from (drafted, accepted, per_position, mean_len)

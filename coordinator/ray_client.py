@@ -120,6 +120,7 @@ class RayEngineClient:
             transfers=self.pool.transfer_totals(),
             num_running=sum(r.phase == Phase.DECODING for r in records),
             num_waiting=sum(r.phase in (Phase.QUEUED, Phase.PREFILLING) for r in records),
+            spec=self.pool.spec_totals(),
         )
 
     # ---- placement -----------------------------------------------------------------------
@@ -245,12 +246,24 @@ class RayEngineClient:
             worker = self.pool[name]
             if worker.alive:
                 try:
-                    await self.pool.call(worker, "abort", [rec.request_id])
+                    await self.pool.call(worker, self._end_method(rec, worker, finished_by),
+                                         [rec.request_id])  # fmt: skip
                 except WorkerUnavailable:
                     pass  # its blocks went with it
         self.records.pop(rec.request_id, None)
         self._room.set()
         self._kick.set()
+
+    @staticmethod
+    def _end_method(rec: RequestRecord, worker, finished_by: str | None) -> str:
+        """``release`` a decode reservation that no KV was or will be written into (prefill was
+        never asked, or token 1 ended the request on prefill): freed at once. Otherwise
+        ``abort``, which quarantines a reservation whose KV may still be in flight."""
+        if worker.role == "decode" and (
+            rec.prefill_worker is None or finished_by == rec.prefill_worker
+        ):
+            return "release"
+        return "abort"
 
     # ---- stats ---------------------------------------------------------------------------
     async def _refresh_loop(self) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ray.exceptions import RayActorError
 
-from coordinator.engine_client import PoolStats, TransferStats
+from coordinator.engine_client import PoolStats, SpecStats, TransferStats
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,28 @@ class WorkerPool:
             sum(w.num_blocks for w in live),
             sum(w.stats.get("running", 0) for w in live),
             sum(w.stats.get("waiting", 0) for w in live),
+        )
+
+    def spec_totals(self) -> SpecStats | None:
+        """Speculative-decoding counters summed over every worker that reports them."""
+        reports = [w.stats["spec"] for w in self.workers.values() if w.stats.get("spec")]
+        if not reports:
+            return None
+        width = max(len(r["accepted_per_position"]) for r in reports)
+
+        def per_position(key: str) -> tuple[int, ...]:
+            sums = [0] * width
+            for r in reports:
+                for j, v in enumerate(r[key]):
+                    sums[j] += v
+            return tuple(sums)
+
+        return SpecStats(
+            draft_tokens=sum(r["draft_tokens"] for r in reports),
+            accepted_tokens=sum(r["accepted_tokens"] for r in reports),
+            verified=sum(r["verified"] for r in reports),
+            accepted_per_position=per_position("accepted_per_position"),
+            proposed_per_position=per_position("proposed_per_position"),
         )
 
     def transfer_totals(self) -> tuple[TransferStats, ...]:

@@ -48,6 +48,15 @@ def engine_fields(config: TandemConfig, pool: PoolSection) -> dict:
     }
     if kv.memory_bytes is not None:
         fields["kv_cache_bytes"] = kv.memory_bytes
+    spec = getattr(pool, "speculative", None)  # decode and colocated pools
+    if spec is not None and spec.method != "none":
+        fields["speculative"] = {
+            "method": spec.method,
+            "num_speculative_tokens": spec.num_speculative_tokens,
+            "ngram_min": spec.ngram_min,
+            "ngram_max": spec.ngram_max,
+            "draft_model": spec.draft_model,
+        }
     return fields
 
 

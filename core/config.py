@@ -128,7 +128,8 @@ class KVCacheSection(_Section):
 
 
 class Speculative(_Section):
-    """Accepted and validated now; the speculative-decoding work implements the methods."""
+    """Speculative decoding on decode (and colocated) workers: see
+    engine.engine_config.SpeculativeConfig for what each field does."""
 
     method: SpecMethod = "none"
     num_speculative_tokens: int = Field(0, ge=0, le=16)

@@ -1,14 +1,18 @@
 """The colocated topology (configs/colocated.yaml: one worker prefills and decodes, no KV
-transfer) serves the same greedy outputs as the in-process engine, and survives its worker."""
+transfer), here with n-gram speculative decoding switched on, serves the same greedy outputs as
+the in-process engine without speculation (lossless through the whole server), reports its
+speculation metrics, and survives its worker."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from e2e_client import complete, metric, run_concurrently
 from server_process import start_tandem
 
@@ -17,7 +21,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, mixed_expected):
-    proc = start_tandem("configs/colocated.yaml", tmp_path_factory.mktemp("coloc") / "server.log")
+    tmp = tmp_path_factory.mktemp("coloc")
+    config = yaml.safe_load(Path("configs/colocated.yaml").read_text())
+    config["pools"]["colocated"]["speculative"] = {"method": "ngram", "num_speculative_tokens": 4}
+    (tmp / "colocated-ngram.yaml").write_text(yaml.safe_dump(config))
+    proc = start_tandem(str(tmp / "colocated-ngram.yaml"), tmp / "server.log")
     try:
         proc.wait_ready(300)
         yield proc
@@ -42,6 +50,14 @@ def test_colocated_equals_engine_streamed_and_not(
     whole = complete(server.url, **bodies[0]).json()["choices"][0]
     assert (whole["text"], whole["finish_reason"]) == (expected[0].text, expected[0].finish_reason)
     assert metric(server.url, "tandem_kv_blocks_total", pool="colocated") == 1024
+    # speculation really ran: some proposals (chat answers repeat their prompt's words); worker
+    # stats reach /metrics within a refresh interval
+    deadline = time.monotonic() + 10
+    while metric(server.url, "tandem_spec_draft_tokens_total", default=0) == 0:
+        assert time.monotonic() < deadline, "no speculative proposals reported"
+        time.sleep(0.25)
+    accepted = metric(server.url, "tandem_spec_accepted_tokens_total")
+    assert 0 <= accepted <= metric(server.url, "tandem_spec_draft_tokens_total")
     deadline = time.monotonic() + 30
     while metric(server.url, "tandem_kv_blocks_used", pool="colocated") != 0:
         assert time.monotonic() < deadline, "colocated KV blocks not freed"
