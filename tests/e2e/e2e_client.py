@@ -11,18 +11,9 @@ import aiohttp
 import requests
 
 from core.sampling_params import SamplingParams
+from tests.prompts import CHAT_PROMPTS  # noqa: F401 (re-exported for the e2e conftest)
 
 MODEL = "smollm2-135m-instruct"
-CHAT_PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain gravity in one sentence.",
-    "List three prime numbers.",
-    "How do I boil an egg?",
-    "Translate 'good morning' into Spanish.",
-    "What is 12 times 7?",
-    "Give me a tip for learning to program.",
-]
 TEXT_PROMPTS = [
     "The quick brown fox",
     "Once upon a time, in a kingdom by the sea, there lived a",

@@ -12,17 +12,8 @@ import torch
 from core.sampling_params import SamplingParams
 from engine.engine_config import EngineConfig
 from engine.engine_core import EngineCore, build_model
+from tests.prompts import CHAT_PROMPTS
 
-CHAT_PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain gravity in one sentence.",
-    "List three prime numbers.",
-    "How do I boil an egg?",
-    "Translate 'good morning' into Spanish.",
-    "What is 12 times 7?",
-    "Give me a tip for learning to program.",
-]
 NEW_TOKENS = 48
 LOGPROB_ATOL = 2e-4
 

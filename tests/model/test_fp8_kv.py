@@ -39,18 +39,12 @@ from engine.engine_core import EngineCore, build_kv_cache, build_model
 from engine.kv_cache import KVCacheSpec
 from engine.model_config import ModelConfig
 from tests.model.test_engine_vs_hf import run_engine
+from tests.prompts import CHAT_PROMPTS as BASE_CHAT_PROMPTS
 
 NEW_TOKENS = 64
 
 CHAT_PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain gravity in one sentence.",
-    "List three prime numbers.",
-    "How do I boil an egg?",
-    "Translate 'good morning' into Spanish.",
-    "What is 12 times 7?",
-    "Give me a tip for learning to program.",
+    *BASE_CHAT_PROMPTS,
     "Why is the sky blue?",
     "Name three planets in our solar system.",
     "What does a cat like to eat?",
