@@ -61,12 +61,21 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].to(q.dtype)[:, None, :]  # [N, 1, D]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeAngles:
+        """cos/sin rows of this step's positions, looked up once for all layers."""
+        cos = self.cos[positions].to(dtype)[:, None, :]  # [N, 1, D]
+        sin = self.sin[positions].to(dtype)[:, None, :]
+        return cos, sin
+
+
+RopeAngles = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [N, 1, D]
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, angles: RopeAngles
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = angles
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -93,8 +102,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [N, hidden]
-        positions: torch.Tensor,  # [N]
-        rope: RotaryEmbedding,
+        angles: RopeAngles,
         md: AttentionMetadata,
         kv_cache: KVCache,
     ) -> torch.Tensor:
@@ -103,7 +111,7 @@ class Attention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim)  # [N, Hq, D]
         k = k.view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        q, k = apply_rope(q, k, angles)
         k_cache, v_cache, k_scale, v_scale = kv_cache.layer(self.layer_idx)
         kernels.store_kv(k, v, k_cache, v_cache, md.slot_mapping, k_scale, v_scale)
         if md.is_prefill:
@@ -140,8 +148,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, rope, md, kv_cache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, md, kv_cache)
+    def forward(self, x, angles, md, kv_cache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), angles, md, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -164,8 +172,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Returns the final hidden states [N, hidden] (normed); see ``compute_logits``."""
         x = self.embed_tokens(input_ids)
+        angles = self.rope(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, positions, self.rope, md, kv_cache)
+            x = layer(x, angles, md, kv_cache)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
