@@ -7,6 +7,7 @@ how the process ended; the fixture that owns it asserts a clean exit.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -121,3 +123,16 @@ class ServerProcess:
 def start_tandem(config: str, log_path: Path, *extra: str) -> ServerProcess:
     args = [sys.executable, "-m", "coordinator.cli", "serve", "--config", config]
     return ServerProcess([*args, "--port", "0", "--num-cpus", "2", *extra], log_path)
+
+
+@contextlib.contextmanager
+def serving(config: str, log_path: Path, *extra: str) -> Iterator[ServerProcess]:
+    """A started, ready ``tandem serve``; on exit it must stop cleanly and leave nothing behind."""
+    proc = start_tandem(config, log_path, *extra)
+    try:
+        proc.wait_ready(300)
+        yield proc
+    finally:
+        code, left = proc.stop()
+    assert code == 0, f"unclean exit {code}:\n{proc.tail()}"
+    assert not left, f"processes left behind: {left}"

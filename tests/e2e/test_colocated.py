@@ -14,7 +14,7 @@ import pytest
 import requests
 import yaml
 from e2e_client import complete, metric, run_concurrently
-from server_process import start_tandem
+from server_process import serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -25,14 +25,8 @@ def server(tmp_path_factory, mixed_expected):
     config = yaml.safe_load(Path("configs/colocated.yaml").read_text())
     config["pools"]["colocated"]["speculative"] = {"method": "ngram", "num_speculative_tokens": 4}
     (tmp / "colocated-ngram.yaml").write_text(yaml.safe_dump(config))
-    proc = start_tandem(str(tmp / "colocated-ngram.yaml"), tmp / "server.log")
-    try:
-        proc.wait_ready(300)
+    with serving(str(tmp / "colocated-ngram.yaml"), tmp / "server.log") as proc:
         yield proc
-    finally:
-        code, left = proc.stop()
-    assert code == 0, f"unclean exit {code}:\n{proc.tail()}"
-    assert not left, f"processes left behind: {left}"
 
 
 def test_colocated_equals_engine_streamed_and_not(

@@ -16,21 +16,15 @@ import pytest
 import requests
 from conftest import hf_greedy
 from e2e_client import MODEL, complete, greedy, metric, run_concurrently
-from server_process import start_tandem
+from server_process import serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, mixed_expected):  # references first: workers would compete
-    proc = start_tandem("configs/local.yaml", tmp_path_factory.mktemp("disagg") / "server.log")
-    try:
-        proc.wait_ready(300)
+    with serving("configs/local.yaml", tmp_path_factory.mktemp("disagg") / "server.log") as proc:
         yield proc
-    finally:
-        code, left = proc.stop()
-    assert code == 0, f"unclean exit {code}:\n{proc.tail()}"
-    assert not left, f"processes left behind: {left}"
 
 
 def test_greedy_completions_equal_engine_and_hf(server, llm, chat_ids, hf_smollm2):

@@ -12,7 +12,7 @@ import torch
 from core.sampling_params import SamplingParams
 from engine.engine_config import EngineConfig
 from engine.engine_core import EngineCore, build_model
-from tests.prompts import CHAT_PROMPTS
+from tests.prompts import CHAT_PROMPTS, chat_token_ids
 
 NEW_TOKENS = 48
 LOGPROB_ATOL = 2e-4
@@ -47,12 +47,7 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def chat_prompts(hf_tokenizer):
-    return [
-        list(hf_tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
-            return_dict=True)["input_ids"])  # fmt: skip
-        for p in CHAT_PROMPTS
-    ]
+    return chat_token_ids(hf_tokenizer, CHAT_PROMPTS)
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,7 @@ from engine.kv_cache import KVCacheSpec
 from engine.model_config import ModelConfig
 from tests.model.test_engine_vs_hf import run_engine
 from tests.prompts import CHAT_PROMPTS as BASE_CHAT_PROMPTS
+from tests.prompts import chat_token_ids
 
 NEW_TOKENS = 64
 
@@ -157,12 +158,7 @@ def test_engine_allocates_fp8_blocks_for_budget():
 
 @pytest.fixture(scope="module")
 def chat_prompts(hf_tokenizer):
-    return [
-        list(hf_tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
-            return_dict=True)["input_ids"])  # fmt: skip
-        for p in CHAT_PROMPTS
-    ]
+    return chat_token_ids(hf_tokenizer, CHAT_PROMPTS)
 
 
 def run_smollm2(model, prompts: list[list[int]], kv_cache_dtype: str):
