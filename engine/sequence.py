@@ -60,18 +60,24 @@ class Sequence:
         self.output_logprobs: list = []
         self.prompt_logprobs: list = []
 
-    def generator(self) -> torch.Generator | None:
-        """RNG for the next sampled token of a seeded request, keyed by (seed, output position).
+    # RNG streams of a seeded request, so that each use draws independent numbers
+    RNG_SAMPLE, RNG_VERIFY, RNG_DRAFT = 0, 1, 2
+
+    def generator(self, offset: int = 0, stream: int = RNG_SAMPLE) -> torch.Generator | None:
+        """RNG for output position ``num_output_tokens + offset`` of a seeded request (None if
+        unseeded), keyed by (seed, stream, position).
 
         Keyed by position rather than carried along, so a seeded request samples the same
         tokens whatever batch it is in, after a preemption, and when its first token comes
-        from a prefill worker and the rest from a decode worker.
+        from a prefill worker and the rest from a decode worker. Only ints are hashed: a str
+        would hash differently in every process (PYTHONHASHSEED).
         """
         if self.params.seed is None:
             return None
         if self._generator is None:
             self._generator = torch.Generator()
-        return self._generator.manual_seed(hash((self.params.seed, self.num_output_tokens)))
+        key = hash((self.params.seed, stream, self.num_output_tokens + offset))
+        return self._generator.manual_seed(key)
 
     @property
     def token_ids(self) -> list[int]:

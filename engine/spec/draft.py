@@ -72,9 +72,5 @@ class DraftProposer:
             token = int(row.argmax())
             return token, torch.nn.functional.one_hot(torch.tensor(token), row.shape[0]).float()
         q = _filtered_probs(row, p.temperature, p.top_k, p.top_p, p.min_p)
-        gen = None
-        if p.seed is not None:
-            gen = torch.Generator().manual_seed(
-                hash((p.seed, "draft", seq.num_output_tokens + step))
-            )
+        gen = seq.generator(step, Sequence.RNG_DRAFT)
         return int(torch.multinomial(q, 1, generator=gen).item()), q

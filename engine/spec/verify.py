@@ -45,7 +45,7 @@ def verify(
                          for row in logits])  # [k+1, V]  # fmt: skip
     out = []
     for j, d in enumerate(drafts):
-        gen = _position_generator(seq, len(out))
+        gen = seq.generator(len(out), Sequence.RNG_VERIFY)
         q_d = 1.0 if draft_probs is None else float(draft_probs[j, d])
         accept = min(1.0, float(probs[j, d]) / q_d) if q_d > 0 else 0.0
         if torch.rand((), generator=gen).item() < accept:
@@ -60,13 +60,5 @@ def verify(
             residual = probs[j]
         residual = residual / residual.sum()
         return [*out, int(torch.multinomial(residual, 1, generator=gen).item())]
-    gen = _position_generator(seq, len(out))
+    gen = seq.generator(len(out), Sequence.RNG_VERIFY)
     return [*out, int(torch.multinomial(probs[k], 1, generator=gen).item())]
-
-
-def _position_generator(seq: Sequence, offset: int) -> torch.Generator | None:
-    """The seeded RNG for output position ``num_output_tokens + offset`` (None if unseeded)."""
-    if seq.params.seed is None:
-        return None
-    g = torch.Generator()
-    return g.manual_seed(hash((seq.params.seed, "spec", seq.num_output_tokens + offset)))

@@ -101,3 +101,23 @@ def test_ngram_proposals_exact():
     assert propose_ngram([1, 2, 3], k=2, n_min=1, n_max=3) == []
     assert propose_ngram([4, 4], k=3, n_min=1, n_max=1) == [4]
     assert propose_ngram([7], k=3, n_min=1, n_max=2) == []
+
+
+def test_seeded_verification_is_reproducible_across_processes():
+    """Seeded randomness must not depend on the process (prefill and decode workers, restarts):
+    the same seed gives the same tokens under different PYTHONHASHSEEDs."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from tests.unit.test_spec_verify import target_and_draft, seq_with_seed; "
+        "from engine.spec.verify import verify; t, q = target_and_draft(); "
+        "print([verify(t, [1, 2], seq_with_seed(s), q) for s in range(20)])"
+    )
+    outs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": h, "PYTHONPATH": "."}).stdout
+        for h in ("1", "2")
+    ]  # fmt: skip
+    assert outs[0] == outs[1] and outs[0].startswith("[[")
