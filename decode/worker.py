@@ -20,7 +20,7 @@ import msgpack
 
 from core.sampling_params import SamplingParams
 from engine.worker_base import WorkerBase
-from kvtransfer import KVTransferConfig, make_receiver
+from kvtransfer import make_receiver
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,7 @@ class DecodeWorker(WorkerBase):
     role = "decode"
 
     def _setup(self) -> None:
-        kv = self.spec.get("kv_transfer", {})
-        self.kv_config = KVTransferConfig(
-            **{**kv, "port_range": tuple(kv.get("port_range", (0, 0)))}
-        )
+        self.kv_config = self.kv_transfer_config()
         self.receiver = make_receiver(
             self.engine.kv_cache, self.kv_config, self.engine.model_config.name
         )

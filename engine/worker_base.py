@@ -20,6 +20,7 @@ from core.outputs import OutputDelta
 from core.sampling_params import SamplingParams
 from engine.engine_config import EngineConfig
 from engine.engine_core import EngineCore
+from kvtransfer.config import KVTransferConfig
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,11 @@ class WorkerBase(ABC):
     def emit(self, deltas: list[OutputDelta]) -> None:
         if deltas:
             self._out.send(encode_deltas(deltas))
+
+    def kv_transfer_config(self) -> KVTransferConfig:
+        """The spec's ``kv_transfer`` section (msgpack / JSON lists become tuples)."""
+        kv = self.spec.get("kv_transfer", {})
+        return KVTransferConfig(**{**kv, "port_range": tuple(kv.get("port_range", (0, 0)))})
 
     @staticmethod
     def params_of(params: dict | SamplingParams) -> SamplingParams:

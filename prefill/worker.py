@@ -19,7 +19,7 @@ from core.outputs import FINISH_ERROR, OutputDelta
 from decode.worker import encode_first_token
 from engine.sequence import Sequence
 from engine.worker_base import WorkerBase
-from kvtransfer import KVTransferConfig, make_sender
+from kvtransfer import make_sender
 from kvtransfer.protocol import TransferDone, TransferSpec
 
 
@@ -33,10 +33,7 @@ class PrefillWorker(WorkerBase):
     role = "prefill"
 
     def _setup(self) -> None:
-        kv = self.spec.get("kv_transfer", {})
-        self.kv_config = KVTransferConfig(
-            **{**kv, "port_range": tuple(kv.get("port_range", (0, 0)))}
-        )
+        self.kv_config = self.kv_transfer_config()
         # Blocks outlive the request's prefill: they are the transfer's source.
         self.engine.scheduler.free_on_finish = False
         self.sender = make_sender(
@@ -112,8 +109,9 @@ class PrefillWorker(WorkerBase):
         out = eng.runner.execute(batch)
         deltas = eng.postprocess(batch, out)  # token 1 of every sequence whose prompt is done
         self.emit(deltas)  # first: TTFT does not wait for the transfers to be posted
+        by_id = {s.request_id: s for s in batch.seqs}
         for d in deltas:
-            seq = next(s for s in batch.seqs if s.request_id == d.request_id)
+            seq = by_id[d.request_id]
             dest = self.destinations.pop(d.request_id, None)
             if d.finished or dest is None:  # token 1 ends it (or aborted): nothing to send
                 eng.scheduler.free_blocks(seq)
