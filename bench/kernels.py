@@ -3,6 +3,7 @@
     python -m bench.kernels                 # all kernels, bf16 (and an FP8 decode cache)
     python -m bench.kernels --only decode   # one kernel
     python -m bench.kernels --cpu-prefill   # CPU: the reference's padded-vs-loop prefill choice
+    python -m bench.kernels --cpu-decode    # CPU: torch reference vs the C++ paged decode kernel
 
 Prints achieved TFLOP/s (prefill: causal attention FLOPs, 4 * D per visible query-key pair per
 head) and GB/s (decode, store_kv: bytes that must cross HBM at least once) next to the device's
@@ -256,11 +257,51 @@ def run_cpu_prefill() -> None:
         print(f"{batch:>7} x {seqlen:<5} {times[0]:>10.2f} {times[1]:>8.2f}")
 
 
+def run_cpu_decode(threads: int = 2) -> None:
+    """kernels.reference vs kernels.cpu_ext decode attention, SmolLM2 shapes, one query per
+    sequence, float32 strided layer views of a 2-layer cache, random block tables."""
+    from kernels import cpu_ext, reference
+
+    torch.set_num_threads(threads)
+    if cpu_ext.load_op() is None:
+        print(f"bench.kernels: the C++ extension did not build: {cpu_ext._failed}")
+        return
+    q_heads, kv_heads, head_dim, block_size = 9, 3, 64, 16
+    print(f"CPU decode attention, {q_heads} q / {kv_heads} kv heads, D={head_dim}, "
+          f"block {block_size}, float32, {torch.get_num_threads()} threads")  # fmt: skip
+    print(f"{'batch x len':>12} {'reference us':>13} {'c++ us':>8} {'speedup':>8}")
+    gen = torch.Generator().manual_seed(0)
+    for batch, ctx in [(1, 200), (8, 200), (64, 200), (64, 400)]:
+        blocks_per_seq = -(-ctx // block_size)
+        num_blocks = batch * blocks_per_seq
+        data = torch.randn(num_blocks, 2, 2, block_size, kv_heads, head_dim, generator=gen)
+        kc, vc = data[:, 1, 0], data[:, 1, 1]
+        tables = torch.randperm(num_blocks, generator=gen).to(torch.int32).view(batch, -1)
+        lens = torch.full((batch,), ctx, dtype=torch.int32)
+        cu = torch.arange(batch + 1, dtype=torch.int32)
+        q = torch.randn(batch, q_heads, head_dim, generator=gen)
+        args = (q, kc, vc, tables, lens, cu, 1, head_dim**-0.5)
+        times = []
+        for fn in (reference.decode_attention, cpu_ext.decode_attention):
+            fn(*args)
+            start, reps = time.perf_counter(), 0
+            while time.perf_counter() - start < 1.0:
+                fn(*args)
+                reps += 1
+            times.append((time.perf_counter() - start) / reps * 1e6)
+        print(f"{batch:>5} x {ctx:<4} {times[0]:>13.0f} {times[1]:>8.0f} "
+              f"{times[0] / times[1]:>7.1f}x")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", choices=["prefill", "decode", "store_kv", "fused"], default=None)
     parser.add_argument("--cpu-prefill", action="store_true", help="CPU reference strategies")
+    parser.add_argument("--cpu-decode", action="store_true", help="CPU reference vs C++ decode")
     args = parser.parse_args(argv)
+    if args.cpu_decode:
+        run_cpu_decode()
+        return 0
     if args.cpu_prefill:
         run_cpu_prefill()
         return 0

@@ -44,7 +44,7 @@ KERNELS: dict[str, dict[str, str]] = {
         "cuda": "kernels.triton_prefill:prefill_attention",
     },
     "decode_attention": {
-        "cpu": "kernels.reference:decode_attention",
+        "cpu": "kernels.cpu_ext:decode_attention",
         "cuda": "kernels.triton_decode:decode_attention",
     },
     **{

@@ -1,0 +1,483 @@
+// Paged decode attention for CPU: reads each K/V row once, straight from the paged cache.
+//
+// Semantics are exactly those of kernels/reference.py: decode_attention (see its docstring):
+//   q [N, Hq, D] (inner dim contiguous, any row/head strides), k_cache / v_cache per-layer strided
+//   views [num_blocks, block_size, Hkv, D] (inner dim contiguous; dim 0 steps over every layer of a
+//   block, so all strides are taken from the tensors), block_tables int32 [B, max_blocks],
+//   seq_lens int32 [B], cu_seqlens_q int32 [B+1]. Query i of sequence b sits at
+//   p = seq_lens[b] - n_b + i and attends to positions [0, p]. GQA: q head h reads kv head
+//   h / (Hq / Hkv). Optional float32 scales [num_blocks, block_size, Hkv] multiply every cached
+//   row (FP8 float8_e4m3fn caches). Softmax and accumulation in float32; output in q's dtype.
+//
+// Work item = (sequence, kv head): all G = Hq / Hkv query heads and all n_b queries of that kv head
+// are processed together (M = n_b * G rows), so each K and V row is read and converted once.
+// Two passes over the sequence with a [M, L] float32 scores buffer (cheaper than an online softmax
+// here: no rescaling of the accumulators, and the exp runs as one vectorised loop per row).
+// Only the blocks covering seq_lens[b] are ever read: padding entries of block_tables are ignored.
+// Inner loops: AVX2/FMA intrinsics when the build has them (-march=native on an AVX2 machine: 8 keys
+// per dot-product group, 64 accumulators in registers for P.V, a polynomial exp), plain
+// vectorisable loops otherwise (any head_dim; the AVX2 paths need head_dim % 8 / % 64 == 0).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+typedef uint32_t __attribute__((may_alias)) u32_alias;
+
+// ---- one cached row of D values -> float32 ---------------------------------------------------
+
+template <typename T>
+struct Row;
+
+template <>
+struct Row<float> {
+  // float rows are used in place
+  static inline const float* load(const float* src, float* /*buf*/, int64_t /*d*/) { return src; }
+};
+
+template <>
+struct Row<c10::BFloat16> {
+  static inline const float* load(const c10::BFloat16* src, float* buf, int64_t d) {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+    u32_alias* o = reinterpret_cast<u32_alias*>(buf);
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) o[i] = static_cast<uint32_t>(s[i]) << 16;
+    return buf;
+  }
+};
+
+template <>
+struct Row<c10::Half> {
+  static inline const float* load(const c10::Half* src, float* buf, int64_t d) {
+    int64_t i = 0;
+#if defined(__F16C__)
+    const __m128i* s = reinterpret_cast<const __m128i*>(src);
+    for (; i + 8 <= d; i += 8) _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128(s + i / 8)));
+#endif
+    for (; i < d; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf;
+  }
+};
+
+struct Fp8Table {
+  float v[256];
+  Fp8Table() {
+    for (int i = 0; i < 256; ++i)
+      v[i] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(i), c10::Float8_e4m3fn::from_bits()));
+  }
+};
+const Fp8Table kFp8;
+
+template <>
+struct Row<c10::Float8_e4m3fn> {
+  static inline const float* load(const c10::Float8_e4m3fn* src, float* buf, int64_t d) {
+    const uint8_t* s = reinterpret_cast<const uint8_t*>(src);
+    for (int64_t i = 0; i < d; ++i) buf[i] = kFp8.v[s[i]];
+    return buf;
+  }
+};
+
+// ---- vectorisable exp for x <= 0 (scores minus their max) ------------------------------------
+// 2^n * P(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 Taylor: relative error < 2e-7.
+
+inline float exp_nonpos(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: round-to-nearest by addition
+  float n = (x * 1.44269504088896341f + shifter) - shifter;
+  float r = x - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187045e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  return p * __builtin_bit_cast(float, e);
+}
+
+// ---- AVX2 inner loops (the build uses -march=native; other CPUs take the plain loops) ---------
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define TANDEM_AVX2 1
+
+// scores of one query row against 8 key rows: out[k] = q . keys[k], D % 8 == 0
+inline void dot8(const float* q, const float* const* keys, int64_t D, float* out) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 x = _mm256_loadu_ps(q + d);
+    a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys[0] + d), a0);
+    a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys[1] + d), a1);
+    a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys[2] + d), a2);
+    a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys[3] + d), a3);
+    a4 = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys[4] + d), a4);
+    a5 = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys[5] + d), a5);
+    a6 = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys[6] + d), a6);
+    a7 = _mm256_fmadd_ps(x, _mm256_loadu_ps(keys[7] + d), a7);
+  }
+  // transpose-reduce: lane k of the result = horizontal sum of a_k
+  const __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3);
+  const __m256 h45 = _mm256_hadd_ps(a4, a5), h67 = _mm256_hadd_ps(a6, a7);
+  const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);
+  const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+  _mm256_storeu_ps(out, sum);
+}
+
+// acc[0:64] += sum_t p[t] * rows[t][0:64], the 64 accumulators in registers
+inline void axpy64(float* acc, const float* p, const float* const* rows, int64_t off, int64_t nt) {
+  __m256 c0 = _mm256_loadu_ps(acc), c1 = _mm256_loadu_ps(acc + 8), c2 = _mm256_loadu_ps(acc + 16),
+         c3 = _mm256_loadu_ps(acc + 24), c4 = _mm256_loadu_ps(acc + 32), c5 = _mm256_loadu_ps(acc + 40),
+         c6 = _mm256_loadu_ps(acc + 48), c7 = _mm256_loadu_ps(acc + 56);
+  for (int64_t t = 0; t < nt; ++t) {
+    const __m256 w = _mm256_set1_ps(p[t]);
+    const float* v = rows[t] + off;
+    c0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v), c0);
+    c1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8), c1);
+    c2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 16), c2);
+    c3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 24), c3);
+    c4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 32), c4);
+    c5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 40), c5);
+    c6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 48), c6);
+    c7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 56), c7);
+  }
+  _mm256_storeu_ps(acc, c0);
+  _mm256_storeu_ps(acc + 8, c1);
+  _mm256_storeu_ps(acc + 16, c2);
+  _mm256_storeu_ps(acc + 24, c3);
+  _mm256_storeu_ps(acc + 32, c4);
+  _mm256_storeu_ps(acc + 40, c5);
+  _mm256_storeu_ps(acc + 48, c6);
+  _mm256_storeu_ps(acc + 56, c7);
+}
+// exp_nonpos on 8 lanes (the same arithmetic, lane by lane)
+inline __m256 exp8_nonpos(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 shifter = _mm256_set1_ps(12582912.0f);
+  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shifter), shifter);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+// s[0:n] <- softmax(s[0:n]) (n >= 1)
+inline void softmax_inplace(float* s, int64_t n) {
+  int64_t t = 0;
+  float mx = -INFINITY;
+#ifdef TANDEM_AVX2
+  if (n >= 8) {
+    __m256 m = _mm256_loadu_ps(s);
+    for (t = 8; t + 8 <= n; t += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + t));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, m);
+    for (float v : lanes) mx = std::max(mx, v);
+  } else {
+    t = 0;
+  }
+#endif
+  for (; t < n; ++t) mx = std::max(mx, s[t]);
+  float sum = 0.0f;
+  t = 0;
+#ifdef TANDEM_AVX2
+  {
+    const __m256 m = _mm256_set1_ps(mx);
+    __m256 acc = _mm256_setzero_ps();
+    for (; t + 8 <= n; t += 8) {
+      const __m256 e = exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
+      _mm256_storeu_ps(s + t, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, acc);
+    for (float v : lanes) sum += v;
+  }
+#endif
+  for (; t < n; ++t) {
+    s[t] = exp_nonpos(s[t] - mx);
+    sum += s[t];
+  }
+  const float inv = 1.0f / sum;
+#pragma omp simd
+  for (t = 0; t < n; ++t) s[t] *= inv;
+}
+
+// ---- the kernel ---------------------------------------------------------------------------------
+
+struct Args {
+  const float* q;  // float32, [N, Hq, D] with strides q_s0, q_s1, 1
+  int64_t q_s0, q_s1;
+  const void* k;
+  const void* v;
+  int64_t k_s0, k_s1, k_s2, v_s0, v_s1, v_s2;
+  const float* ks;  // nullable, [nb, bs, Hkv]
+  const float* vs;
+  int64_t ks_s0, ks_s1, ks_s2, vs_s0, vs_s1, vs_s2;
+  const int32_t* bt;
+  int64_t bt_s0;
+  const int32_t* seq_lens;
+  const int32_t* cu;
+  float* out;  // float32 contiguous [N, Hq, D]
+  int64_t B, Hq, Hkv, D, bs;
+  float sm_scale;
+};
+
+// DC: head_dim as a compile-time constant (0 = runtime a.D), so the D loops unroll into registers.
+template <typename T, int64_t DC>
+void run(const Args& a) {
+  const int64_t D = DC ? DC : a.D;
+  const int64_t G = a.Hq / a.Hkv;
+  const int64_t bs = a.bs;
+  const T* kc = static_cast<const T*>(a.k);
+  const T* vc = static_cast<const T*>(a.v);
+  const int64_t items = a.B * a.Hkv;
+  // Items of short sequences are cheap: keep tiny problems on the calling thread (fork/join costs
+  // more than the work).
+  int64_t total_tokens = 0;
+  for (int64_t b = 0; b < a.B; ++b) total_tokens += std::max<int32_t>(a.seq_lens[b], 0);
+  const int64_t work = total_tokens * a.Hkv * D * G;
+  const int64_t grain = work < (1 << 16) ? items : 1;
+
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> qbuf, scores, acc, kbuf(bs * D), wbuf(bs);
+    std::vector<const float*> krows(bs);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / a.Hkv, h = w % a.Hkv;
+      const int64_t q0 = a.cu[b], nq = a.cu[b + 1] - q0;
+      const int64_t L = a.seq_lens[b];
+      if (nq <= 0) continue;
+      const int64_t M = nq * G;  // rows r = i * G + g: query i, q head h * G + g
+      qbuf.resize(M * D);
+      acc.assign(M * D, 0.0f);
+      scores.resize(M * std::max<int64_t>(L, 1));
+      for (int64_t i = 0; i < nq; ++i)
+        for (int64_t g = 0; g < G; ++g) {
+          const float* src = a.q + (q0 + i) * a.q_s0 + (h * G + g) * a.q_s1;
+          float* dst = qbuf.data() + (i * G + g) * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * a.sm_scale;
+        }
+      const int32_t* table = a.bt + b * a.bt_s0;
+      const int64_t nblocks = (L + bs - 1) / bs;
+
+      // pass 1: scores[r, t] = (q_r . k_t) * sm_scale (* k_scale_t)
+      for (int64_t j = 0; j < nblocks; ++j) {
+        const int64_t blk = table[j];
+        const int64_t nt = std::min(bs, L - j * bs);
+        const T* kbase = kc + blk * a.k_s0 + h * a.k_s2;
+        for (int64_t t = 0; t < nt; ++t) krows[t] = Row<T>::load(kbase + t * a.k_s1, kbuf.data() + t * D, D);
+        for (int64_t r = 0; r < M; ++r) {
+          const float* qr = qbuf.data() + r * D;
+          float* sr = scores.data() + r * L + j * bs;
+          int64_t t = 0;
+#ifdef TANDEM_AVX2
+          if (D % 8 == 0)
+            for (; t + 8 <= nt; t += 8) dot8(qr, krows.data() + t, D, sr + t);
+#endif
+          for (; t < nt; ++t) {
+            const float* kr = krows[t];
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t d = 0; d < D; ++d) s += qr[d] * kr[d];
+            sr[t] = s;
+          }
+        }
+        if (a.ks) {
+          const float* sc = a.ks + blk * a.ks_s0 + h * a.ks_s2;
+          for (int64_t r = 0; r < M; ++r) {
+            float* sr = scores.data() + r * L + j * bs;
+            for (int64_t t = 0; t < nt; ++t) sr[t] *= sc[t * a.ks_s1];
+          }
+        }
+      }
+
+      // softmax over the visible prefix [0, p] of each row; masked positions get weight 0
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t i = r / G;
+        const int64_t visible = std::min<int64_t>(std::max<int64_t>(L - nq + i + 1, 0), L);
+        float* sr = scores.data() + r * L;
+        if (visible > 0) softmax_inplace(sr, visible);
+        for (int64_t t = visible; t < L; ++t) sr[t] = 0.0f;
+      }
+
+      // pass 2: acc_r += p[r, t] (* v_scale_t) * v_t
+      for (int64_t j = 0; j < nblocks; ++j) {
+        const int64_t blk = table[j];
+        const int64_t nt = std::min(bs, L - j * bs);
+        const T* vbase = vc + blk * a.v_s0 + h * a.v_s2;
+        for (int64_t t = 0; t < nt; ++t) krows[t] = Row<T>::load(vbase + t * a.v_s1, kbuf.data() + t * D, D);
+        const float* sc = a.vs ? a.vs + blk * a.vs_s0 + h * a.vs_s2 : nullptr;
+        for (int64_t r = 0; r < M; ++r) {
+          const float* pr = scores.data() + r * L + j * bs;
+          float* ar = acc.data() + r * D;
+          const float* pt = pr;
+          if (sc) {  // fold the V scales into the weights
+            for (int64_t t = 0; t < nt; ++t) wbuf[t] = pr[t] * sc[t * a.vs_s1];
+            pt = wbuf.data();
+          }
+#ifdef TANDEM_AVX2
+          if (D % 64 == 0) {
+            for (int64_t off = 0; off < D; off += 64) axpy64(ar + off, pt, krows.data(), off, nt);
+            continue;
+          }
+#endif
+          {
+            for (int64_t t = 0; t < nt; ++t) {
+              const float p = pt[t];
+              const float* vr = krows[t];
+#pragma omp simd
+              for (int64_t d = 0; d < D; ++d) ar[d] += p * vr[d];
+            }
+          }
+        }
+      }
+
+      for (int64_t i = 0; i < nq; ++i)
+        for (int64_t g = 0; g < G; ++g) {
+          const float* src = acc.data() + (i * G + g) * D;
+          float* dst = a.out + ((q0 + i) * a.Hq + h * G + g) * D;
+          std::memcpy(dst, src, D * sizeof(float));
+        }
+    }
+  });
+}
+
+template <typename T>
+void dispatch_d(const Args& a) {
+  if (a.D == 64)
+    run<T, 64>(a);
+  else if (a.D == 128)
+    run<T, 128>(a);
+  else
+    run<T, 0>(a);
+}
+
+void check_scale(const c10::optional<at::Tensor>& s, const at::Tensor& cache, const char* name) {
+  if (!s.has_value()) return;
+  TORCH_CHECK(s->scalar_type() == at::kFloat && s->dim() == 3, name, " must be float32 [nb, bs, Hkv]");
+  TORCH_CHECK(s->size(0) == cache.size(0) && s->size(1) == cache.size(1) && s->size(2) == cache.size(2),
+              name, " shape must match the cache's first three dims");
+}
+
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables_in, const at::Tensor& seq_lens_in,
+                            const at::Tensor& cu_in, int64_t max_query_len, double sm_scale,
+                            const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale) {
+  (void)max_query_len;  // n_b comes from cu_seqlens_q; kept for signature parity with the reference
+  TORCH_CHECK(q_in.device().is_cpu() && k_cache.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(q_in.dim() == 3, "q must be [N, Hq, D]");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, "caches must be [num_blocks, block_size, Hkv, D]");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "k_cache and v_cache must match");
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, "cache head_dim must be contiguous");
+  const int64_t N = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
+  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D, "head_dim mismatch");
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "kv_heads must divide q heads");
+  check_scale(k_scale, k_cache, "k_scale");
+  check_scale(v_scale, v_cache, "v_scale");
+  TORCH_CHECK(k_scale.has_value() == v_scale.has_value(), "k_scale and v_scale go together");
+  TORCH_CHECK(k_cache.scalar_type() != at::kFloat8_e4m3fn || k_scale.has_value(), "FP8 cache needs scales");
+
+  at::Tensor q = q_in.scalar_type() == at::kFloat ? q_in : q_in.to(at::kFloat);
+  if (q.stride(2) != 1) q = q.contiguous();
+  const at::Tensor bt = block_tables_in.to(at::kInt).contiguous();
+  const at::Tensor lens = seq_lens_in.to(at::kInt).contiguous();
+  const at::Tensor cu = cu_in.to(at::kInt).contiguous();
+  const int64_t B = lens.size(0);
+  TORCH_CHECK(cu.dim() == 1 && cu.size(0) == B + 1, "cu_seqlens_q must be [B+1]");
+  TORCH_CHECK(bt.dim() == 2 && bt.size(0) == B, "block_tables must be [B, max_blocks]");
+  const int32_t* lp = lens.data_ptr<int32_t>();
+  const int32_t* cp = cu.data_ptr<int32_t>();
+  TORCH_CHECK(cp[B] == N, "cu_seqlens_q[-1] must equal the number of queries");
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lp[b] <= bt.size(1) * bs, "seq_lens[", b, "] exceeds its block table");
+    TORCH_CHECK(cp[b + 1] >= cp[b], "cu_seqlens_q must be non-decreasing");
+  }
+  // every block a sequence covers must exist (padding entries beyond them are never read)
+  const int32_t* tp = bt.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t nb = (std::max<int32_t>(lp[b], 0) + bs - 1) / bs;
+    for (int64_t j = 0; j < nb; ++j) {
+      const int32_t id = tp[b * bt.stride(0) + j];
+      TORCH_CHECK(id >= 0 && id < k_cache.size(0), "block_tables[", b, ", ", j, "] = ", id, " out of range");
+    }
+  }
+
+  at::Tensor out = at::empty({N, Hq, D}, q.options().dtype(at::kFloat));
+  Args a{};
+  a.q = q.data_ptr<float>();
+  a.q_s0 = q.stride(0);
+  a.q_s1 = q.stride(1);
+  a.k = k_cache.data_ptr();
+  a.v = v_cache.data_ptr();
+  a.k_s0 = k_cache.stride(0);
+  a.k_s1 = k_cache.stride(1);
+  a.k_s2 = k_cache.stride(2);
+  a.v_s0 = v_cache.stride(0);
+  a.v_s1 = v_cache.stride(1);
+  a.v_s2 = v_cache.stride(2);
+  if (k_scale.has_value()) {
+    a.ks = k_scale->data_ptr<float>();
+    a.vs = v_scale->data_ptr<float>();
+    a.ks_s0 = k_scale->stride(0);
+    a.ks_s1 = k_scale->stride(1);
+    a.ks_s2 = k_scale->stride(2);
+    a.vs_s0 = v_scale->stride(0);
+    a.vs_s1 = v_scale->stride(1);
+    a.vs_s2 = v_scale->stride(2);
+  }
+  a.bt = tp;
+  a.bt_s0 = bt.stride(0);
+  a.seq_lens = lp;
+  a.cu = cp;
+  a.out = out.data_ptr<float>();
+  a.B = B;
+  a.Hq = Hq;
+  a.Hkv = Hkv;
+  a.D = D;
+  a.bs = bs;
+  a.sm_scale = static_cast<float>(sm_scale);
+
+  switch (k_cache.scalar_type()) {
+    case at::kFloat: dispatch_d<float>(a); break;
+    case at::kBFloat16: dispatch_d<c10::BFloat16>(a); break;
+    case at::kHalf: dispatch_d<c10::Half>(a); break;
+    case at::kFloat8_e4m3fn: dispatch_d<c10::Float8_e4m3fn>(a); break;
+    default: TORCH_CHECK(false, "unsupported cache dtype ", k_cache.scalar_type());
+  }
+  return q_in.scalar_type() == at::kFloat ? out : out.to(q_in.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tandem_cpu, m) {
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+      "Tensor cu_seqlens_q, int max_query_len, float sm_scale, Tensor? k_scale=None, Tensor? v_scale=None) "
+      "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) { m.impl("decode_attention", &decode_attention); }

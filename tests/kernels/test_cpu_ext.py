@@ -1,0 +1,148 @@
+"""The C++ CPU paged decode kernel (kernels.cpu_ext) against kernels.reference.decode_attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from paged_cases import cu_from_lens, random_block_tables, random_cache, rel_err
+
+import kernels
+from kernels import cpu_ext, reference
+from kernels.reference import FP8_DTYPE
+
+# float32: the same fp32 math in another order; bf16/fp16: one output rounding apart at most
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, FP8_DTYPE: 1e-5}
+
+
+@pytest.fixture(scope="module")
+def op():
+    """The compiled op; the tests must exercise it, never the reference fallback."""
+    built = cpu_ext.load_op()
+    assert built is not None, f"C++ extension did not build: {cpu_ext._failed}"
+    return built
+
+
+def _q_dtype(cache_dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if cache_dtype == FP8_DTYPE else cache_dtype
+
+
+def _case(dtype, group, head_dim, seq_lens, n_q, seed, kv_heads=2, block_size=16):
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-n // block_size) for n in seq_lens) + 5  # some blocks never referenced
+    cache = random_cache(num_blocks, block_size, kv_heads, head_dim, dtype, gen)
+    tables = random_block_tables(seq_lens, block_size, num_blocks, gen)
+    q = torch.randn(sum(n_q), kv_heads * group, head_dim, generator=gen).to(_q_dtype(dtype))
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    return (q, cache.k, cache.v, tables, lens, cu_from_lens(n_q), max(n_q), head_dim**-0.5,
+            cache.k_scale, cache.v_scale)  # fmt: skip
+
+
+def _run_both(args, op, monkeypatch):
+    """(extension output, reference output); fails if the extension path was not taken."""
+    calls = []
+    monkeypatch.setattr(
+        cpu_ext.reference, "decode_attention", lambda *a: calls.append(a) or 1 / 0, raising=True
+    )
+    q, kc, vc = args[:3]
+    assert cpu_ext.supported(q, kc, vc, args[8], args[9])
+    out = cpu_ext.decode_attention(*args)
+    assert not calls, "cpu_ext fell back to the reference"
+    monkeypatch.undo()
+    return out, reference.decode_attention(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, FP8_DTYPE])
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_matches_reference(dtype, group, head_dim, op, monkeypatch):
+    seq_lens = [1, 17, 40, 5, 16, 33, 70]  # ragged, incl. 1, multiples and non-multiples of 16
+    n_q = [1, 3, 2, 1, 5, 4, 1]  # multi-query rows verify speculative tokens
+    args = _case(dtype, group, head_dim, seq_lens, n_q, seed=group * 1000 + head_dim)
+    out, ref = _run_both(args, op, monkeypatch)
+    assert out.shape == ref.shape and out.dtype == ref.dtype == args[0].dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_shapes(seed, op, monkeypatch):
+    """Random batch, lengths, query counts, block size, head_dim (not only the templated 64/128)."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    batch = int(torch.randint(1, 9, (1,), generator=gen))
+    n_q = torch.randint(1, 6, (batch,), generator=gen).tolist()
+    seq_lens = [n + int(torch.randint(0, 90, (1,), generator=gen)) for n in n_q]
+    head_dim = [64, 128, 80, 32][seed]
+    args = _case(torch.float32, [1, 3, 4, 2][seed], head_dim, seq_lens, n_q, seed,
+                 kv_heads=[1, 2, 3, 4][seed], block_size=[16, 8, 32, 16][seed])  # fmt: skip
+    out, ref = _run_both(args, op, monkeypatch)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_strided_q_like_the_engine(op, monkeypatch):
+    """q split off a [N, Hq + Hkv, D] tensor (the engine's layout): non-contiguous dims 0/1."""
+    args = list(_case(torch.float32, 3, 64, [20, 7], [2, 1], seed=7))
+    qk = torch.randn(3, 6 + 2, 64)
+    args[0] = qk[:, :6]
+    out, ref = _run_both(tuple(args), op, monkeypatch)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_unused_blocks_are_never_read(op, monkeypatch):
+    """Blocks no sequence covers, and padding entries of block_tables beyond a sequence's blocks
+    (0, garbage, -1), are never read: poisoned with NaN, the output stays finite and equal."""
+    seq_lens, n_q = [5, 33, 16, 1], [1, 2, 3, 1]
+    args = list(_case(torch.float32, 3, 64, seq_lens, n_q, seed=3))
+    clean, ref = _run_both(tuple(args), op, monkeypatch)
+    k_cache, v_cache, tables = args[1], args[2], args[3]
+    used = {int(b) for row, n in zip(tables, seq_lens, strict=True) for b in row[: -(-n // 16)]}
+    unused = [b for b in range(k_cache.shape[0]) if b not in used]
+    assert unused
+    k_cache[unused] = float("nan")
+    v_cache[unused] = float("nan")
+    # garbage in the padding entries: an unused (poisoned) block, and -1 / huge ids
+    padded = torch.full((len(seq_lens), tables.shape[1] + 2), unused[0], dtype=torch.int32)
+    padded[:, : tables.shape[1]] = tables
+    garbage = torch.tensor([unused[0], -1, 1 << 30, unused[-1]] * 4, dtype=torch.int32)
+    for b, n in enumerate(seq_lens):
+        nb = -(-n // 16)
+        padded[b, nb:] = garbage[: padded.shape[1] - nb]
+    args[3] = padded
+    out = op(*args)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, clean, rtol=0, atol=0)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_unsupported_inputs_fall_back_to_the_reference():
+    """FP8 without scales, or a non-contiguous head_dim: the reference (which asserts/handles)."""
+    gen = torch.Generator().manual_seed(0)
+    cache = random_cache(4, 16, 2, 64, torch.float32, gen)
+    q = torch.randn(2, 4, 64, generator=gen)
+    strided_k = cache.k.transpose(2, 3).contiguous().transpose(2, 3)  # D not inner
+    assert not cpu_ext.supported(q, strided_k, cache.v, None, None)
+    assert not cpu_ext.supported(q, cache.k.to(FP8_DTYPE), cache.v.to(FP8_DTYPE), None, None)
+    assert not cpu_ext.supported(q.double(), cache.k, cache.v, None, None)
+    assert cpu_ext.supported(q, cache.k, cache.v, None, None)
+
+
+def test_dispatch_uses_the_extension_on_cpu():
+    assert kernels.resolve("decode_attention", "cpu") is cpu_ext.decode_attention
+
+
+def test_build_failure_warns_once_and_falls_back(monkeypatch, caplog):
+    """No compiler (or any build error): one warning naming it, then the reference, no crash."""
+    import torch.utils.cpp_extension as cpp
+
+    def broken_load(*args, **kwargs):
+        raise RuntimeError("no c++ compiler here")
+
+    monkeypatch.setattr(cpp, "load", broken_load)
+    monkeypatch.setattr(cpu_ext, "_op", None)
+    monkeypatch.setattr(cpu_ext, "_failed", None)
+    args = _case(torch.float32, 3, 64, [9, 20], [1, 2], seed=5)
+    with caplog.at_level("WARNING", logger="kernels.cpu_ext"):
+        first = cpu_ext.decode_attention(*args)
+        second = cpu_ext.decode_attention(*args)
+    warnings = [r for r in caplog.records if r.name == "kernels.cpu_ext"]
+    assert len(warnings) == 1 and "no c++ compiler here" in warnings[0].getMessage()
+    ref = reference.decode_attention(*args)
+    assert torch.equal(first, ref) and torch.equal(second, ref)
