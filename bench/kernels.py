@@ -263,7 +263,7 @@ def run_cpu_decode(threads: int = 2) -> None:
     from kernels import cpu_ext, reference
 
     torch.set_num_threads(threads)
-    if cpu_ext.load_op() is None:
+    if cpu_ext.load_ops() is None:
         print(f"bench.kernels: the C++ extension did not build: {cpu_ext._failed}")
         return
     q_heads, kv_heads, head_dim, block_size = 9, 3, 64, 16

@@ -24,6 +24,7 @@ from engine.model_runner import ModelRunner, StepOutput
 from engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from engine.sequence import Sequence
 from engine.spec.speculator import Speculator
+from kernels import cpu_ext
 
 
 def build_model(
@@ -70,6 +71,9 @@ class EngineCore:
             # competing with another worker for the same core slows every op by an order
             torch.set_num_threads(config.num_threads)
         self.model_config, self.model = model or build_model(config, self.device)
+        if self.device.type == "cpu":
+            # build (or load) the C++ decode attention now, not inside the first request's step
+            cpu_ext.load_ops()
         self.kv_cache = build_kv_cache(config, self.model_config, self.device)
         self.block_pool = BlockPool(
             self.kv_cache.num_blocks, config.block_size, config.enable_prefix_caching

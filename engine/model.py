@@ -17,6 +17,7 @@ from torch import nn
 import kernels
 from engine.attention_metadata import AttentionMetadata
 from engine.kv_cache import KVCache
+from engine.linear import Linear
 from engine.model_config import ModelConfig, RopeScaling
 
 
@@ -27,6 +28,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            # one fused op; bit-identical to the three-step form below in float32 (tested)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # float32 statistics, then back to the input dtype before the weight (as HF Llama does)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -71,11 +75,10 @@ class RotaryEmbedding(nn.Module):
 RopeAngles = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [N, 1, D]
 
 
-def apply_rope(
-    q: torch.Tensor, k: torch.Tensor, angles: RopeAngles
-) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rope(x: torch.Tensor, angles: RopeAngles) -> torch.Tensor:
+    """x [N, H, D] (any heads: q and k side by side go in one call) -> rotated copy."""
     cos, sin = angles
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -95,8 +98,8 @@ class Attention(nn.Module):
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         # q, k and v projections fused into one matmul (weights concatenated at load time)
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size)
         self.scale = cfg.head_dim**-0.5
 
     def forward(
@@ -107,11 +110,11 @@ class Attention(nn.Module):
         kv_cache: KVCache,
     ) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)  # [N, Hq, D]
-        k = k.view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
-        v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, k, angles)
+        qkv = self.qkv_proj(x)  # [N, q_size + 2 * kv_size]
+        # q and k heads side by side, rotated in one pass: [N, Hq + Hkv, D]
+        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim), angles)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [N, Hq, D], [N, Hkv, D]
+        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
         k_cache, v_cache, k_scale, v_scale = kv_cache.layer(self.layer_idx)
         kernels.store_kv(k, v, k_cache, v_cache, md.slot_mapping, k_scale, v_scale)
         if md.is_prefill:
@@ -132,8 +135,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -160,7 +163,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings)
 
     def forward(
@@ -213,3 +216,4 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight.copy_(take("lm_head.weight"))
         if w:
             raise KeyError(f"unexpected weights: {sorted(w)[:8]}")
+        self.lm_head.pack_onednn()  # CPU float32 only; see engine/linear.py

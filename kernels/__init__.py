@@ -1,4 +1,6 @@
-"""Kernel dispatch: the Triton kernel for CUDA tensors, the torch reference for CPU tensors.
+"""Kernel dispatch: the Triton kernel for CUDA tensors, the torch reference for CPU tensors
+(except decode attention and the KV store: on CPU C++ kernels, ``kernels/cpu_ext.py``, tested
+against the references and falling back to them).
 
 The engine calls only the names below. The table maps (kernel, device type) to an implementation
 given as ``"module:function"``; Triton modules are imported on the first CUDA call, so
@@ -36,7 +38,7 @@ __all__ = [
 # kernel name -> device type -> "module:function"
 KERNELS: dict[str, dict[str, str]] = {
     "store_kv": {
-        "cpu": "kernels.reference:store_kv",
+        "cpu": "kernels.cpu_ext:store_kv",
         "cuda": "kernels.triton_store_kv:store_kv",
     },
     "prefill_attention": {

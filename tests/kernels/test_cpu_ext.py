@@ -17,9 +17,9 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, FP8_DTYPE
 @pytest.fixture(scope="module")
 def op():
     """The compiled op; the tests must exercise it, never the reference fallback."""
-    built = cpu_ext.load_op()
+    built = cpu_ext.load_ops()
     assert built is not None, f"C++ extension did not build: {cpu_ext._failed}"
-    return built
+    return built.decode_attention
 
 
 def _q_dtype(cache_dtype: torch.dtype) -> torch.dtype:
@@ -136,7 +136,7 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch, caplog):
         raise RuntimeError("no c++ compiler here")
 
     monkeypatch.setattr(cpp, "load", broken_load)
-    monkeypatch.setattr(cpu_ext, "_op", None)
+    monkeypatch.setattr(cpu_ext, "_ops", None)
     monkeypatch.setattr(cpu_ext, "_failed", None)
     args = _case(torch.float32, 3, 64, [9, 20], [1, 2], seed=5)
     with caplog.at_level("WARNING", logger="kernels.cpu_ext"):
@@ -146,3 +146,34 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch, caplog):
     assert len(warnings) == 1 and "no c++ compiler here" in warnings[0].getMessage()
     ref = reference.decode_attention(*args)
     assert torch.equal(first, ref) and torch.equal(second, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_store_kv_matches_the_reference(dtype):
+    """Strided key/value views (as the engine's fused qkv output), a strided layer view of a
+    block-major cache, padding slots (-1) skipped; every other cache byte untouched."""
+    ops = cpu_ext.load_ops()
+    assert ops is not None, f"C++ extension did not build: {cpu_ext._failed}"
+    gen = torch.Generator().manual_seed(7)
+    num_blocks, layers, block_size, kv_heads, head_dim, n = 9, 3, 16, 3, 64, 21
+    cache = torch.randn(num_blocks, layers, 2, block_size, kv_heads, head_dim, generator=gen)
+    cache = cache.to(dtype)
+    qkv = torch.randn(n, (9 + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    key = qkv[:, 9 * head_dim : (9 + kv_heads) * head_dim].view(n, kv_heads, head_dim)
+    value = qkv[:, (9 + kv_heads) * head_dim :].view(n, kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:n]
+    slots[[3, 11]] = -1
+    expected = cache.clone()
+    reference.store_kv(key, value, expected[:, 1, 0], expected[:, 1, 1], slots)
+    ops.store_kv(key, value, cache[:, 1, 0], cache[:, 1, 1], slots)
+    assert torch.equal(cache, expected)
+    assert kernels.resolve("store_kv", "cpu") is cpu_ext.store_kv
+
+
+def test_store_kv_rejects_out_of_range_slots():
+    ops = cpu_ext.load_ops()
+    cache = torch.zeros(2, 1, 2, 4, 1, 8)
+    kv = torch.ones(1, 1, 8)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.store_kv(kv, kv, cache[:, 0, 0], cache[:, 0, 1], torch.tensor([8]))
+    assert not cache.any()
