@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kernels
@@ -22,19 +21,22 @@ from engine.model_config import ModelConfig, RopeScaling
 
 
 class RMSNorm(nn.Module):
+    """HF Llama RMSNorm (float32 statistics; the normed value cast back to the input dtype before
+    the weight), through the fused kernels: one pass, optionally adding the residual first."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            # one fused op; bit-identical to the three-step form below in float32 (tested)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # float32 statistics, then back to the input dtype before the weight (as HF Llama does)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual stream and this sublayer's input."""
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -65,25 +67,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeAngles:
-        """cos/sin rows of this step's positions, looked up once for all layers."""
-        cos = self.cos[positions].to(dtype)[:, None, :]  # [N, 1, D]
-        sin = self.sin[positions].to(dtype)[:, None, :]
-        return cos, sin
-
-
-RopeAngles = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [N, 1, D]
-
-
-def apply_rope(x: torch.Tensor, angles: RopeAngles) -> torch.Tensor:
-    """x [N, H, D] (any heads: q and k side by side go in one call) -> rotated copy."""
-    cos, sin = angles
-    return x * cos + _rotate_half(x) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated copies of q [N, Hq, D] and k [N, Hkv, D] at positions [N] (rotate-half form)."""
+        return kernels.rotary(q, k, positions, self.cos, self.sin)
 
 
 class Attention(nn.Module):
@@ -105,16 +93,20 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [N, hidden]
-        angles: RopeAngles,
+        positions: torch.Tensor,  # [N]
+        rope: RotaryEmbedding,
         md: AttentionMetadata,
         kv_cache: KVCache,
     ) -> torch.Tensor:
         n = x.shape[0]
-        qkv = self.qkv_proj(x)  # [N, q_size + 2 * kv_size]
-        # q and k heads side by side, rotated in one pass: [N, Hq + Hkv, D]
-        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim), angles)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [N, Hq, D], [N, Hkv, D]
-        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)  # [N, q_size + 2 * kv_size]: strided views below, no copies
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = rope(
+            q.view(n, self.num_heads, self.head_dim),  # [N, Hq, D]
+            k.view(n, self.num_kv_heads, self.head_dim),  # [N, Hkv, D]
+            positions,
+        )
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         k_cache, v_cache, k_scale, v_scale = kv_cache.layer(self.layer_idx)
         kernels.store_kv(k, v, k_cache, v_cache, md.slot_mapping, k_scale, v_scale)
         if md.is_prefill:
@@ -139,8 +131,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))  # [N, 2I] -> [N, I] -> [N, H]
 
 
 class DecoderLayer(nn.Module):
@@ -151,9 +142,24 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, angles, md, kv_cache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), angles, md, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        x: torch.Tensor,  # [N, hidden]: the previous layer's MLP output (layer 0: the embeddings)
+        residual: torch.Tensor | None,  # [N, hidden]: the stream before x is added (layer 0: None)
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        md: AttentionMetadata,
+        kv_cache: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream it is to be added to): each add
+        is fused into the next RMSNorm (HF: x = x + attn(norm(x)); x = x + mlp(norm(x)))."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        x = self.self_attn(h, positions, rope, md, kv_cache)
+        h, residual = self.post_attention_layernorm.add_forward(x, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -174,11 +180,10 @@ class LlamaForCausalLM(nn.Module):
         kv_cache: KVCache,
     ) -> torch.Tensor:
         """Returns the final hidden states [N, hidden] (normed); see ``compute_logits``."""
-        x = self.embed_tokens(input_ids)
-        angles = self.rope(positions, x.dtype)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, angles, md, kv_cache)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rope, md, kv_cache)
+        return self.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [M, vocab], float32 for sampling

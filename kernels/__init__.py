@@ -1,6 +1,6 @@
 """Kernel dispatch: the Triton kernel for CUDA tensors, the torch reference for CPU tensors
-(except decode attention and the KV store: on CPU C++ kernels, ``kernels/cpu_ext.py``, tested
-against the references and falling back to them).
+(except decode attention, the KV store and the fused elementwise kernels: on CPU these are C++
+kernels, ``kernels/cpu_ext.py``, tested against the references and falling back to them).
 
 The engine calls only the names below. The table maps (kernel, device type) to an implementation
 given as ``"module:function"``; Triton modules are imported on the first CUDA call, so
@@ -50,7 +50,7 @@ KERNELS: dict[str, dict[str, str]] = {
         "cuda": "kernels.triton_decode:decode_attention",
     },
     **{
-        name: {"cpu": f"kernels.fused_reference:{name}", "cuda": f"kernels.triton_fused:{name}"}
+        name: {"cpu": f"kernels.cpu_ext:{name}", "cuda": f"kernels.triton_fused:{name}"}
         for name in ("rms_norm", "add_rms_norm", "silu_mul", "rotary")
     },
 }

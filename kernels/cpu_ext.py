@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kernels import reference
+from kernels import fused_reference, reference
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +51,12 @@ def _cpu_tag() -> str:
 
 EXT_NAME = f"tandem_cpu_kernels_{_cpu_tag()}"
 SOURCES = [
-    Path(__file__).resolve().parent / "csrc" / name for name in ("paged_decode.cpp", "store_kv.cpp")
+    Path(__file__).resolve().parent / "csrc" / name
+    for name in ("paged_decode.cpp", "store_kv.cpp", "fused.cpp")
 ]
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+# -ffp-contract=off: a * b + c stays two roundings, as in torch's separate ops (RoPE then equals
+# the reference bit for bit); the hot loops that want FMA spell it with intrinsics.
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 
 CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 Q_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -169,3 +172,49 @@ def store_kv(
         reference.store_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     else:
         ops.store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+# ---- fused elementwise (csrc/fused.cpp): CPU float32; anything else takes fused_reference ----
+
+
+def _f32_rows(*xs: Tensor) -> bool:
+    return all(
+        x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1
+        for x in xs
+    )
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``fused_reference.rms_norm`` in one pass (float32 rows)."""
+    ops = load_ops() if _f32_rows(x) and weight.dtype == torch.float32 else None
+    if ops is None:
+        return fused_reference.rms_norm(x, weight, eps)
+    return ops.rms_norm(x, weight.contiguous(), eps)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``fused_reference.add_rms_norm`` in one pass (float32 rows)."""
+    ops = load_ops() if _f32_rows(x, residual) and weight.dtype == torch.float32 else None
+    if ops is None:
+        return fused_reference.add_rms_norm(x, residual, weight, eps)
+    return ops.add_rms_norm(x, residual, weight.contiguous(), eps)
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """``fused_reference.silu_mul`` in one pass (float32 rows)."""
+    ops = load_ops() if _f32_rows(gate_up) else None
+    return fused_reference.silu_mul(gate_up) if ops is None else ops.silu_mul(gate_up)
+
+
+def rotary(
+    q: Tensor, k: Tensor, positions: Tensor, cos: Tensor, sin: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``fused_reference.rotary`` in one call (float32 q/k with contiguous head_dim)."""
+    plain = all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 3 and t.stride(2) == 1
+        for t in (q, k)
+    )
+    ops = load_ops() if plain and cos.dtype == sin.dtype == torch.float32 else None
+    if ops is None:
+        return fused_reference.rotary(q, k, positions, cos, sin)
+    return ops.rotary(q, k, positions, cos.contiguous(), sin.contiguous())

@@ -177,3 +177,41 @@ def test_store_kv_rejects_out_of_range_slots():
     with pytest.raises(RuntimeError, match="out of range"):
         ops.store_kv(kv, kv, cache[:, 0, 0], cache[:, 0, 1], torch.tensor([8]))
     assert not cache.any()
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])  # one thread / a parallel split over rows
+def test_fused_elementwise_match_the_references(rows):
+    """C++ RMSNorm (+ residual), SiLU-mul and RoPE against kernels.fused_reference: RoPE bit for
+    bit, the others to float32 rounding (another summation order; a polynomial exp)."""
+    from kernels import fused_reference as ref
+
+    ops = cpu_ext.load_ops()
+    assert ops is not None, f"C++ extension did not build: {cpu_ext._failed}"
+    gen = torch.Generator().manual_seed(rows)
+    x = 3 * torch.randn(rows, 576, generator=gen)
+    residual = torch.randn(rows, 576, generator=gen)
+    w = torch.rand(576, generator=gen)
+    assert rel_err(ops.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5)) < 2e-6
+    out, h = ops.add_rms_norm(x, residual, w, 1e-5)
+    ref_out, ref_h = ref.add_rms_norm(x, residual, w, 1e-5)
+    assert torch.equal(h, ref_h) and rel_err(out, ref_out) < 2e-6
+    gate_up = 4 * torch.randn(rows, 2 * 1536, generator=gen)
+    gate_up[0, :4] = torch.tensor([-200.0, -88.0, 0.0, 90.0])  # exp underflow / exact zero / large
+    assert rel_err(ops.silu_mul(gate_up), ref.silu_mul(gate_up)) < 2e-6
+    qkv = torch.randn(rows, 15 * 64, generator=gen)  # strided q and k views, as in the engine
+    q, k = qkv[:, : 9 * 64].view(rows, 9, 64), qkv[:, 9 * 64 : 12 * 64].view(rows, 3, 64)
+    positions = torch.randint(0, 4096, (rows,), generator=gen)
+    cos, sin = torch.rand(4096, 64, generator=gen), torch.rand(4096, 64, generator=gen)
+    got, want = ops.rotary(q, k, positions, cos, sin), ref.rotary(q, k, positions, cos, sin)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for name in ("rms_norm", "add_rms_norm", "silu_mul", "rotary"):
+        assert kernels.resolve(name, "cpu") is getattr(cpu_ext, name)
+
+
+def test_fused_elementwise_fall_back_for_bfloat16():
+    from kernels import fused_reference as ref
+
+    x = torch.randn(4, 64).bfloat16()
+    w = torch.rand(64)
+    assert torch.equal(kernels.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6))
+    assert torch.equal(kernels.silu_mul(x), ref.silu_mul(x))
