@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
+import shutil
 import threading
 from pathlib import Path
 
@@ -66,6 +68,15 @@ _ops = None  # the torch.ops.tandem_cpu namespace once built
 _failed: str | None = None  # the build error, once it failed
 
 
+def _put_ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; the pinned pip ``ninja`` lives in the venv's bin,
+    which is not on PATH when the venv is not activated (``.venv/bin/pytest``, Ray workers)."""
+    if shutil.which("ninja") is None:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def load_ops():
     """The compiled ops, ``torch.ops.tandem_cpu`` (building them on the first call), or None if
     the build failed."""
@@ -77,6 +88,7 @@ def load_ops():
             try:
                 from torch.utils.cpp_extension import load
 
+                _put_ninja_on_path()
                 load(
                     name=EXT_NAME,
                     sources=[str(s) for s in SOURCES],

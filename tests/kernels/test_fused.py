@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from paged_cases import rel_err
 
-import kernels
 from kernels import fused_reference, triton_fused
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
