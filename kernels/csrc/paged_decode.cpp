@@ -17,6 +17,23 @@
 // Inner loops: AVX2/FMA intrinsics when the build has them (-march=native on an AVX2 machine: 8 keys
 // per dot-product group, 64 accumulators in registers for P.V, a polynomial exp), plain
 // vectorisable loops otherwise (any head_dim; the AVX2 paths need head_dim % 8 / % 64 == 0).
+//
+// Cold-cache K/V (the engine: a 30-layer model's weights evict the caches between layers) is read
+// from DRAM, and the two threads' compute and memory stalls do not overlap by themselves. So each
+// block's compute issues software prefetches for the next block of the same (sequence, kv head)
+// (pass 1: the next K rows, and during its last block the first V rows of pass 2; pass 2: the next
+// V rows), spread over the M rows' dot products (each row issues 1/M of them) instead of one burst:
+// a burst of 64+ prefetches fills the miss queue and stalls the core just like the demand misses.
+// Measured (2 threads, 64 MB flush before every call, block-major cache [nb, 30, 2, 16, 3, 64]
+// float32 strided layer views, 9 q / 3 kv heads, median of 30 calls, 5 interleaved runs each,
+// noisy shared machine): B=1 L=200 67 -> 57 us, B=8 L=200 203 -> 173 us, B=64 L=130 866 -> 734
+// us, B=64 L=300 1836 -> 1617 us (~12-15 %; the prefetched variant was faster in every round).
+// Tried and dropped (no gain or slower in the same runs): work item = a whole sequence with all kv
+// heads and one fused pass per block (online softmax, K and V read together, split of long
+// sequences for small B) with prefetch of whole blocks 0-2 ahead (L1 or L2 hints); whole-block
+// prefetch bursts in this kernel (1-2 blocks ahead); 3-row register blocking of QK/PV (spills on
+// 16 ymm registers). A pure read of the same blocks (no math) takes ~410 us (64x130) / ~1250 us
+// (64x300) cold, so the remaining gap is compute that the prefetch does not hide.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -288,7 +305,22 @@ void run(const Args& a) {
         const int64_t nt = std::min(bs, L - j * bs);
         const T* kbase = kc + blk * a.k_s0 + h * a.k_s2;
         for (int64_t t = 0; t < nt; ++t) krows[t] = Row<T>::load(kbase + t * a.k_s1, kbuf.data() + t * D, D);
+        const char* pfbase = nullptr;
+        int64_t pfst = 0, pfnt = 0;
+        {
+          const int64_t jp = j + 1;
+          const bool isk = jp < nblocks;
+          const int64_t jj = isk ? jp : 0;
+          const int64_t pb = table[jj];
+          pfnt = std::min(bs, L - jj * bs);
+          pfbase = reinterpret_cast<const char*>(isk ? kc + pb * a.k_s0 + h * a.k_s2 : vc + pb * a.v_s0 + h * a.v_s2);
+          pfst = (isk ? a.k_s1 : a.v_s1) * sizeof(T);
+        }
+        const int64_t rowbytes = D * sizeof(T);
         for (int64_t r = 0; r < M; ++r) {
+          // this row's share of the next block's rows
+          for (int64_t t = r * pfnt / M; t < (r + 1) * pfnt / M; ++t)
+            for (int64_t o = 0; o < rowbytes; o += 64) __builtin_prefetch(pfbase + t * pfst + o, 0, 3);
           const float* qr = qbuf.data() + r * D;
           float* sr = scores.data() + r * L + j * bs;
           int64_t t = 0;
@@ -329,7 +361,13 @@ void run(const Args& a) {
         const T* vbase = vc + blk * a.v_s0 + h * a.v_s2;
         for (int64_t t = 0; t < nt; ++t) krows[t] = Row<T>::load(vbase + t * a.v_s1, kbuf.data() + t * D, D);
         const float* sc = a.vs ? a.vs + blk * a.vs_s0 + h * a.vs_s2 : nullptr;
+        const int64_t pfj = j + 1 < nblocks ? j + 1 : -1;
+        const int64_t pfnt2 = pfj >= 0 ? std::min(bs, L - pfj * bs) : 0;
+        const char* pfv = pfj >= 0 ? reinterpret_cast<const char*>(vc + table[pfj] * a.v_s0 + h * a.v_s2) : nullptr;
         for (int64_t r = 0; r < M; ++r) {
+          for (int64_t t = r * pfnt2 / M; t < (r + 1) * pfnt2 / M; ++t)
+            for (int64_t o = 0; o < D * (int64_t)sizeof(T); o += 64)
+              __builtin_prefetch(pfv + t * a.v_s1 * sizeof(T) + o, 0, 3);
           const float* pr = scores.data() + r * L + j * bs;
           float* ar = acc.data() + r * D;
           const float* pt = pr;
