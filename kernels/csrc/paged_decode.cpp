@@ -47,6 +47,8 @@
 #include <cstring>
 #include <vector>
 
+#include "vec_exp.h"
+
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -108,26 +110,6 @@ struct Row<c10::Float8_e4m3fn> {
   }
 };
 
-// ---- vectorisable exp for x <= 0 (scores minus their max) ------------------------------------
-// 2^n * P(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 Taylor: relative error < 2e-7.
-
-inline float exp_nonpos(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: round-to-nearest by addition
-  float n = (x * 1.44269504088896341f + shifter) - shifter;
-  float r = x - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187045e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  return p * __builtin_bit_cast(float, e);
-}
-
 // ---- AVX2 inner loops (the build uses -march=native; other CPUs take the plain loops) ---------
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -181,23 +163,6 @@ inline void axpy64(float* acc, const float* p, const float* const* rows, int64_t
   _mm256_storeu_ps(acc + 48, c6);
   _mm256_storeu_ps(acc + 56, c7);
 }
-// exp_nonpos on 8 lanes (the same arithmetic, lane by lane)
-inline __m256 exp8_nonpos(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 shifter = _mm256_set1_ps(12582912.0f);
-  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shifter), shifter);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
 #endif
 
 // s[0:n] <- softmax(s[0:n]) (n >= 1)
@@ -223,7 +188,7 @@ inline void softmax_inplace(float* s, int64_t n) {
     const __m256 m = _mm256_set1_ps(mx);
     __m256 acc = _mm256_setzero_ps();
     for (; t + 8 <= n; t += 8) {
-      const __m256 e = exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
+      const __m256 e = tandem::exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
       _mm256_storeu_ps(s + t, e);
       acc = _mm256_add_ps(acc, e);
     }
@@ -233,7 +198,7 @@ inline void softmax_inplace(float* s, int64_t n) {
   }
 #endif
   for (; t < n; ++t) {
-    s[t] = exp_nonpos(s[t] - mx);
+    s[t] = tandem::exp_nonpos(s[t] - mx);
     sum += s[t];
   }
   const float inv = 1.0f / sum;
