@@ -3,11 +3,12 @@
 On CPU, ``F.linear`` with few rows (a decode step: M = batch size) goes to MKL's GEMV/small-GEMM
 path, which runs on ONE thread and reads the weights at ~15 GB/s on this machine, half the copy
 bandwidth. Viewing the weight as P row blocks ``[P, N/P, K]`` (no copy) and calling one ``bmm``
-hands MKL P independent problems, which it spreads over the P threads. Measured with 2 threads
-on SmolLM2-135M's five weight shapes (30 layers + LM head, float32): M=1 38.0 -> 22.4 ms,
-M=8 65.0 -> 49.0 ms, M=64 160.5 -> 143.4 ms, and bit-identical outputs (each output element is
-the same dot product, accumulated in the same order). ``python -m bench.linear`` reproduces it.
-CUDA tensors, one thread, N not divisible by P, and prefill-sized inputs (above
+hands MKL P independent problems, which it spreads over the threads; three blocks per thread
+(smaller blocks stay in L2) beat one per thread by another ~10 % from M=32 up. The outputs are
+bit-identical to ``F.linear`` (each output element is the same dot product, accumulated in the
+same order; checked by ``python -m bench.linear``, which also measures the gain: see
+docs/benchmarks.md "Offline throughput"). CUDA tensors, one thread, N not divisible by the
+thread count, and prefill-sized inputs (above
 ``SPLIT_MAX_ROWS`` rows, where MKL's GEMM already uses every thread and the split's output
 transpose costs a few %: M=2048 88 vs 92 ms) take plain ``F.linear``.
 """
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SPLIT_MAX_ROWS = 512
+BLOCKS_PER_THREAD = 3
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -57,11 +59,12 @@ class Linear(nn.Linear):
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ weight[N, K]^T -> [..., N]."""
-    parts = torch.get_num_threads()
+    threads = torch.get_num_threads()
     n, k = weight.shape
     m = x.numel() // k
-    if x.is_cuda or parts == 1 or n % parts or m > SPLIT_MAX_ROWS or not weight.is_contiguous():
+    if x.is_cuda or threads == 1 or n % threads or m > SPLIT_MAX_ROWS or not weight.is_contiguous():
         return F.linear(x, weight)
+    parts = threads * BLOCKS_PER_THREAD if n % (threads * BLOCKS_PER_THREAD) == 0 else threads
     lead = x.shape[:-1]
     x2 = x.reshape(m, k)  # [M, K]
     y = torch.bmm(x2.expand(parts, m, k), weight.view(parts, n // parts, k).transpose(1, 2))
