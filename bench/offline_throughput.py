@@ -1,6 +1,6 @@
 """Offline throughput: our EngineCore against HF transformers ``generate`` in one run.
 
-    python -m bench.offline_throughput                        # 1, 8, 32, 64 sequences
+    python -m bench.offline_throughput                        # 1, 8, 32, 64 sequences, all CPUs
     python -m bench.offline_throughput --sizes 1,8 --max-new 64   # a quick run
     python -m bench.offline_throughput --sizes 64 --profile 25    # + cProfile of our engine
 
@@ -157,7 +157,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,8,32,64", help="batch sizes, comma-separated")
     ap.add_argument("--min-new", type=int, default=64)
     ap.add_argument("--max-new", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads, both sides")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="torch intra-op threads, both sides (default: every CPU, as workers run)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
