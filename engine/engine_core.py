@@ -72,7 +72,7 @@ class EngineCore:
             torch.set_num_threads(config.num_threads)
         self.model_config, self.model = model or build_model(config, self.device)
         if self.device.type == "cpu":
-            # build (or load) the C++ decode attention now, not inside the first request's step
+            # build (or load) the C++ CPU kernels now, not inside the first request's step
             cpu_ext.load_ops()
         self.kv_cache = build_kv_cache(config, self.model_config, self.device)
         self.block_pool = BlockPool(

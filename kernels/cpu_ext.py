@@ -1,4 +1,5 @@
-"""C++ CPU kernels (JIT-built torch extension): paged decode attention and the KV store.
+"""C++ CPU kernels (JIT-built torch extension): paged decode attention, the KV store, and fused
+RMSNorm(+residual) / SiLU-mul / RoPE (csrc/store_kv.cpp and csrc/fused.cpp say why each exists).
 
 Why: on CPU, ``kernels.reference.decode_attention`` gathers the paged KV cache into a padded float32
 copy (``index_select``) and calls SDPA once per layer. The copy is most of its cost at large batch
@@ -15,7 +16,7 @@ Measured (``python -m bench.kernels --cpu-decode``; SmolLM2 shapes 9 q / 3 kv he
 The extension is built with ``torch.utils.cpp_extension.load`` on first use (``-O3
 -march=native``: it runs where it is built) into the default torch extensions directory, then
 cached for the process (and on disk across processes). If the build fails (no compiler, ...), one
-warning names the error and ``decode_attention`` uses the reference from then on. Inputs the
+warning names the error and every wrapper below uses its reference from then on. Inputs the
 kernel does not handle (non-CPU tensors, non-contiguous head_dim, unsupported dtypes, FP8 without
 scales) go to the reference too. Supported: float32 / bfloat16 / float16 / float8_e4m3fn caches
 (with optional per-token-per-head float32 scales [num_blocks, block_size, Hkv]), q in float32 /
@@ -60,8 +61,8 @@ SOURCES = [
 # the reference bit for bit); the hot loops that want FMA spell it with intrinsics.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 
-CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
-Q_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+Q_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # also the caches stored without scales
+CACHE_DTYPES = (*Q_DTYPES, torch.float8_e4m3fn)
 
 _lock = threading.Lock()
 _ops = None  # the torch.ops.tandem_cpu namespace once built
@@ -174,7 +175,7 @@ def store_kv(
     plain = (
         k_scale is None
         and key.dtype == value.dtype == k_cache.dtype == v_cache.dtype
-        and k_cache.dtype in CACHE_DTYPES[:3]
+        and k_cache.dtype in Q_DTYPES
         and key.dim() == 3
         and key.stride(2) == value.stride(2) == k_cache.stride(3) == v_cache.stride(3) == 1
         and key.device.type == k_cache.device.type == "cpu"
