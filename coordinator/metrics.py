@@ -92,8 +92,44 @@ class _EngineStatsCollector:
         waiting = GaugeMetricFamily("tandem_waiting_requests", "Requests queued in the engine.")
         waiting.add_metric([], stats.num_waiting)
         yield from (used, total, moved, spent, running, waiting)
+        yield from _fault_metrics(stats)
         if stats.spec is not None:
             yield from _spec_metrics(stats.spec)
+
+
+def _fault_metrics(stats: EngineStats) -> Iterator[Metric]:
+    faults = stats.faults
+    retries = CounterMetricFamily(
+        "tandem_request_retries",
+        "New attempts after a fault, by where the failed attempt was (queued, prefill, transfer, "
+        "decode) and why (worker_died, worker_hung, step_failed, transfer_failed ...).",
+        labels=["stage", "reason"],
+    )
+    for stage, reason, count in faults.retries:
+        retries.add_metric([stage, reason], count)
+    migrations = CounterMetricFamily(
+        "tandem_request_migrations",
+        "Retries that resumed a request after tokens had been streamed (prompt + tokens so far "
+        "prefilled again).",
+    )
+    migrations.add_metric([], faults.migrations)
+    restarts = CounterMetricFamily(
+        "tandem_worker_restarts", "Workers replaced after dying, hanging or failing.",
+        labels=["pool"],
+    )
+    for pool, count in faults.restarts:
+        restarts.add_metric([pool], count)
+    revoked = CounterMetricFamily(
+        "tandem_kv_leases_revoked_blocks",
+        "KV blocks the lease audit freed: held for requests the coordinator had ended.",
+    )
+    revoked.add_metric([], faults.leases_revoked)
+    live = GaugeMetricFamily("tandem_workers_live", "Live workers per pool.", labels=["pool"])
+    target = GaugeMetricFamily("tandem_workers_target", "Target workers per pool.", labels=["pool"])
+    for pool, health in sorted(stats.health.items()):
+        live.add_metric([pool], health.live)
+        target.add_metric([pool], health.target)
+    yield from (retries, migrations, restarts, revoked, live, target)
 
 
 def _spec_metrics(spec: SpecStats) -> Iterator[Metric]:

@@ -33,6 +33,8 @@ def _failure(delta: OutputDelta) -> ApiError | None:
         return None
     if delta.finish_reason == FINISH_ABORT and delta.error is None:
         return ApiError(503, "the request was aborted by the engine", SERVER, code="aborted")
+    if delta.fault is not None:  # the system failed it, and retries did not help (yet)
+        return ApiError(503, f"engine unavailable: {delta.error}", SERVER, code=delta.fault)
     return ApiError(500, f"engine error: {delta.error or 'unknown'}", SERVER, code="engine_error")
 
 
@@ -64,9 +66,10 @@ async def collect_response(run: RequestRun, builder: ResponseBuilder) -> tuple[w
 
 
 async def stream_response(
-    request: web.Request, run: RequestRun, builder: ResponseBuilder
+    request: web.Request, run: RequestRun, builder: ResponseBuilder, headers: dict[str, str]
 ) -> tuple[web.StreamResponse, str]:
-    response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    """``headers``: extra response headers (they go out before the first event)."""
+    response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
     await response.prepare(request)
 
     async def send(payload: dict | str) -> None:

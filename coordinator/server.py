@@ -5,7 +5,8 @@
     serve(config, engine, tokenizer)                          # runs until cancelled
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics. Only /v1/* requires the API key (probes and scrapers stay unauthenticated).
+GET /metrics, and with TANDEM_FAULT_INJECTION=1 only (tests) POST /admin/faults. /v1/* and
+/admin/* require the API key (probes and scrapers stay unauthenticated).
 
 The server runs with ``handler_cancellation=True``: when a client disconnects, aiohttp cancels
 its handler, and ``RequestRun.close()`` in the handler's ``finally`` aborts the request in the
@@ -18,23 +19,26 @@ import asyncio
 import hmac
 import json
 import logging
+import os
+import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from coordinator.api_errors import (
     AUTHENTICATION,
+    NOT_FOUND,
     RATE_LIMIT,
     TIMEOUT,
     ApiError,
     bad_request,
     error_middleware,
 )
-from coordinator.engine_client import EngineClient, Tokenizer
+from coordinator.engine_client import EngineClient, PoolHealth, Tokenizer
 from coordinator.metrics import CONTENT_TYPE, ServerMetrics
 from coordinator.openai_requests import ServingLimits, parse_chat, parse_completion
 from coordinator.openai_responses import ResponseBuilder
@@ -48,6 +52,7 @@ MAX_BODY_BYTES = 32 * 1024 * 1024  # a 100k-token prompt as a JSON id list fits 
 HEALTH_TIMEOUT_S = 5.0
 SHUTDOWN_GRACE_S = 5.0  # in-flight handlers get this long to finish once the server stops
 RETRY_AFTER_S = 1
+FAULT_INJECTION_ENV = "TANDEM_FAULT_INJECTION"  # engine/faults.py ENV_FLAG (no torch here)
 
 
 @dataclass
@@ -61,9 +66,13 @@ class ServerState:
     limits: ServingLimits
     created: int
     num_in_flight: int = 0
+    request_ids: set[str] = field(default_factory=set)  # of the generations in flight
 
 
 STATE = web.AppKey("tandem_state", ServerState)
+REQUEST_ID = web.RequestKey("tandem_request_id", str)  # the id of each HTTP request
+REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def build_app(config: TandemConfig, engine: EngineClient, tokenizer: Tokenizer) -> web.Application:
@@ -80,7 +89,11 @@ def build_app(config: TandemConfig, engine: EngineClient, tokenizer: Tokenizer) 
         created=int(time.time()),
     )
     app = web.Application(
-        middlewares=[error_middleware, _auth_middleware(config.coordinator.api_key)],
+        middlewares=[
+            _request_id_middleware,
+            error_middleware,
+            _auth_middleware(config.coordinator.api_key),
+        ],
         client_max_size=MAX_BODY_BYTES,
     )
     app[STATE] = state
@@ -89,6 +102,9 @@ def build_app(config: TandemConfig, engine: EngineClient, tokenizer: Tokenizer) 
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
+    if os.environ.get(FAULT_INJECTION_ENV) == "1":  # tests only: refused in normal serving
+        log.warning("fault injection is enabled (%s=1): POST /admin/faults", FAULT_INJECTION_ENV)
+        app.router.add_post("/admin/faults", _arm_fault)
     return app
 
 
@@ -128,10 +144,29 @@ async def serve(
         await runner.cleanup()
 
 
+@web.middleware
+async def _request_id_middleware(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    """Every response carries ``x-request-id``: the client's (checked), or a new one. A
+    generation request is known by it everywhere (``cmpl-<id>``), fault injection included."""
+    given = request.headers.get(REQUEST_ID_HEADER)
+    if given is not None and not REQUEST_ID_PATTERN.fullmatch(given):
+        return bad_request(
+            f"{REQUEST_ID_HEADER} must be 1-128 characters of A-Z a-z 0-9 . _ : -",
+            param=REQUEST_ID_HEADER,
+        ).response()
+    request[REQUEST_ID] = given or uuid.uuid4().hex
+    response = await handler(request)
+    if not response.prepared:  # a stream sets its own before its headers go out
+        response.headers.setdefault(REQUEST_ID_HEADER, request[REQUEST_ID])
+    return response
+
+
 def _auth_middleware(api_key: str | None) -> Middleware:
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if api_key is not None and request.path.startswith("/v1/"):
+        if api_key is not None and request.path.startswith(("/v1/", "/admin/")):
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             # compare_digest: the time taken must not reveal how much of the key matched.
             if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -163,16 +198,45 @@ async def _models(request: web.Request) -> web.Response:
 
 
 async def _health(request: web.Request) -> web.Response:
+    """200 ``ok``; 200 ``degraded`` when a pool runs below its target (a worker is being
+    replaced); 503 ``unavailable`` when a pool has no live worker."""
     state = request.app[STATE]
     try:
-        live = await asyncio.wait_for(state.engine.health(), HEALTH_TIMEOUT_S)
+        health = await asyncio.wait_for(state.engine.health(), HEALTH_TIMEOUT_S)
     except Exception as exc:  # an engine that cannot answer is not healthy
         log.warning("health check failed: %r", exc)
-        live = {}
-    pools = {name: bool(live.get(name, False)) for name in state.config.pool_names}
-    healthy = all(pools.values())
-    body = {"status": "ok" if healthy else "unavailable", "pools": pools}
-    return web.json_response(body, status=200 if healthy else 503)
+        health = {}
+    pools = {name: health.get(name, PoolHealth(0, 0)) for name in state.config.pool_names}
+    statuses = {p.status for p in pools.values()}
+    status = "unavailable" if "down" in statuses else "degraded" if "degraded" in statuses else "ok"
+    body = {
+        "status": status,
+        "pools": {n: {"status": p.status, "live": p.live, "target": p.target}
+                  for n, p in pools.items()},
+    }  # fmt: skip
+    return web.json_response(body, status=503 if status == "unavailable" else 200)
+
+
+async def _arm_fault(request: web.Request) -> web.Response:
+    """Test-only (TANDEM_FAULT_INJECTION=1): ``{"worker": "decode-0" | "decode", "point": ...,
+    "action": ..., "nth": ..., "delay_s": ..., "request_id": ...}`` arms a fault on that worker,
+    or on every live worker of that pool (engine/faults.py)."""
+    state = request.app[STATE]
+    body = await _json_body(request)
+    worker = body.pop("worker", None)
+    if not isinstance(worker, str):
+        raise bad_request("worker must be a worker name, e.g. decode-0", param="worker")
+    arm = getattr(state.engine, "arm_fault", None)
+    if arm is None:
+        raise ApiError(404, "this engine has no fault injection", code="not_supported")
+    try:
+        armed = await arm(worker, body)
+    except KeyError as exc:
+        raise ApiError(404, str(exc.args[0]), NOT_FOUND, param="worker") from None
+    except Exception as exc:
+        cause = getattr(exc, "cause", None) or exc
+        raise bad_request(f"{type(cause).__name__}: {cause}".splitlines()[0]) from None
+    return web.json_response({"armed": armed, "fault": body})
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -230,7 +294,13 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         except ApiError as exc:
             outcome = f"rejected_{exc.status}"
             raise
-        request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{request[REQUEST_ID]}"
+        if request_id in state.request_ids:
+            raise bad_request(
+                f"a request with {REQUEST_ID_HEADER} {request[REQUEST_ID]!r} is in flight",
+                param=REQUEST_ID_HEADER,
+            )
+        state.request_ids.add(request_id)
         run = RequestRun(
             state.engine,
             state.metrics,
@@ -244,7 +314,8 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
             request_id, state.limits.model_name, int(time.time()), gen, state.tokenizer
         )
         if gen.stream:
-            response, outcome = await stream_response(request, run, builder)
+            headers = {REQUEST_ID_HEADER: request[REQUEST_ID]}
+            response, outcome = await stream_response(request, run, builder, headers)
         else:
             response, outcome = await collect_response(run, builder)
         return response
@@ -258,6 +329,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     finally:
         if run is not None:
             await run.close()
+            state.request_ids.discard(run.request_id)
         state.num_in_flight -= 1
         state.metrics.in_flight.dec()
         state.metrics.requests.labels(endpoint, outcome).inc()

@@ -25,7 +25,7 @@ def encode_deltas(deltas: list[OutputDelta]) -> bytes:
     rows = [
         [d.request_id, list(d.token_ids), [_lp_out(x) for x in d.logprobs],
          [_lp_out(x) for x in d.prompt_logprobs], d.finish_reason, d.num_prompt_tokens,
-         d.num_output_tokens, d.error, d.stop_reason]  # fmt: skip
+         d.num_output_tokens, d.error, d.stop_reason, d.fault]  # fmt: skip
         for d in deltas
     ]
     return msgpack.packb([WIRE_VERSION, rows], use_bin_type=True)
@@ -46,6 +46,7 @@ def decode_deltas(data: bytes) -> list[OutputDelta]:
                 request_id=r[0], token_ids=tuple(r[1]), logprobs=tuple(map(_lp_in, r[2])),
                 prompt_logprobs=tuple(map(_lp_in, r[3])), finish_reason=r[4],
                 num_prompt_tokens=r[5], num_output_tokens=r[6], error=r[7], stop_reason=r[8],
+                fault=r[9] if len(r) > 9 else None,
             )  # fmt: skip
             for r in rows
         ]

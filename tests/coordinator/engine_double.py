@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from coordinator.engine_client import EngineStats
+from coordinator.engine_client import EngineStats, PoolHealth
 from core.outputs import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, OutputDelta, TokenLogprob
 from core.sampling_params import SamplingParams
 
@@ -35,7 +35,9 @@ class ScriptedEngine:
     eos_after: int | None = None
     fail_after: int | None = None  # send an error delta after this many tokens
     vanish_after: int | None = None  # end the stream without a finish (a broken engine)
-    live: dict[str, bool] = field(default_factory=lambda: {"prefill": True, "decode": True})
+    live: dict[str, PoolHealth] = field(
+        default_factory=lambda: {"prefill": PoolHealth(1, 1), "decode": PoolHealth(1, 1)}
+    )
     snapshot: EngineStats = field(default_factory=EngineStats)
     requests: list[tuple[str, list[int], SamplingParams]] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
@@ -94,7 +96,7 @@ class ScriptedEngine:
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
-    async def health(self) -> dict[str, bool]:
+    async def health(self) -> dict[str, PoolHealth]:
         return dict(self.live)
 
     async def stats(self) -> EngineStats:
