@@ -58,6 +58,20 @@ class SpecStats:
 
 
 @dataclass(frozen=True)
+class WorkerStatus:
+    """One worker as the status page shows it (``GET /v1/status``), from its latest stats."""
+
+    name: str
+    pool: str
+    live: bool
+    incarnation: int  # restarts of this worker so far (0: the first process)
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """A snapshot for /metrics. ``num_running``/``num_waiting`` count requests (not sequences
     per pool): a request waiting for prefill is waiting, one in any batch is running."""
@@ -67,6 +81,7 @@ class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
     spec: SpecStats | None = None  # None: no worker speculates
+    workers: tuple[WorkerStatus, ...] = ()  # every worker, dead ones too (live=False)
 
 
 @runtime_checkable

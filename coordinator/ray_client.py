@@ -121,6 +121,7 @@ class RayEngineClient:
             num_running=sum(r.phase == Phase.DECODING for r in records),
             num_waiting=sum(r.phase in (Phase.QUEUED, Phase.PREFILLING) for r in records),
             spec=self.pool.spec_totals(),
+            workers=self.pool.worker_status(),
         )
 
     # ---- placement -----------------------------------------------------------------------

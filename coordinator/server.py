@@ -5,7 +5,10 @@
     serve(config, engine, tokenizer)                          # runs until cancelled
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics. Only /v1/* requires the API key (probes and scrapers stay unauthenticated).
+GET /metrics, and the status page (``coordinator.status``: GET / and /status, polling
+GET /v1/status). Only /v1/* requires the API key (probes, scrapers and the page's static files
+stay unauthenticated). Every response carries ``x-request-id``: a generation's own request id
+(``cmpl-...`` / ``chatcmpl-...``), else a fresh ``req-...`` id.
 
 The server runs with ``handler_cancellation=True``: when a client disconnects, aiohttp cancels
 its handler, and ``RequestRun.close()`` in the handler's ``finally`` aborts the request in the
@@ -40,6 +43,7 @@ from coordinator.openai_requests import ServingLimits, parse_chat, parse_complet
 from coordinator.openai_responses import ResponseBuilder
 from coordinator.request_run import RequestRun
 from coordinator.response_writer import collect_response, stream_response
+from coordinator.status import RecentTraces, StatusBoard, add_status_routes
 from core.config import TandemConfig
 
 log = logging.getLogger(__name__)
@@ -64,14 +68,21 @@ class ServerState:
 
 
 STATE = web.AppKey("tandem_state", ServerState)
+REQUEST_ID = "tandem_request_id"  # per-request key: the id sent back as x-request-id
 
 
-def build_app(config: TandemConfig, engine: EngineClient, tokenizer: Tokenizer) -> web.Application:
+def build_app(
+    config: TandemConfig,
+    engine: EngineClient,
+    tokenizer: Tokenizer,
+    recent_traces: RecentTraces | None = None,
+) -> web.Application:
+    """``recent_traces``: where the status page's waterfall comes from (none: empty)."""
     state = ServerState(
         config=config,
         engine=engine,
         tokenizer=tokenizer,
-        metrics=ServerMetrics(),
+        metrics=ServerMetrics(config.coordinator.slo),
         limits=ServingLimits(
             model_name=config.model.name,
             max_model_len=config.model.max_model_len,
@@ -89,7 +100,15 @@ def build_app(config: TandemConfig, engine: EngineClient, tokenizer: Tokenizer) 
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
+    board = StatusBoard(config, engine, state.metrics, lambda: state.num_in_flight, recent_traces)
+    add_status_routes(app, board, auth_required=config.coordinator.api_key is not None)
+    app.on_response_prepare.append(_add_request_id)
     return app
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    # on_response_prepare: runs for streamed, error and static responses alike, before headers go
+    response.headers["x-request-id"] = request.get(REQUEST_ID) or f"req-{uuid.uuid4().hex}"
 
 
 async def start_server(app: web.Application, host: str, port: int) -> web.AppRunner:
@@ -207,6 +226,8 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     state = request.app[STATE]
     arrival = time.monotonic()
     endpoint = "chat" if kind == "chat" else "completions"
+    request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    request[REQUEST_ID] = request_id
     # Queue check first: an overloaded server should not spend time reading or tokenizing.
     if state.num_in_flight >= state.config.coordinator.max_queued_requests:
         state.metrics.requests.labels(endpoint, "rejected_429").inc()
@@ -230,7 +251,6 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         except ApiError as exc:
             outcome = f"rejected_{exc.status}"
             raise
-        request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         run = RequestRun(
             state.engine,
             state.metrics,

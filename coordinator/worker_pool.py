@@ -16,7 +16,7 @@ from typing import Any
 
 from ray.exceptions import RayActorError
 
-from coordinator.engine_client import PoolStats, SpecStats, TransferStats
+from coordinator.engine_client import PoolStats, SpecStats, TransferStats, WorkerStatus
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,16 @@ class WorkerPool:
             sum(w.num_blocks for w in live),
             sum(w.stats.get("running", 0) for w in live),
             sum(w.stats.get("waiting", 0) for w in live),
+        )
+
+    def worker_status(self) -> tuple[WorkerStatus, ...]:
+        """Every worker, for the status page; incarnation stays 0 until restarts exist."""
+        return tuple(
+            WorkerStatus(
+                w.name, w.role, w.alive, 0, w.stats.get("running", 0), w.stats.get("waiting", 0),
+                min(w.stats.get("kv_blocks_used", 0), w.num_blocks), w.num_blocks,
+            )
+            for w in self.workers.values()
         )
 
     def spec_totals(self) -> SpecStats | None:
