@@ -68,7 +68,7 @@ class ServerState:
 
 
 STATE = web.AppKey("tandem_state", ServerState)
-REQUEST_ID = "tandem_request_id"  # per-request key: the id sent back as x-request-id
+REQUEST_ID = web.RequestKey("tandem_request_id", str)  # the id sent back as x-request-id
 
 
 def build_app(

@@ -46,7 +46,7 @@ class StandInServer:
             await response.write(f"data: {data}\n\n".encode())
 
         def chunk(text: str) -> dict:
-            choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
+            choice = {"index": 0, **({"delta": {"content": text}} if chat else {"text": text})}
             return {"id": "x", "choices": [choice], "usage": None}
 
         if chat:  # the opening role chunk, at once: not a token

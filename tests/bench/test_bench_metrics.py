@@ -102,7 +102,8 @@ def test_load_points_and_rates_are_checked():
 def test_fixed_and_dist_workloads():
     fixed = build_requests(WorkloadSpec("fixed", input_len=7, output_len=3), 4, seed=0)
     assert [(len(r.payload["prompt"]), r.output_len) for r in fixed] == [(7, 3)] * 4
-    assert all(TOKEN_ID_RANGE[0] <= t < TOKEN_ID_RANGE[1] for r in fixed for t in r.payload["prompt"])
+    low, high = TOKEN_ID_RANGE
+    assert all(low <= t < high for r in fixed for t in r.payload["prompt"])
     dist = build_requests(WorkloadSpec("dist", input_len=100, output_len=20), 200, seed=1)
     assert {len(r.payload["prompt"]) for r in dist} <= set(range(50, 151))
     assert {r.output_len for r in dist} <= set(range(10, 31))
