@@ -23,6 +23,11 @@
     return x === null || x === undefined || Number.isNaN(x) ? "–" : Number(x).toFixed(digits);
   }
 
+  function ms(x) {  // three significant figures at most, so that p50 / p90 / p99 fit a card
+    if (x === null || x === undefined) return "–";
+    return num(x, x < 10 ? 2 : x < 100 ? 1 : 0);
+  }
+
   function bytes(n) {
     if (n === null || n === undefined) return "–";
     const units = ["B", "KB", "MB", "GB", "TB"];
@@ -72,7 +77,7 @@
   function renderPercentiles(id, summary) {
     $(`${id}-count`).textContent = `(${summary.count} samples)`;
     $(id).replaceChildren(...["p50", "p90", "p99"].map((q) =>
-      el("div", { dataset: { q } }, el("b", {}, num(summary[q], 1)), el("span", {}, q))));
+      el("div", { dataset: { q } }, el("b", {}, ms(summary[q])), el("span", {}, q))));
   }
 
   function renderCards(s) {
