@@ -7,10 +7,12 @@
 
 Each target (``--url``, ``--config``, or each ``--compare`` YAML in turn, started with
 ``tandem serve --port 0 --num-cpus <its CPUs>``; compared topologies must reserve equal CPUs)
-gets ``--warmup`` short requests, then the same seeded requests (bench/workloads.py) at each load
-point: open loop at each of ``--rates`` (Poisson, or gamma with ``--burstiness``) or closed loop
-at each of ``--concurrency``. Metrics (bench/serving_metrics.py) print per run and go to
-``--out`` (JSON, rewritten after every run) and a PNG plot (``--plot``).
+gets ``--warmup`` short requests, then each load point: open loop at each of ``--rates``
+(Poisson, or gamma with ``--burstiness``) or closed loop at each of ``--concurrency``. Load point
+i sends the requests of seed ``--seed`` + i (bench/workloads.py): the same for every target, and
+new at each load point, so that a prefix cache never serves a prompt from an earlier one.
+Metrics (bench/serving_metrics.py) print per run and go to ``--out`` (JSON, rewritten after
+every run, with the 1-minute load average before and after each) and a PNG plot (``--plot``).
 
 Only loopback servers are accepted, and every run is bounded in requests and time.
 """
@@ -151,14 +153,15 @@ def format_run(target: str, load: LoadPoint, m: dict) -> str:
             f"TPOT {q('tpot_ms')}, ITL {q('itl_ms')}, E2E {q('e2e_ms')}")  # fmt: skip
 
 
-async def bench_target(url: str, target: str, args, requests, loads, slo, results, out) -> None:
+async def bench_target(url: str, target: str, args, workloads, loads, slo, results, out) -> None:
     check_loopback(url)
     headers = auth_headers(args.api_key)
     model = args.model or await first_model(url, headers)
     if args.warmup:
         await warm_up(url, model, headers, args.warmup, args.request_timeout)
     endpoint = "chat/completions" if args.workload == "chat" else "completions"
-    for load in loads:
+    for load, requests in zip(loads, workloads, strict=True):
+        load_before = os.getloadavg()
         samples, duration = await run_load(
             url, endpoint, model, requests, load, headers, timeout_s=args.request_timeout,
             seed=args.seed, progress=not args.no_progress, desc=f"{_short(target)} {load.label}",
@@ -167,6 +170,7 @@ async def bench_target(url: str, target: str, args, requests, loads, slo, result
         print(format_run(target, load, metrics), flush=True)
         results["runs"].append({"target": target, "url": url, "model": model,
                                 "load": load.to_json(), "metrics": metrics,
+                                "loadavg_1m": [load_before[0], os.getloadavg()[0]],
                                 "requests": [s.to_json() for s in samples]})  # fmt: skip
         write_json(results, out)
 
@@ -200,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    requests = build_requests(spec, args.num_requests, args.seed)
+    workloads = [build_requests(spec, args.num_requests, args.seed + i) for i in range(len(loads))]
     results = {
         "title": args.title or f"tandem bench: {spec.kind} workload, {args.num_requests} requests",
         "command": ["tandem", "bench", *sys.argv[2:]] if sys.argv[1:2] == ["bench"] else sys.argv,
@@ -212,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         or [{"target": args.url, "total_cpus": None}],
         "runs": [],
     }
-    bench = (requests, loads, slo, results, out)
+    bench = (workloads, loads, slo, results, out)
     if args.url:
         asyncio.run(bench_target(args.url, args.url, args, *bench))
     for config in configs:

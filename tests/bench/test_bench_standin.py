@@ -94,3 +94,19 @@ def test_bench_refuses_bad_arguments(tmp_path, capsys, args, message):
     args = [str(unequal) if a == "UNEQUAL" else a for a in args]
     assert tandem(["bench", *args, "--out", str(tmp_path / "x.json")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_each_load_point_sends_new_prompts_the_same_for_every_target(tmp_path):
+    prompts = []
+    for run in range(2):  # two targets of a comparison see the same requests
+        with StandInServer([Schedule(0.0, ())]) as server:
+            args = ["bench", "--url", server.url, "--rates", "inf,inf", "--num-requests", "3",
+                    "--input-len", "8", "--output-len", "1", "--warmup", "0", "--no-plot",
+                    "--no-progress", "--out", str(tmp_path / f"{run}.json")]  # fmt: skip
+            assert tandem(args) == 0
+        # rate inf: the 3 of a load point arrive in any order; load points run one after another
+        sent = [tuple(b["prompt"]) for b in server.bodies]
+        prompts.append((set(sent[:3]), set(sent[3:])))
+    first, second = prompts
+    assert first == second and len(first[0]) == len(first[1]) == 3
+    assert not first[0] & first[1]
