@@ -4,6 +4,7 @@ per target. matplotlib is imported here only (it costs ~1 s), with the Agg backe
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 PANELS = (  # (metric key, title)
@@ -60,7 +61,7 @@ def plot_results(results: dict, path: Path) -> None:
         ax.set_xlabel(xlabel)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(results.get("title", "tandem bench"), fontsize=11)
+    fig.suptitle(textwrap.fill(results.get("title", "tandem bench"), 120), fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
