@@ -217,14 +217,19 @@ def run(args: argparse.Namespace) -> int:
         "runs": [],
     }
     bench = (workloads, loads, slo, results, out)
-    if args.url:
-        asyncio.run(bench_target(args.url, args.url, args, *bench))
-    for config in configs:
-        log_path = out.with_name(f"{out.stem}.{Path(config).stem}.server.log")
-        print(f"starting tandem serve --config {config} (log: {log_path})", flush=True)
-        with TandemServer(config, log_path, args.num_cpus) as server:
-            url = server.wait_ready()
-            asyncio.run(bench_target(url, config, args, *bench))
+    try:
+        if args.url:
+            asyncio.run(bench_target(args.url, args.url, args, *bench))
+        for config in configs:
+            log_path = out.with_name(f"{out.stem}.{Path(config).stem}.server.log")
+            print(f"starting tandem serve --config {config} (log: {log_path})", flush=True)
+            with TandemServer(config, log_path, args.num_cpus) as server:
+                url = server.wait_ready()
+                asyncio.run(bench_target(url, config, args, *bench))
+    except (RuntimeError, aiohttp.ClientError, OSError) as exc:  # no server, failed warm-up
+        write_json(results, out)
+        print(f"tandem bench: {exc} (runs so far: {out})", file=sys.stderr)
+        return 1
     write_json(results, out)
     print(f"results: {out}")
     if not args.no_plot:

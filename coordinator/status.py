@@ -19,7 +19,7 @@ from importlib import resources
 
 from aiohttp import web
 
-from coordinator.engine_client import EngineClient, EngineStats
+from coordinator.engine_client import EngineClient, EngineStats, PoolStats
 from coordinator.metrics import ServerMetrics
 from core.config import TandemConfig
 
@@ -30,6 +30,7 @@ MAX_RECENT_REQUESTS = 50
 PAGE_ROUTES = ("/", "/status")
 ASSETS = {"status.js": "text/javascript", "status.css": "text/css"}  # under /static/
 AUTH_MARK = "{{AUTH}}"  # in status.html: "required" or "none", so the page asks for a key first
+NO_CACHE = {"Cache-Control": "no-store"}
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ class StatusBoard:
         }
 
 
-def _pool_json(pool, stats: EngineStats) -> dict:
+def _pool_json(pool: PoolStats, stats: EngineStats) -> dict:
     members = [w for w in stats.workers if w.pool == pool.name]
     return {
         "name": pool.name,
@@ -145,21 +146,19 @@ def add_status_routes(app: web.Application, board: StatusBoard, auth_required: b
     assets = {name: (static / name).read_bytes() for name in ASSETS}
 
     async def status_page(request: web.Request) -> web.Response:
-        return web.Response(text=page, content_type="text/html", headers=_NO_CACHE)
+        return web.Response(text=page, content_type="text/html", headers=NO_CACHE)
 
     async def asset(request: web.Request) -> web.Response:
         name = request.match_info["name"]
         if name not in assets:
             raise web.HTTPNotFound()
-        return web.Response(body=assets[name], content_type=ASSETS[name], headers=_NO_CACHE)
+        return web.Response(body=assets[name], content_type=ASSETS[name], headers=NO_CACHE)
 
     async def status_json(request: web.Request) -> web.Response:
-        return web.json_response(await board.snapshot(), headers=_NO_CACHE)
+        return web.json_response(await board.snapshot(), headers=NO_CACHE)
 
     for path in PAGE_ROUTES:
         app.router.add_get(path, status_page)
     app.router.add_get("/static/{name}", asset)
     app.router.add_get("/v1/status", status_json)
 
-
-_NO_CACHE = {"Cache-Control": "no-store"}

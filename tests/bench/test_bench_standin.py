@@ -110,3 +110,12 @@ def test_each_load_point_sends_new_prompts_the_same_for_every_target(tmp_path):
     first, second = prompts
     assert first == second and len(first[0]) == len(first[1]) == 3
     assert not first[0] & first[1]
+
+
+def test_bench_reports_an_unreachable_server(tmp_path, capsys):
+    with StandInServer([Schedule(0.0, ())]) as server:
+        url = server.url
+    out = tmp_path / "none.json"  # the server is gone: connection refused
+    assert tandem(["bench", "--url", url, "--no-progress", "--out", str(out)]) == 1
+    assert "tandem bench: " in capsys.readouterr().err
+    assert json.loads(out.read_text())["runs"] == []
