@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import statistics
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -139,3 +141,11 @@ def test_workload_values_are_checked():
                 {"long_fraction": 1.5}, {"turns": 0}):  # fmt: skip
         with pytest.raises(ValueError):
             WorkloadSpec(**bad)
+
+
+def test_tandem_bench_loads_neither_torch_nor_matplotlib():
+    """matplotlib only when plotting; torch never (bench runs beside a server, not a model)."""
+    code = ("import sys, coordinator.cli, bench.tandem_bench; "
+            "print(sorted({'torch', 'matplotlib'} & set(sys.modules)))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
