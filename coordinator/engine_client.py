@@ -49,20 +49,6 @@ class PoolHealth:
 
 
 @dataclass(frozen=True)
-class WorkerStatus:
-    """One worker (its current incarnation) at the time of ``stats()``."""
-
-    name: str
-    pool: str
-    live: bool
-    incarnation: int
-    running: int
-    waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-
-
-@dataclass(frozen=True)
 class FaultStats:
     """Cumulative fault-tolerance counters of the engine."""
 
@@ -98,6 +84,20 @@ class SpecStats:
 
 
 @dataclass(frozen=True)
+class WorkerStatus:
+    """One worker as the status page shows it (``GET /v1/status``), from its latest stats."""
+
+    name: str
+    pool: str
+    live: bool
+    incarnation: int  # restarts of this worker so far (0: the first process)
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """A snapshot for /metrics. ``num_running``/``num_waiting`` count requests (not sequences
     per pool): a request waiting for prefill is waiting, one in any batch is running."""
@@ -108,7 +108,7 @@ class EngineStats:
     num_waiting: int = 0
     spec: SpecStats | None = None  # None: no worker speculates
     health: dict[str, PoolHealth] = field(default_factory=dict)
-    workers: tuple[WorkerStatus, ...] = ()
+    workers: tuple[WorkerStatus, ...] = ()  # every worker's current incarnation
     faults: FaultStats = FaultStats()
 
 

@@ -175,7 +175,7 @@ class RayEngineClient:
             num_waiting=sum(a.phase in (Phase.QUEUED, Phase.PREFILLING) for a in attempts),
             spec=self.pool.spec_totals(),
             health=self.supervisor.health(),
-            workers=self.pool.statuses(),
+            workers=self.pool.worker_status(),
             faults=FaultStats(
                 retries=tuple((s, r, n) for (s, r), n in sorted(self.retries.items())),
                 migrations=self.migrations,

@@ -66,10 +66,9 @@ async def collect_response(run: RequestRun, builder: ResponseBuilder) -> tuple[w
 
 
 async def stream_response(
-    request: web.Request, run: RequestRun, builder: ResponseBuilder, headers: dict[str, str]
+    request: web.Request, run: RequestRun, builder: ResponseBuilder
 ) -> tuple[web.StreamResponse, str]:
-    """``headers``: extra response headers (they go out before the first event)."""
-    response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
+    response = web.StreamResponse(status=200, headers=SSE_HEADERS)
     await response.prepare(request)
 
     async def send(payload: dict | str) -> None:

@@ -5,8 +5,12 @@
     serve(config, engine, tokenizer)                          # runs until cancelled
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics, and with TANDEM_FAULT_INJECTION=1 only (tests) POST /admin/faults. /v1/* and
-/admin/* require the API key (probes and scrapers stay unauthenticated).
+GET /metrics, the status page (``coordinator.status``: GET / and /status, polling
+GET /v1/status), and with TANDEM_FAULT_INJECTION=1 only (tests) POST /admin/faults. /v1/* and
+/admin/* require the API key (probes, scrapers and the page's static files stay
+unauthenticated). Every response carries ``x-request-id``: the client's own if it sent one (a
+generation is then ``cmpl-<that id>`` everywhere), else a generation's request id (``cmpl-...``
+/ ``chatcmpl-...``), else a fresh ``req-...`` id.
 
 The server runs with ``handler_cancellation=True``: when a client disconnects, aiohttp cancels
 its handler, and ``RequestRun.close()`` in the handler's ``finally`` aborts the request in the
@@ -44,6 +48,7 @@ from coordinator.openai_requests import ServingLimits, parse_chat, parse_complet
 from coordinator.openai_responses import ResponseBuilder
 from coordinator.request_run import RequestRun
 from coordinator.response_writer import collect_response, stream_response
+from coordinator.status import RecentTraces, StatusBoard, add_status_routes
 from core.config import TandemConfig
 
 log = logging.getLogger(__name__)
@@ -70,17 +75,24 @@ class ServerState:
 
 
 STATE = web.AppKey("tandem_state", ServerState)
-REQUEST_ID = web.RequestKey("tandem_request_id", str)  # the id of each HTTP request
+REQUEST_ID = web.RequestKey("tandem_request_id", str)  # a generation's request id
+CLIENT_REQUEST_ID = web.RequestKey("tandem_client_request_id", str)  # the client's x-request-id
 REQUEST_ID_HEADER = "x-request-id"
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def build_app(config: TandemConfig, engine: EngineClient, tokenizer: Tokenizer) -> web.Application:
+def build_app(
+    config: TandemConfig,
+    engine: EngineClient,
+    tokenizer: Tokenizer,
+    recent_traces: RecentTraces | None = None,
+) -> web.Application:
+    """``recent_traces``: where the status page's waterfall comes from (none: empty)."""
     state = ServerState(
         config=config,
         engine=engine,
         tokenizer=tokenizer,
-        metrics=ServerMetrics(),
+        metrics=ServerMetrics(config.coordinator.slo),
         limits=ServingLimits(
             model_name=config.model.name,
             max_model_len=config.model.max_model_len,
@@ -105,7 +117,17 @@ def build_app(config: TandemConfig, engine: EngineClient, tokenizer: Tokenizer) 
     if os.environ.get(FAULT_INJECTION_ENV) == "1":  # tests only: refused in normal serving
         log.warning("fault injection is enabled (%s=1): POST /admin/faults", FAULT_INJECTION_ENV)
         app.router.add_post("/admin/faults", _arm_fault)
+    board = StatusBoard(config, engine, state.metrics, lambda: state.num_in_flight, recent_traces)
+    add_status_routes(app, board, auth_required=config.coordinator.api_key is not None)
+    app.on_response_prepare.append(_add_request_id)
     return app
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    # on_response_prepare: runs for streamed, error and static responses alike, before headers go
+    response.headers[REQUEST_ID_HEADER] = (
+        request.get(CLIENT_REQUEST_ID) or request.get(REQUEST_ID) or f"req-{uuid.uuid4().hex}"
+    )
 
 
 async def start_server(app: web.Application, host: str, port: int) -> web.AppRunner:
@@ -148,19 +170,17 @@ async def serve(
 async def _request_id_middleware(
     request: web.Request, handler: Handler
 ) -> web.StreamResponse:
-    """Every response carries ``x-request-id``: the client's (checked), or a new one. A
-    generation request is known by it everywhere (``cmpl-<id>``), fault injection included."""
+    """A client's ``x-request-id`` is checked here; a generation is then known by it everywhere
+    (``cmpl-<id>``: traces, fault injection) and it is echoed back (``_add_request_id``)."""
     given = request.headers.get(REQUEST_ID_HEADER)
-    if given is not None and not REQUEST_ID_PATTERN.fullmatch(given):
-        return bad_request(
-            f"{REQUEST_ID_HEADER} must be 1-128 characters of A-Z a-z 0-9 . _ : -",
-            param=REQUEST_ID_HEADER,
-        ).response()
-    request[REQUEST_ID] = given or uuid.uuid4().hex
-    response = await handler(request)
-    if not response.prepared:  # a stream sets its own before its headers go out
-        response.headers.setdefault(REQUEST_ID_HEADER, request[REQUEST_ID])
-    return response
+    if given is not None:
+        if not REQUEST_ID_PATTERN.fullmatch(given):
+            return bad_request(
+                f"{REQUEST_ID_HEADER} must be 1-128 characters of A-Z a-z 0-9 . _ : -",
+                param=REQUEST_ID_HEADER,
+            ).response()
+        request[CLIENT_REQUEST_ID] = given
+    return await handler(request)
 
 
 def _auth_middleware(api_key: str | None) -> Middleware:
@@ -271,6 +291,9 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     state = request.app[STATE]
     arrival = time.monotonic()
     endpoint = "chat" if kind == "chat" else "completions"
+    given = request.get(CLIENT_REQUEST_ID)
+    request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{given or uuid.uuid4().hex}"
+    request[REQUEST_ID] = request_id
     # Queue check first: an overloaded server should not spend time reading or tokenizing.
     if state.num_in_flight >= state.config.coordinator.max_queued_requests:
         state.metrics.requests.labels(endpoint, "rejected_429").inc()
@@ -294,10 +317,9 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         except ApiError as exc:
             outcome = f"rejected_{exc.status}"
             raise
-        request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{request[REQUEST_ID]}"
         if request_id in state.request_ids:
             raise bad_request(
-                f"a request with {REQUEST_ID_HEADER} {request[REQUEST_ID]!r} is in flight",
+                f"a request with {REQUEST_ID_HEADER} {request[CLIENT_REQUEST_ID]!r} is in flight",
                 param=REQUEST_ID_HEADER,
             )
         state.request_ids.add(request_id)
@@ -314,8 +336,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
             request_id, state.limits.model_name, int(time.time()), gen, state.tokenizer
         )
         if gen.stream:
-            headers = {REQUEST_ID_HEADER: request[REQUEST_ID]}
-            response, outcome = await stream_response(request, run, builder, headers)
+            response, outcome = await stream_response(request, run, builder)
         else:
             response, outcome = await collect_response(run, builder)
         return response

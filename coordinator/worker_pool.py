@@ -164,10 +164,12 @@ class WorkerPool:
             sum(w.stats.get("waiting", 0) for w in live),
         )
 
-    def statuses(self) -> tuple[WorkerStatus, ...]:
+    def worker_status(self) -> tuple[WorkerStatus, ...]:
+        """Every worker's current incarnation, by name (for /v1/status)."""
         return tuple(
             WorkerStatus(w.name, w.role, w.alive, w.incarnation, w.stats.get("running", 0),
-                         w.stats.get("waiting", 0), w.stats.get("kv_blocks_used", 0),
+                         w.stats.get("waiting", 0),
+                         min(w.stats.get("kv_blocks_used", 0), w.num_blocks),
                          w.num_blocks)  # fmt: skip
             for w in sorted(self.workers.values(), key=lambda w: w.name)
         )

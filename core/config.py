@@ -11,7 +11,8 @@ Layout of a file (every key but ``model.name`` and ``pools`` has a default)::
     kv_transfer: {backend, side_channel_host, side_channel_port_range, timeout_s, on_failure}
     coordinator: {host, port, api_key, max_queued_requests, max_prompt_tokens,
                   request_timeout_s, routing, retry: {max_attempts, worker_wait_s},
-                  workers: {restart, hang_timeout_s, max_step_failures}}
+                  workers: {restart, hang_timeout_s, max_step_failures},
+                  slo: {ttft_ms, tpot_ms}}
 
 Colocated mode uses its own ``pools.colocated`` section rather than reusing ``pools.decode``: a
 colocated worker both prefills and decodes, so naming it after one role would mislead, and a file
@@ -217,6 +218,21 @@ class WorkersSection(_Section):
     max_step_failures: PositiveInt = 3  # failed engine steps in a row before it is replaced
 
 
+class SloSection(_Section):
+    """Latency targets a request must meet to count as goodput (``tandem_goodput_requests``):
+    the definitions of vLLM's ``bench serve`` (TPOT = (last token - first token) / (tokens - 1),
+    0 for a one-token answer). An unset target is not checked; at least one must be set."""
+
+    ttft_ms: PositiveFloat | None = None  # arrival -> first token
+    tpot_ms: PositiveFloat | None = None  # mean gap between later tokens
+
+    @model_validator(mode="after")
+    def _some_target(self) -> SloSection:
+        if self.ttft_ms is None and self.tpot_ms is None:
+            raise ValueError("set at least one of ttft_ms, tpot_ms")
+        return self
+
+
 class CoordinatorSection(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)  # 0: any free port
@@ -227,6 +243,7 @@ class CoordinatorSection(_Section):
     routing: RoutingPolicy = "least_loaded"
     retry: RetrySection = RetrySection()
     workers: WorkersSection = WorkersSection()
+    slo: SloSection | None = None  # None: every finished request counts as goodput
 
 
 class TandemConfig(_Section):

@@ -46,7 +46,7 @@ def test_request_ids_are_echoed_used_and_checked():
     assert mine == ("a-1", "cmpl-a-1")
     assert engine.requests[0][0] == "cmpl-a-1"  # the engine knows it by that id
     assert streamed == "s.2"
-    assert len(made) == 32  # a fresh uuid hex
+    assert made.startswith("req-") and len(made) == 36  # a fresh one
     assert bad == (400, "x-request-id")
     assert dup[0] == 400 and "in flight" in dup[1]
 
