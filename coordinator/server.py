@@ -4,7 +4,8 @@
     start_server(app, host, port) -> web.AppRunner            # bound and listening (port 0: any)
     serve(config, engine, tokenizer)                          # runs until cancelled
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
+GET /v1/requests/{id}/trace, GET /health,
 GET /metrics, the status page (``coordinator.status``: GET / and /status, polling
 GET /v1/status), and with TANDEM_FAULT_INJECTION=1 only (tests) POST /admin/faults. /v1/* and
 /admin/* require the API key (probes, scrapers and the page's static files stay
@@ -112,6 +113,7 @@ def build_app(
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/requests/{request_id}/trace", _trace)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
     if os.environ.get(FAULT_INJECTION_ENV) == "1":  # tests only: refused in normal serving
@@ -235,6 +237,18 @@ async def _health(request: web.Request) -> web.Response:
                   for n, p in pools.items()},
     }  # fmt: skip
     return web.json_response(body, status=503 if status == "unavailable" else 200)
+
+
+async def _trace(request: web.Request) -> web.Response:
+    """The trace of a request in flight or among the recent ones (coordinator/trace.py)."""
+    state = request.app[STATE]
+    request_id = request.match_info["request_id"]
+    trace = getattr(state.engine, "trace", None)
+    found = trace(request_id) if trace is not None else None
+    if found is None:
+        raise ApiError(404, f"no trace of request {request_id!r} (unknown, or no longer kept)",
+                       NOT_FOUND, param="request_id", code="trace_not_found")  # fmt: skip
+    return web.json_response(found)
 
 
 async def _arm_fault(request: web.Request) -> web.Response:
