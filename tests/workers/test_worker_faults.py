@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 
 import pytest
-from conftest import collect, spec, tokens_of, wait_until
+from worker_harness import collect, spec, tokens_of, wait_until
 
 from core.delta_codec import decode_deltas
 from core.outputs import FAULT_STEP_FAILED, FAULT_TRANSFER_FAILED
