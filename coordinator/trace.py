@@ -199,8 +199,10 @@ def export_spans(tracer: Any, rec: RequestRecord) -> None:
     """One span for the request and a child per phase, at their real times (ns since epoch)."""
     from opentelemetry import trace
 
-    def ns(offset_s: float) -> int:
-        return int((rec.arrival_wall + offset_s) * 1e9)
+    base_ns = int(rec.arrival_wall * 1e9)
+
+    def ns(offset_s: float) -> int:  # offsets added in ns: a float of ~1.8e18 ns is 256 ns coarse
+        return base_ns + round(offset_s * 1e9)
 
     end_s = rec.ended_s if rec.ended_s is not None else rec.elapsed()
     retries, migrations = retries_and_migrations(rec)
