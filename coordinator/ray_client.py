@@ -29,7 +29,7 @@ from coordinator.router import DecodeLoad, PrefillLoad, Route, blocks_for, route
 from coordinator.token_stream import TokenStream
 from coordinator.worker_pool import WorkerPool, WorkerRef, WorkerUnavailable
 from core.config import TandemConfig
-from core.outputs import FINISH_LENGTH, FINISH_STOP, OutputDelta
+from core.outputs import FINISH_LENGTH, FINISH_REJECTED, FINISH_STOP, OutputDelta
 from core.sampling_params import SamplingParams
 from core.tokenizer import Tokenizer
 
@@ -97,7 +97,8 @@ class RayEngineClient:
                 for out in assembler.push(await queue.get()):
                     if out.token_ids and rec.phase == Phase.PREFILLING:
                         self._first_token(rec)
-                    natural = out.finish_reason in (FINISH_STOP, FINISH_LENGTH)
+                    # rejected: a worker refused the grammar before any KV moved
+                    natural = out.finish_reason in (FINISH_STOP, FINISH_LENGTH, FINISH_REJECTED)
                     if natural and not assembler.stopped_here:
                         finished_by = self._finisher(rec, out)
                     yield out

@@ -6,11 +6,19 @@ API, tests and benchmarks drive it directly; the prefill and decode workers use 
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
-from core.outputs import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, OutputDelta, TokenLogprob
+from core.outputs import (
+    FINISH_ABORT,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    OutputDelta,
+    TokenLogprob,
+)
 from core.sampling_params import SamplingParams
 from core.text_state import TextState
 from core.tokenizer import Tokenizer
@@ -24,7 +32,14 @@ from engine.model_runner import ModelRunner, StepOutput
 from engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from engine.sequence import Sequence
 from engine.spec.speculator import Speculator
+from engine.structured.admission import GrammarAdmission
+from engine.tokenizer_files import load_tokenizer_files
 from kernels import cpu_ext
+
+log = logging.getLogger(__name__)
+
+GRAMMAR_WAIT_S = 0.002  # an engine with only grammars compiling naps this long per step
+GRAMMAR_BROKEN = "structured output: a token outside the grammar was sampled"
 
 
 def build_model(
@@ -101,6 +116,10 @@ class EngineCore:
         self.speculator = (
             Speculator(config.speculative, self) if config.speculative.enabled else None
         )
+        # A token-only engine (a worker's) loads the tokenizer files on its first grammar.
+        files = (lambda: tokenizer.files) if tokenizer is not None else (
+            lambda: load_tokenizer_files(config.model))  # fmt: skip
+        self.structured = GrammarAdmission(files, self.model_config.vocab_size, self.eos_token_ids)
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -124,7 +143,10 @@ class EngineCore:
             # text (and stop strings) only where a tokenizer was given: a token-only engine,
             # like a worker's (the coordinator detokenizes), never does
             self.texts[request_id] = TextState(self.tokenizer, prompt_token_ids, params)
-        self.scheduler.add(seq)
+        if params.structured is not None:  # joins the scheduler once its grammar is compiled
+            self.structured.park(seq, running=False)
+        else:
+            self.scheduler.add(seq)
 
     def add_prefilled(
         self,
@@ -141,27 +163,55 @@ class EngineCore:
         seq.block_ids = list(block_ids)
         seq.num_computed_tokens = len(prompt_token_ids)
         self.seqs[request_id] = seq
-        self.scheduler.add_running(seq)
+        if params.structured is not None:
+            self.structured.park(seq, running=True)
+        else:
+            self.scheduler.add_running(seq)
 
     def abort(self, request_ids: list[str]) -> list[OutputDelta]:
         out = []
+        for seq in self.structured.abort(request_ids):
+            self.scheduler.finish(seq, FINISH_ABORT)
+            self.scheduler.free_blocks(seq)
+            out.append(self._delta(seq, [], [], FINISH_ABORT))
         for seq in self.scheduler.abort(request_ids):
             out.append(self._delta(seq, [], [], FINISH_ABORT))
         return out
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.structured.num_parked > 0
+
+    def admit_structured(self) -> list[OutputDelta]:
+        """Sequences whose grammar is now compiled join the scheduler; those whose grammar
+        failed end here (the returned deltas: ``rejected`` for a bad spec)."""
+        if not self.structured.num_parked:
+            return []
+        ready, failed = self.structured.take_ready()
+        for entry in ready:
+            if entry.running:
+                self.scheduler.add_running(entry.seq)
+            else:
+                self.scheduler.add(entry.seq)
+        out = []
+        for f in failed:
+            self.scheduler.finish(f.seq, f.finish_reason)
+            self.scheduler.free_blocks(f.seq)  # a decode hand-off's blocks
+            out.append(self._delta(f.seq, [], [], f.finish_reason, error=f.error))
+        return out
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[OutputDelta]:
+        admitted = self.admit_structured()
         lookahead = self.speculator.k if self.speculator is not None else 0
         batch = self.scheduler.schedule(num_lookahead_tokens=lookahead)
         if not batch:
-            return []
+            if not admitted and self.structured.num_parked:
+                self.structured.wait(GRAMMAR_WAIT_S)  # nothing to run until a compile ends
+            return admitted
         if self.speculator is not None and not batch.is_prefill:
-            return self.speculator.step(self, batch)
+            return admitted + self.speculator.step(self, batch)
         out = self.runner.execute(batch)
-        return self.postprocess(batch, out)
+        return admitted + self.postprocess(batch, out)
 
     def postprocess(self, batch: ScheduledBatch, out: StepOutput) -> list[OutputDelta]:
         self.scheduler.commit_computed(batch)
@@ -192,7 +242,8 @@ class EngineCore:
         seq.output_logprobs.extend(lps)
         if finish is not None:
             self.scheduler.finish(seq, finish)
-        return self._delta(seq, taken, lps, finish)
+        error = GRAMMAR_BROKEN if finish == FINISH_ERROR else None
+        return self._delta(seq, taken, lps, finish, error=error)
 
     def _check_finish(self, seq: Sequence, token: int) -> str | None:
         stopped = seq.check_stop_token(token)
@@ -203,12 +254,22 @@ class EngineCore:
             if hit is not None:  # a stop string outranks max_tokens on the same token
                 seq.finish_reason, seq.stop_reason = FINISH_STOP, hit
                 stopped = True
+        if not stopped and seq.grammar is not None:
+            if not seq.grammar.accept(token):  # masked sampling cannot pick it: a bug
+                log.error("%s: token %d broke its grammar", seq.request_id, token)
+                seq.finish_reason = FINISH_ERROR
+                return FINISH_ERROR
+            if seq.grammar.terminated:  # it took a stop token (ignore_eos: EOS is one too)
+                seq.finish_reason, stopped = FINISH_STOP, True
         if not stopped and seq.num_tokens >= self.max_seq_len:
             seq.finish_reason = FINISH_LENGTH
             stopped = True
         return seq.finish_reason if stopped else None
 
-    def _delta(self, seq: Sequence, tokens: list[int], lps: list, finish: str | None):
+    def _delta(
+        self, seq: Sequence, tokens: list[int], lps: list, finish: str | None,
+        error: str | None = None,
+    ) -> OutputDelta:  # fmt: skip
         text_state = self.texts.get(seq.request_id)
         text = text_state.take(finish is not None) if text_state else ""
         first = seq.num_output_tokens == len(tokens)
@@ -224,5 +285,7 @@ class EngineCore:
             finish_reason=finish,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
+            error=error,
             stop_reason=seq.stop_reason,
+            num_cached_tokens=seq.num_cached_prompt_tokens if first and tokens else 0,
         )

@@ -103,9 +103,13 @@ class PrefillWorker(WorkerBase):
                     num_output_tokens=seq.num_output_tokens,
                 ))  # fmt: skip
         self.emit(errors)
+        rejected = eng.admit_structured()  # grammars compiled (or refused) since the last turn
+        for d in rejected:
+            self.destinations.pop(d.request_id, None)
+        self.emit(rejected)
         batch = eng.scheduler.schedule()
         if not batch:
-            return bool(errors)
+            return bool(errors or rejected)
         out = eng.runner.execute(batch)
         deltas = eng.postprocess(batch, out)  # token 1 of every sequence whose prompt is done
         self.emit(deltas)  # first: TTFT does not wait for the transfers to be posted
