@@ -7,7 +7,6 @@ import time
 
 import pytest
 import torch
-import zmq
 
 from core.delta_codec import decode_deltas
 from core.sampling_params import SamplingParams
@@ -22,16 +21,6 @@ BLOCK = 4
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     return str(save_tiny_llama(tmp_path_factory.mktemp("tiny"), seed=5))
-
-
-@pytest.fixture()
-def sink():
-    ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    port = pull.bind_to_random_port("tcp://127.0.0.1")
-    yield pull, f"tcp://127.0.0.1:{port}"
-    pull.close(0)
-    ctx.term()
 
 
 def spec(name: str, model: str, out: str, backend: str = "nixl", **engine) -> dict:
