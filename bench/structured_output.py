@@ -7,8 +7,10 @@ time (cold and cached), in one run.
 In-process ``EngineCore`` (the code every worker steps), builtin SmolLM2-135M, float32, greedy,
 prefix caching off (every run prefills afresh). The same chat prompts run with and without the
 schema, alternating (free, schema, free, schema ...) so that drift in machine load hits both.
-The schema is an array of at least 64 small records, so no request ends before ``--max-new``
-(free text runs with ignore_eos): both sides generate exactly n x max-new tokens.
+The schema is an array of at least 64 small records ({"id": integer, "name": string}), so no
+request ends before ``--max-new`` (free text runs with ignore_eos): every run generates exactly
+n x max-new tokens. A second schema bounds the strings (``maxLength: 12``), which xgrammar
+0.2.8 masks much more slowly inside the string.
 tokens/s = generated tokens / wall time (prefill included). The grammar's own share is timed
 inside the run: ``mask_logits`` (fill the matchers' bitmasks + mask the logits, per step) and
 the matchers' accept calls. Compile: xgrammar over the model's vocabulary, on the worker's
@@ -41,12 +43,15 @@ RECORDS = {
     "type": "array",
     "items": {
         "type": "object",
-        "properties": {"id": {"type": "integer"}, "name": {"type": "string", "maxLength": 12}},
+        "properties": {"id": {"type": "integer"}, "name": {"type": "string"}},
         "required": ["id", "name"],
         "additionalProperties": False,
     },
     "minItems": 64,
 }
+# the same with bounded strings: xgrammar 0.2.8 masks inside a maxLength string far more slowly
+BOUNDED = {**RECORDS, "items": {**RECORDS["items"], "properties": {
+    "id": {"type": "integer"}, "name": {"type": "string", "maxLength": 12}}}}  # fmt: skip
 QUESTIONS = [
     "List the employees of a small company as JSON records.",
     "Give me a JSON list of cities with an id and a name.",
@@ -59,6 +64,7 @@ WIDE = {"type": "object", "required": [f"f{i}" for i in range(40)],
                        for i in range(40)}}  # fmt: skip
 COMPILE_SPECS = {
     "json_schema records": StructuredOutput.json_schema(RECORDS),
+    "records, maxLength 12": StructuredOutput.json_schema(BOUNDED),
     "json_schema 40 fields": StructuredOutput.json_schema(WIDE),
     "json_object": StructuredOutput("json_object"),
     "regex": StructuredOutput("regex", r"[A-Z][a-z]{2,8} [0-9]{1,3}(, [A-Z][a-z]+)*"),
@@ -135,37 +141,42 @@ def main() -> None:
     accept = Timer(grammar_state.GrammarState.accept)
     grammar_state.GrammarState.accept = lambda state, token: accept(state, token)
     free = SamplingParams(max_tokens=args.max_new, temperature=0, ignore_eos=True)
-    schema = SamplingParams(max_tokens=args.max_new, temperature=0, ignore_eos=True,
-                            structured=StructuredOutput.json_schema(RECORDS))  # fmt: skip
-    run(eng, [tokenizer.encode("warm up")], schema)  # compiler built, kernels loaded
-    print(f"\n{args.max_new} new tokens per stream, greedy; {args.rounds} rounds, alternating")
-    print(f"{'streams':>7} {'free tok/s':>11} {'schema tok/s':>13} {'schema/free':>12} "
-          f"{'mask ms/step':>13} {'accept us/tok':>14}")  # fmt: skip
-    for n in [int(s) for s in args.sizes.split(",")]:
+    variants = {"free": free}
+    for name, schema in (("schema", RECORDS), ("bounded", BOUNDED)):
+        variants[name] = SamplingParams(max_tokens=args.max_new, temperature=0, ignore_eos=True,
+                                        structured=StructuredOutput.json_schema(schema))
+    for name in ("schema", "bounded"):  # compiler built, grammars compiled, kernels loaded
+        run(eng, [tokenizer.encode("warm up")], variants[name])
+    print(f"\n{args.max_new} new tokens per stream, greedy; {args.rounds} rounds, alternating; "
+          "mask = ms per decode step filling the bitmasks + masking the logits; accept = us "
+          "per token advancing a matcher")  # fmt: skip
+    print(f"{'streams':>7} {'variant':>8} {'tok/s':>7} {'/ free':>7} {'mask ms':>8} "
+          f"{'accept us':>10}   runs tok/s")  # fmt: skip
+    for n in [int(x) for x in args.sizes.split(",")]:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}])
                    for q in (QUESTIONS * n)[:n]]  # fmt: skip
-        rates: dict[str, list[float]] = {"free": [], "schema": []}
-        mask_s = accept_s = 0.0
-        num_accepts = 0
+        rates: dict[str, list[float]] = {name: [] for name in variants}
+        cost = {name: [0.0, 0.0, 0] for name in variants}  # mask s, accept s, accepts
         for _ in range(args.rounds):
-            for name, params in (("free", free), ("schema", schema)):
+            for name, params in variants.items():
                 mask.seconds = accept.seconds = accept.calls = 0
                 seconds, tokens = run(eng, prompts, params)
                 assert tokens == n * args.max_new, (name, tokens)
                 rates[name].append(tokens / seconds)
-                if name == "schema":
-                    mask_s, accept_s = mask_s + mask.seconds, accept_s + accept.seconds
-                    num_accepts += accept.calls
-        f, s = statistics.median(rates["free"]), statistics.median(rates["schema"])
-        steps = args.rounds * args.max_new  # decode steps of the schema runs (+1 prefill each)
-        print(f"{n:7d} {f:11.1f} {s:13.1f} {s / f:12.3f} {mask_s / steps * 1e3:13.3f} "
-              f"{accept_s / max(num_accepts, 1) * 1e6:14.1f}")  # fmt: skip
-        print(f"        free runs {', '.join(f'{r:.1f}' for r in rates['free'])}; "
-              f"schema runs {', '.join(f'{r:.1f}' for r in rates['schema'])}")  # fmt: skip
+                c = cost[name]
+                c[0], c[1], c[2] = c[0] + mask.seconds, c[1] + accept.seconds, c[2] + accept.calls
+        base = statistics.median(rates["free"])
+        steps = args.rounds * args.max_new  # decode steps per variant (+1 prefill per run)
+        for name, runs in rates.items():
+            rate = statistics.median(runs)
+            mask_ms, accept_s, num_accepts = cost[name][0] / steps * 1e3, *cost[name][1:]
+            print(f"{n:7d} {name:>8} {rate:7.1f} {rate / base:7.3f} {mask_ms:8.3f} "
+                  f"{accept_s / max(num_accepts, 1) * 1e6:10.1f}   "
+                  f"{', '.join(f'{r:.1f}' for r in runs)}")  # fmt: skip
     compile_times(tokenizer, eng.model_config.vocab_size, eng.eos_token_ids)
     print(f"\nload avg at the end {load_average()}; torch {torch.__version__}")
     eng.add_request("show", prompts[0], SamplingParams(max_tokens=40, temperature=0,
-                    structured=schema.structured))  # fmt: skip
+                    structured=variants["schema"].structured))  # fmt: skip
     text = []
     while eng.has_unfinished():
         text += [d.text for d in eng.step()]

@@ -35,7 +35,8 @@ def mask_logits(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
     _apply(out, bitmask, rows)
     # A row with nothing left: another constraint (min_tokens keeping EOS out) disagrees with a
     # grammar that allows only EOS now. The grammar wins: its tokens, uniformly weighted.
-    dead = [i for i in rows if not torch.isfinite(out[i]).any()]
+    alive = torch.isfinite(out[rows]).any(dim=-1).tolist()  # one device sync for all rows
+    dead = [i for i, ok in zip(rows, alive, strict=True) if not ok]
     if dead:
         out[dead] = 0.0
         _apply(out, bitmask, dead)

@@ -161,3 +161,13 @@ def test_cache_rebuilt_state_and_draft_rollback(model_dir):
     assert digits == list(b"0123456789")  # the first row masked at the state before the drafts
     # after "n": 12 only "}" (the last property; a third digit would pass the maximum of 99)
     assert torch.isfinite(masked[2]).nonzero().flatten().tolist() == list(b"}")
+
+
+def test_a_complete_grammar_ends_the_request_whatever_min_tokens_and_ignore_eos_say(model_dir):
+    eng = engine_for(model_dir)
+    choice = StructuredOutput.choice(CHOICES)
+    params = [SamplingParams(max_tokens=12, min_tokens=10, temperature=0, structured=choice),
+              SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.8, seed=1,
+                             structured=choice)]  # fmt: skip
+    for ids, finish, _ in run(eng, [[5, 6, 7]] * 2, params):
+        assert finish == "stop" and ids[-1] == 2 and text(ids) in CHOICES
