@@ -33,10 +33,11 @@ def mask_logits(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
         seqs[i].grammar.fill_mask(bitmask, i)
     out = logits.clone()
     _apply(out, bitmask, rows)
-    # A row with nothing left: another constraint (min_tokens keeping EOS out) disagrees with a
-    # grammar that allows only EOS now. The grammar wins: its tokens, uniformly weighted.
-    alive = torch.isfinite(out[rows]).any(dim=-1).tolist()  # one device sync for all rows
-    dead = [i for i, ok in zip(rows, alive, strict=True) if not ok]
+    # A row with nothing left: min_tokens (keeping EOS and stop ids out) disagrees with a
+    # grammar that allows only those now. The grammar wins: its tokens, uniformly weighted.
+    banned = [i for i in rows if seqs[i].num_output_tokens < seqs[i].params.min_tokens]
+    alive = torch.isfinite(out[banned]).any(dim=-1).tolist() if banned else []  # one sync
+    dead = [i for i, ok in zip(banned, alive, strict=True) if not ok]
     if dead:
         out[dead] = 0.0
         _apply(out, bitmask, dead)
