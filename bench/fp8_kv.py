@@ -90,7 +90,7 @@ def run(engine: EngineCore, name: str, prompts: list[list[int]], max_new: int) -
             batches.append(len(batch.seqs))
     seconds = time.perf_counter() - start
     assert out_tok == len(prompts) * max_new, (out_tok, len(prompts) * max_new)
-    assert engine.block_pool.num_used_blocks == 0
+    assert engine.kv.num_used_blocks == 0
     return Throughput(name, seconds, out_tok, decode_s, decode_tok, sum(batches) / len(batches),
                       max(batches), engine.scheduler.num_preemptions)  # fmt: skip
 

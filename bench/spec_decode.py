@@ -171,7 +171,7 @@ def generate(engine: EngineCore, prompts: list[list[int]], max_new: int, tag: st
                 decode_tok += n
     finally:
         del engine.scheduler.schedule  # back to the class's method
-    assert engine.block_pool.num_used_blocks == 0
+    assert engine.kv.num_used_blocks == 0
     return [out[r] for r in ids], decode_s, decode_tok, sum(s.spec_disabled for s in seqs)
 
 

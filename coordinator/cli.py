@@ -2,10 +2,12 @@
 
     tandem serve --config PATH [--host H] [--port N] [--address RAY_ADDRESS]
     tandem generate --config PATH [--chat] [--temperature T] [--max-tokens N] [--json] PROMPT...
+    tandem bench (--url URL | --config PATH | --compare PATH...) [--workload ...] [--rates ...]
 
 ``serve`` is ``coordinator.launch`` (a torch-free coordinator over Ray actors). ``generate``
 runs the in-process engine (``engine.llm.LLM``) on all prompts as one batch; the engine is
-imported inside the subcommand so that ``serve`` never loads torch.
+imported inside the subcommand so that ``serve`` never loads torch. ``bench`` is
+``bench.tandem_bench`` (torch-free too): serving metrics against an OpenAI-compatible server.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench import tandem_bench
     from coordinator.launch import add_arguments, run
 
     parser = argparse.ArgumentParser(prog="tandem", description="Disaggregated LLM serving.")
@@ -84,9 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="serve a topology over HTTP (OpenAI-compatible)")
     add_arguments(serve)
     _generate_parser(sub)
+    bench = sub.add_parser(
+        "bench",
+        help="serving benchmark: TTFT/TPOT/ITL/E2E, throughput, goodput, plot",
+        description=tandem_bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tandem_bench.add_arguments(bench)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return run(args)
+    if args.command == "bench":
+        return tandem_bench.run(args)
     return generate(args)
 
 

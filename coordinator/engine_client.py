@@ -7,7 +7,7 @@ front end (``coordinator.server``) only ever talks to this Protocol, so it never
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from core.outputs import OutputDelta
@@ -30,6 +30,32 @@ class PoolStats:
                 f"pool {self.name}: need 0 <= used <= total KV blocks, got "
                 f"{self.num_kv_blocks_used}/{self.num_kv_blocks_total}"
             )
+
+
+@dataclass(frozen=True)
+class PoolHealth:
+    """Live workers of a pool against its target (``replicas``)."""
+
+    live: int
+    target: int
+
+    @property
+    def status(self) -> str:
+        """``down`` (no live worker: requests wait or fail), ``degraded`` (fewer than the
+        target, e.g. one is being restarted) or ``ok``."""
+        if self.live == 0:
+            return "down"
+        return "degraded" if self.live < self.target else "ok"
+
+
+@dataclass(frozen=True)
+class FaultStats:
+    """Cumulative fault-tolerance counters of the engine."""
+
+    retries: tuple[tuple[str, str, int], ...] = ()  # (stage, reason, count): new attempts
+    migrations: int = 0  # new attempts that resumed after tokens had been streamed
+    restarts: tuple[tuple[str, int], ...] = ()  # (pool, count): workers replaced
+    leases_revoked: int = 0  # blocks held for requests the coordinator had ended (audit)
 
 
 @dataclass(frozen=True)
@@ -58,6 +84,20 @@ class SpecStats:
 
 
 @dataclass(frozen=True)
+class WorkerStatus:
+    """One worker as the status page shows it (``GET /v1/status``), from its latest stats."""
+
+    name: str
+    pool: str
+    live: bool
+    incarnation: int  # restarts of this worker so far (0: the first process)
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """A snapshot for /metrics. ``num_running``/``num_waiting`` count requests (not sequences
     per pool): a request waiting for prefill is waiting, one in any batch is running."""
@@ -67,6 +107,9 @@ class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
     spec: SpecStats | None = None  # None: no worker speculates
+    health: dict[str, PoolHealth] = field(default_factory=dict)
+    workers: tuple[WorkerStatus, ...] = ()  # every worker's current incarnation
+    faults: FaultStats = FaultStats()
 
 
 @runtime_checkable
@@ -83,7 +126,7 @@ class EngineClient(Protocol):
     never seen: the front end calls it whenever it stops reading early (client disconnect,
     timeout, error), and the engine then frees the request's blocks on every worker.
 
-    ``health`` maps each pool name to whether it has at least one live worker.
+    ``health`` maps each pool name to its live and target worker counts.
     """
 
     def generate(
@@ -92,7 +135,7 @@ class EngineClient(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
-    async def health(self) -> dict[str, bool]: ...
+    async def health(self) -> dict[str, PoolHealth]: ...
 
     async def stats(self) -> EngineStats: ...
 

@@ -31,10 +31,11 @@ import ray  # noqa: E402  (after the environment it reads at import)
 
 from coordinator.ray_client import RayEngineClient  # noqa: E402
 from coordinator.server import bound_port, build_app, start_server  # noqa: E402
+from coordinator.supervisor import Supervisor  # noqa: E402
 from coordinator.token_stream import TokenStream  # noqa: E402
 from coordinator.worker_host import WorkerHost  # noqa: E402
-from coordinator.worker_pool import WorkerRef  # noqa: E402
-from coordinator.worker_specs import total_cpus, worker_plans  # noqa: E402
+from coordinator.worker_pool import WorkerPool  # noqa: E402
+from coordinator.worker_specs import WorkerPlan, total_cpus, worker_plans  # noqa: E402
 from core.config import ConfigError, TandemConfig, load_config  # noqa: E402
 from core.tokenizer import Tokenizer, TokenizerFiles  # noqa: E402
 
@@ -60,18 +61,19 @@ class Deployment:
     client: RayEngineClient
     tokenizer: Tokenizer
     stream: TokenStream
-    actors: list
+    supervisor: Supervisor
 
     async def shutdown(self) -> None:
         await self.client.aclose()
-        calls = [actor.call.remote("shutdown") for actor in self.actors]
+        await self.supervisor.aclose()  # no more replacements from here on
+        live = [w.actor for w in self.supervisor.pool.workers.values() if w.alive]
+        calls = [actor.call.remote("shutdown") for actor in live]
         with contextlib.suppress(Exception):
             await asyncio.wait_for(
                 asyncio.gather(*calls, return_exceptions=True), SHUTDOWN_TIMEOUT_S
             )
-        for actor in self.actors:
-            with contextlib.suppress(Exception):
-                ray.kill(actor)
+        for actor in self.supervisor.every_actor():
+            kill_actor(actor)
         await self.stream.aclose()
 
 
@@ -91,53 +93,51 @@ def init_ray(config: TandemConfig, address: str | None, num_cpus: int | None) ->
     return True
 
 
-async def deploy(config: TandemConfig, stream_host: str) -> Deployment:
-    stream = TokenStream(stream_host)
-    tokenizer_files = collect_tokenizer_files.remote(config.model.source)
+def kill_actor(actor) -> None:
+    with contextlib.suppress(Exception):
+        ray.kill(actor, no_restart=True)
+
+
+def actor_spawner(config: TandemConfig) -> Callable[[WorkerPlan, int], object]:
+    """(plan, incarnation) -> a new ``WorkerHost`` actor with the plan's resources."""
     host_class = ray.remote(WorkerHost)
-    plans = worker_plans(config, stream.address)
-    actors = [
-        host_class.options(
+
+    def spawn(plan: WorkerPlan, incarnation: int):
+        spec = {**plan.spec, "incarnation": incarnation}
+        return host_class.options(
             num_cpus=plan.num_cpus,
             num_gpus=plan.num_gpus,
             max_concurrency=MAX_WORKER_THREADS,
-        ).remote(plan.class_path, plan.spec)
-        for plan in plans
-    ]
+            max_restarts=0,  # the supervisor replaces dead workers itself (new incarnation)
+        ).remote(plan.class_path, spec)
+
+    return spawn
+
+
+async def deploy(config: TandemConfig, stream_host: str) -> Deployment:
+    stream = TokenStream(stream_host)
+    tokenizer_files = collect_tokenizer_files.remote(config.model.source)
+    pool = WorkerPool()
+    supervisor = Supervisor(
+        worker_plans(config, stream.address),
+        pool,
+        actor_spawner(config),
+        kill_actor,
+        restart=config.coordinator.workers.restart,
+        ready_timeout_s=READY_TIMEOUT_S,
+    )
     try:
-        infos = await asyncio.wait_for(
-            asyncio.gather(*(actor.call.remote("ready") for actor in actors)), READY_TIMEOUT_S
-        )
-        workers = [
-            WorkerRef(
-                name=plan.name,
-                role=plan.role,
-                actor=actor,
-                num_blocks=info["num_blocks"],
-                block_size=info["block_size"],
-                kv_address=info.get("kv_address"),
-            )
-            for plan, actor, info in zip(plans, actors, infos, strict=True)
-        ]
-        # every prefill worker can write into every decode worker
-        decodes = [w for w in workers if w.role == "decode"]
-        connects = [
-            w.actor.call.remote("connect", d.name, d.kv_address)
-            for w in workers
-            if w.role == "prefill"
-            for d in decodes
-        ]
-        await asyncio.gather(*connects)
+        await supervisor.start()
         tokenizer = Tokenizer(TokenizerFiles.from_dict(await tokenizer_files))
-        client = RayEngineClient(config, workers, stream, tokenizer)
+        client = RayEngineClient(config, pool, supervisor, stream, tokenizer)
         await client.start()
     except BaseException:
-        for actor in actors:
-            with contextlib.suppress(Exception):
-                ray.kill(actor)
+        await supervisor.aclose()
+        for actor in supervisor.every_actor():
+            kill_actor(actor)
         await stream.aclose()
         raise
-    return Deployment(client, tokenizer, stream, actors)
+    return Deployment(client, tokenizer, stream, supervisor)
 
 
 async def serve_topology(

@@ -1,6 +1,8 @@
 """Prometheus metrics of one coordinator, in its own registry.
 
-Latencies (TTFT, inter-token) are observed here, where the client's clock is. Engine-side load
+Latencies (TTFT, inter-token) are observed here, where the client's clock is, both into the
+histograms and into the last-minute windows of the status page (``coordinator.status_window``);
+so is goodput: finished requests that met ``coordinator.slo``. Engine-side load
 (KV blocks, running/waiting, transfer totals) is pulled from ``EngineClient.stats()`` on each
 scrape and exposed by a custom collector, so the values are never older than the scrape and
 cumulative transfer totals stay true counters even though the engine owns them.
@@ -8,6 +10,7 @@ cumulative transfer totals stay true counters even though the engine owns them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -15,6 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from coordinator.engine_client import EngineStats, SpecStats
+from coordinator.status_window import RecentTraffic
+from core.config import SloSection
 
 # Seconds. TTFT spans CPU prefill of long prompts (seconds) down to GPU hits (milliseconds).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -25,13 +30,21 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class ServerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, slo: SloSection | None = None) -> None:
+        self.slo = slo
+        self.recent = RecentTraffic(time.monotonic())
         self.registry = CollectorRegistry()  # per server: several servers can share a process
         self.requests = Counter(
             "tandem_requests",
             "Generation requests by endpoint and outcome "
             "(stop, length, error, timeout, disconnect, rejected_<status>).",
             ["endpoint", "outcome"],
+            registry=self.registry,
+        )
+        self.goodput = Counter(
+            "tandem_goodput_requests",
+            "Requests that finished (stop or length) within coordinator.slo: TTFT <= ttft_ms and "
+            "TPOT <= tpot_ms (every finished request when no SLO is set).",
             registry=self.registry,
         )
         self.time_to_first_token = Histogram(
@@ -60,11 +73,46 @@ class ServerMetrics:
         self._engine = _EngineStatsCollector()
         self.registry.register(self._engine)
 
+    def observe_admitted(self) -> None:
+        self.recent.admitted.add(time.monotonic())
+
+    def observe_first_token(self, ttft_s: float) -> None:
+        self.time_to_first_token.observe(ttft_s)
+        self.recent.ttft.add(time.monotonic(), ttft_s)
+
+    def observe_token_gaps(self, gap_s: float, count: int) -> None:
+        for _ in range(count):
+            self.inter_token_latency.observe(gap_s)
+        self.recent.itl.add(time.monotonic(), gap_s, count)
+
+    def observe_finish(
+        self, latency_s: float, ttft_s: float | None, tpot_s: float, completed: bool
+    ) -> None:
+        """``completed``: ended by stop or length (not an error); ``tpot_s`` as vLLM defines it:
+        (last token - first token) / (output tokens - 1), 0 for a single token."""
+        self.request_latency.observe(latency_s)
+        if not completed:
+            return
+        now = time.monotonic()
+        self.recent.finished.add(now)
+        if meets_slo(self.slo, ttft_s, tpot_s):
+            self.goodput.inc()
+            self.recent.good.add(now)
+
     def set_engine_stats(self, stats: EngineStats) -> None:
         self._engine.snapshot = stats
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def meets_slo(slo: SloSection | None, ttft_s: float | None, tpot_s: float) -> bool:
+    """Every set target met (inclusive, as vLLM's goodput); no SLO: met."""
+    if slo is None:
+        return True
+    if slo.ttft_ms is not None and (ttft_s is None or 1000.0 * ttft_s > slo.ttft_ms):
+        return False
+    return slo.tpot_ms is None or 1000.0 * tpot_s <= slo.tpot_ms
 
 
 class _EngineStatsCollector:
@@ -92,8 +140,44 @@ class _EngineStatsCollector:
         waiting = GaugeMetricFamily("tandem_waiting_requests", "Requests queued in the engine.")
         waiting.add_metric([], stats.num_waiting)
         yield from (used, total, moved, spent, running, waiting)
+        yield from _fault_metrics(stats)
         if stats.spec is not None:
             yield from _spec_metrics(stats.spec)
+
+
+def _fault_metrics(stats: EngineStats) -> Iterator[Metric]:
+    faults = stats.faults
+    retries = CounterMetricFamily(
+        "tandem_request_retries",
+        "New attempts after a fault, by where the failed attempt was (queued, prefill, transfer, "
+        "decode) and why (worker_died, worker_hung, step_failed, transfer_failed ...).",
+        labels=["stage", "reason"],
+    )
+    for stage, reason, count in faults.retries:
+        retries.add_metric([stage, reason], count)
+    migrations = CounterMetricFamily(
+        "tandem_request_migrations",
+        "Retries that resumed a request after tokens had been streamed (prompt + tokens so far "
+        "prefilled again).",
+    )
+    migrations.add_metric([], faults.migrations)
+    restarts = CounterMetricFamily(
+        "tandem_worker_restarts", "Workers replaced after dying, hanging or failing.",
+        labels=["pool"],
+    )
+    for pool, count in faults.restarts:
+        restarts.add_metric([pool], count)
+    revoked = CounterMetricFamily(
+        "tandem_kv_leases_revoked_blocks",
+        "KV blocks the lease audit freed: held for requests the coordinator had ended.",
+    )
+    revoked.add_metric([], faults.leases_revoked)
+    live = GaugeMetricFamily("tandem_workers_live", "Live workers per pool.", labels=["pool"])
+    target = GaugeMetricFamily("tandem_workers_target", "Target workers per pool.", labels=["pool"])
+    for pool, health in sorted(stats.health.items()):
+        live.add_metric([pool], health.live)
+        target.add_metric([pool], health.target)
+    yield from (retries, migrations, restarts, revoked, live, target)
 
 
 def _spec_metrics(spec: SpecStats) -> Iterator[Metric]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 
-from core.outputs import FAILURES, FINISH_STOP, OutputDelta
+from core.outputs import FAILURES, FINISH_ERROR, FINISH_STOP, OutputDelta
 from core.sampling_params import SamplingParams
 from core.text_state import TextState
 from core.tokenizer import Tokenizer
@@ -29,10 +29,23 @@ class OutputAssembler:
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], params: SamplingParams):
         self.text = TextState(tokenizer, prompt_token_ids, params)
         self.num_prompt_tokens = len(prompt_token_ids)
-        self.num_tokens = 0  # output tokens passed on so far
+        self.token_ids: list[int] = []  # output tokens passed on so far
         self.finished = False
         self.stopped_here = False  # a stop string ended it: the workers still hold it
         self._stash: dict[int, OutputDelta] = {}  # start index -> a delta that came early
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def forget_pending(self) -> None:
+        """A new attempt starts after ``token_ids``: deltas stashed from the last one are void."""
+        self._stash.clear()
+
+    def fail(self, message: str, fault: str | None = None) -> OutputDelta:
+        """End the request with an error the coordinator decided on."""
+        return self.push(OutputDelta("", (), finish_reason=FINISH_ERROR, error=message,
+                                     fault=fault))[0]  # fmt: skip
 
     def push(self, delta: OutputDelta) -> list[OutputDelta]:
         """The deltas to hand out now (possibly none; the last one may be finished)."""
@@ -69,7 +82,7 @@ class OutputAssembler:
                 tokens, finish, stop_reason = tokens[: i + 1], FINISH_STOP, hit
                 self.stopped_here = True
                 break
-        self.num_tokens += len(tokens)
+        self.token_ids.extend(tokens)
         self.finished = finish is not None
         return OutputDelta(
             request_id=delta.request_id,
@@ -93,4 +106,5 @@ class OutputAssembler:
             num_prompt_tokens=self.num_prompt_tokens,
             num_output_tokens=self.num_tokens,
             error=delta.error or f"request {delta.finish_reason}",
+            fault=delta.fault,
         )

@@ -1,17 +1,23 @@
-"""``EngineClient`` over Ray worker actors (docs/serving.md): the disaggregated request flow.
+"""``EngineClient`` over Ray worker actors (docs/serving.md): requests that survive their workers.
 
     generate(request):
-        open a token queue                                  (before any worker sees the request)
-        route over recent stats -> decode.reserve(prompt)   (None: no room; retry/queue here)
-        prefill.prefill(prompt, decode, dst blocks)         (colocated: worker.add_request)
-        tokens <- queue: reorder, detokenize, stop strings  (OutputAssembler)
-        finally: abort every holder that did not finish it  (RequestRecord.workers_to_abort)
+        loop over attempts (coordinator.retry.max_attempts at most):
+            open the attempt's token queue                  (before any worker sees its wire id)
+            place it (placement.py): reserve on decode, prefill there; or local prefill
+            tokens <- queue: reorder, detokenize, stop strings (OutputAssembler) -> the client
+            a fault (worker died / hung / failed its step, transfer failed or timed out):
+                end the attempt on its live holders, then retry_policy.decide:
+                retry | recompute (on its decode worker) | fail; a new attempt resumes after
+                the tokens already streamed, so none is duplicated, lost or changed
+        finally: end the attempt on every holder that did not finish it itself
 
-Stats of every worker are refreshed every ``STATS_INTERVAL_S`` and soon after each admission;
-between refreshes the blocks this coordinator reserved are counted against the worker, so a
-burst of arrivals does not pile onto one snapshot. A worker whose actor died is marked dead at
-its next call (stats included): its in-flight requests end with an error, and /health reports
-its pool down when no live worker remains in it.
+Faults reach a request as error deltas with ``fault`` set: from its workers (a failed step or
+transfer), from here when a holder dies (``_on_death``), or when a prefilled request's decode
+worker never takes over within the KV-transfer deadline. Worker stats are polled every
+``STATS_INTERVAL_S``; a worker silent or stuck for ``workers.hang_timeout_s``, or reporting
+itself unhealthy, is taken out and replaced (supervisor.py). Every ``AUDIT_INTERVAL_S`` the
+blocks each worker holds are checked against the attempts that may hold them, and any other are
+revoked: no request the coordinator has let go of keeps KV blocks.
 """
 
 from __future__ import annotations
@@ -19,17 +25,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
-from typing import Any
 
-from coordinator.engine_client import EngineStats
+from coordinator.engine_client import EngineStats, FaultStats, PoolHealth
 from coordinator.output_assembler import OutputAssembler
-from coordinator.request_state import Phase, RequestRecord
-from coordinator.router import DecodeLoad, PrefillLoad, Route, blocks_for, route
+from coordinator.placement import NoLiveWorker, Placer
+from coordinator.request_state import Attempt, Phase, RequestRecord
+from coordinator.retry_policy import Failure, decide
+from coordinator.supervisor import Supervisor
 from coordinator.token_stream import TokenStream
 from coordinator.worker_pool import WorkerPool, WorkerRef, WorkerUnavailable
 from core.config import TandemConfig
-from core.outputs import FINISH_LENGTH, FINISH_REJECTED, FINISH_STOP, OutputDelta
+from core.outputs import (
+    FAULT_PLACEMENT,
+    FAULT_TRANSFER_TIMEOUT,
+    FAULT_WORKER_DIED,
+    FAULT_WORKER_HUNG,
+    FAULT_WORKER_UNHEALTHY,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_REJECTED,
+    FINISH_STOP,
+    OutputDelta,
+)
 from core.sampling_params import SamplingParams
 from core.tokenizer import Tokenizer
 
@@ -37,247 +57,261 @@ log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 0.25
 MIN_REFRESH_GAP_S = 0.05  # admissions and ends ask for fresh stats; a burst shares one refresh
-ROOM_POLL_S = 0.05  # a queued request re-checks for room at least this often
-CALL_TIMEOUT_S = 30.0  # waiting for an in-flight call before aborting what it started
+CALL_TIMEOUT_S = 30.0  # waiting for an in-flight call before ending what it started
+AUDIT_INTERVAL_S = 5.0
+HANDOFF_SLACK_S = 5.0  # on top of kv_transfer.timeout_s: decode's first step after the KV lands
 
 
 class RayEngineClient:
     def __init__(
         self,
         config: TandemConfig,
-        workers: list[WorkerRef],
+        pool: WorkerPool,
+        supervisor: Supervisor,
         stream: TokenStream,
         tokenizer: Tokenizer,
     ) -> None:
         self.config = config
-        self.colocated = config.mode == "colocated"
-        self.serving_role = "colocated" if self.colocated else "decode"
-        self.pool = WorkerPool(workers, on_death=self._fail_requests_of)
+        self.pool = pool
+        self.supervisor = supervisor
         self.stream = stream
         self.tokenizer = tokenizer
+        self.placer = Placer(config, pool, supervisor.recovering)
         self.records: dict[str, RequestRecord] = {}
-        self._turn = 0
-        self._room = asyncio.Event()  # set whenever blocks may have been freed
+        self.retries: Counter[tuple[str, str]] = Counter()  # (stage, reason) -> new attempts
+        self.migrations = 0
+        self.leases_revoked = 0
+        self._ended: dict[str, float] = {}  # wire id -> when its cleanup began (for the audit)
         self._kick = asyncio.Event()  # asks the stats loop for a refresh now
-        self._refresher: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._loops: list[asyncio.Task] = []
+        pool.on_death.append(self._on_death)
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         self.stream.start()
         await self.pool.refresh()
-        self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+        loop = asyncio.get_running_loop()
+        self._loops = [loop.create_task(self._refresh_loop(), name="stats"),
+                       loop.create_task(self._audit_loop(), name="audit")]  # fmt: skip
 
     async def aclose(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
+        for task in self._loops:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
-            self._refresher = None
-        for rid in list(self.records):
-            self.stream.fail(rid, "the server is shutting down")
+                await task
+        self._loops = []
+        for rec in list(self.records.values()):
+            if rec.attempts:
+                self.stream.fail(rec.attempt.wire_id, "the server is shutting down")
 
     # ---- EngineClient --------------------------------------------------------------------
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[OutputDelta]:
-        rec = RequestRecord(request_id, len(prompt_token_ids))
+        rec = RequestRecord(request_id, tuple(prompt_token_ids), params)
         self.records[request_id] = rec
-        queue = self.stream.open(request_id)
         assembler = OutputAssembler(self.tokenizer, prompt_token_ids, params)
-        finished_by: str | None = None
+        recompute_on: WorkerRef | None = None
+        finished_by: WorkerRef | None = None
         try:
-            try:
-                await self._place(rec, list(prompt_token_ids), params)
-            except WorkerUnavailable as exc:
-                self.stream.fail(request_id, str(exc))
-            except Exception as exc:  # a worker refused the request (RayTaskError and kin)
-                log.warning("placing %s failed: %r", request_id, exc)
-                self.stream.fail(request_id, _short(exc))
-            while not assembler.finished:
-                for out in assembler.push(await queue.get()):
-                    if out.token_ids and rec.phase == Phase.PREFILLING:
-                        self._first_token(rec)
-                    # rejected: a worker refused the grammar before any KV moved
-                    natural = out.finish_reason in (FINISH_STOP, FINISH_LENGTH, FINISH_REJECTED)
-                    if natural and not assembler.stopped_here:
-                        finished_by = self._finisher(rec, out)
-                    yield out
+            while True:
+                attempt = rec.new_attempt(tuple(assembler.token_ids), recompute_on)
+                assembler.forget_pending()
+                queue = self.stream.open(attempt.wire_id)
+                failure = await self._place(rec, attempt)
+                while failure is None and not assembler.finished:
+                    delta = await self._next_delta(attempt, queue)
+                    if delta.fault is not None:
+                        failure = Failure(delta.error or delta.fault, delta.fault)
+                        break
+                    for out in assembler.push(delta):
+                        attempt.observe(len(out.token_ids))
+                        if attempt.num_tokens:  # prefill's compute is over
+                            self.placer.prefill_done(attempt)
+                        # rejected: a worker refused the grammar before any KV moved
+                        if out.finish_reason in (FINISH_STOP, FINISH_LENGTH, FINISH_REJECTED):
+                            if not assembler.stopped_here:
+                                finished_by = attempt.finisher(len(out.token_ids))
+                        yield out
+                if failure is None:
+                    rec.trace("finish", assembler_reason(assembler))
+                    return
+                self.stream.close(attempt.wire_id)
+                self._end_attempt(attempt, None)
+                rec.num_failed += failure.counts
+                decision = decide(failure, attempt, rec.num_failed,
+                                  self.config.coordinator.retry.max_attempts,
+                                  self.config.kv_transfer.on_failure)  # fmt: skip
+                rec.trace(f"fault:{attempt.stage}", f"{failure.fault}: {failure.message}")
+                if decision.action == "fail":
+                    tries = f" (attempt {rec.num_failed})" if failure.fault else ""
+                    yield assembler.fail(failure.message + tries, failure.fault)
+                    return
+                self.retries[(decision.stage, failure.fault or "")] += 1
+                if assembler.token_ids:
+                    self.migrations += 1
+                recompute_on = attempt.decode if decision.action == "recompute" else None
+                rec.trace(decision.action, f"after {len(assembler.token_ids)} tokens")
         finally:
-            self.stream.close(request_id)
-            await asyncio.shield(self._release(rec, finished_by))
+            attempt = rec.attempts[-1] if rec.attempts else None
+            if attempt is not None:
+                self.stream.close(attempt.wire_id)
+                await asyncio.shield(self._end_attempt(attempt, finished_by))
+            self.records.pop(request_id, None)
 
     async def abort(self, request_id: str) -> None:
         rec = self.records.get(request_id)
-        if rec is not None:
-            await asyncio.shield(self._release(rec, None))
+        if rec is not None and rec.attempts:
+            await asyncio.shield(self._end_attempt(rec.attempt, None))
 
-    async def health(self) -> dict[str, bool]:
-        return {role: bool(self.pool.live(role)) for role in self.config.pool_names}
+    async def health(self) -> dict[str, PoolHealth]:
+        return self.supervisor.health()
 
     async def stats(self) -> EngineStats:
-        records = self.records.values()
+        attempts = [rec.attempt for rec in self.records.values() if rec.attempts]
         return EngineStats(
             pools=tuple(self.pool.pool_stats(role) for role in self.config.pool_names),
             transfers=self.pool.transfer_totals(),
-            num_running=sum(r.phase == Phase.DECODING for r in records),
-            num_waiting=sum(r.phase in (Phase.QUEUED, Phase.PREFILLING) for r in records),
+            num_running=sum(a.phase in (Phase.TRANSFERRING, Phase.DECODING) for a in attempts),
+            num_waiting=sum(a.phase in (Phase.QUEUED, Phase.PREFILLING) for a in attempts),
             spec=self.pool.spec_totals(),
+            health=self.supervisor.health(),
+            workers=self.pool.worker_status(),
+            faults=FaultStats(
+                retries=tuple((s, r, n) for (s, r), n in sorted(self.retries.items())),
+                migrations=self.migrations,
+                restarts=tuple(sorted(self.supervisor.restarts.items())),
+                leases_revoked=self.leases_revoked,
+            ),
         )
 
-    # ---- placement -----------------------------------------------------------------------
-    def _route(self, num_tokens: int) -> Route | None:
-        servers = self.pool.live(self.serving_role)
-        decode_loads = [
-            DecodeLoad(w.name, w.num_free_blocks, w.stats.get("running", 0)) for w in servers
-        ]
-        prefill_loads = None
-        if not self.colocated:
-            prefill_loads = [
-                PrefillLoad(w.name, w.num_queued_tokens, w.stats.get("running", 0))
-                for w in self.pool.live("prefill")
-            ]
-        block_size = servers[0].block_size
-        chosen = route(
-            self.config.coordinator.routing,
-            decode_loads,
-            prefill_loads,
-            num_tokens,
-            block_size,
-            self._turn,
-        )
-        if chosen is None and self.colocated:
-            # A colocated worker queues (and preempts) in its own scheduler: never hold back.
-            best = max(servers, key=lambda w: (w.num_free_blocks, w.name))
-            chosen = Route(None, best.name)
-        return chosen
+    async def arm_fault(self, target: str, fault: dict) -> list[str]:
+        """Test-only: arm a fault (engine/faults.py) on a worker, or on every live worker of a
+        pool; the names armed."""
+        workers = [w for w in self.pool.workers.values() if w.alive and target in (w.name, w.role)]
+        if not workers:
+            raise KeyError(f"no live worker or pool {target!r}")
+        await asyncio.gather(*(self.pool.call(w, "arm_fault", fault) for w in workers))
+        return [w.name for w in workers]
 
-    async def _place(self, rec: RequestRecord, ids: list[int], params: SamplingParams) -> None:
-        wire_params = params.to_dict()
-        while True:
-            servers = self.pool.live(self.serving_role)
-            if not servers:
-                raise WorkerUnavailable(f"no live {self.serving_role} worker")
-            if not self.colocated and not self.pool.live("prefill"):
-                raise WorkerUnavailable("no live prefill worker")
-            num_blocks = blocks_for(len(ids), servers[0].block_size)
-            if num_blocks > max(w.num_blocks for w in servers):
-                raise WorkerUnavailable(
-                    f"the prompt needs {num_blocks} KV blocks; the largest worker has "
-                    f"{max(w.num_blocks for w in servers)}"
-                )
-            chosen = self._route(len(ids))
-            if chosen is None:
-                await self._wait_for_room()
-                continue
-            server = self.pool[chosen.decode_worker_id]
-            rec.decode_worker = server.name  # before the call: an abort must reach it
-            if self.colocated:
-                rec.phase = Phase.PREFILLING
-                server.num_reserved_since_stats += num_blocks
-                await self._tracked(rec, server, "add_request", rec.request_id, ids, wire_params)
-                break
-            blocks = await self._tracked(
-                rec, server, "reserve", rec.request_id, ids, wire_params
-            )
-            if blocks is None:  # its snapshot was stale: full until the next stats say not
-                rec.decode_worker = None
-                server.num_reserved_since_stats = server.num_blocks
-                continue
-            server.num_reserved_since_stats += len(blocks)
-            rec.dst_block_ids = tuple(blocks)
-            prefill = self.pool[chosen.prefill_worker_id]
-            rec.prefill_worker, rec.phase = prefill.name, Phase.PREFILLING
-            prefill.num_queued_tokens += len(ids)
-            await self._tracked(
-                rec, prefill, "prefill", rec.request_id, ids, wire_params, server.name, blocks
-            )
-            break
-        self._turn += 1
+    # ---- one attempt -----------------------------------------------------------------------
+    async def _place(self, rec: RequestRecord, attempt: Attempt) -> Failure | None:
+        try:
+            await self.placer.place(rec, attempt)
+        except WorkerUnavailable as exc:
+            return Failure(str(exc), FAULT_WORKER_DIED, counts=False)
+        except NoLiveWorker as exc:
+            return Failure(str(exc), None)
+        except Exception as exc:  # a worker refused the request (RayTaskError and kin)
+            cause = getattr(exc, "cause", None) or exc
+            log.warning("placing %s failed: %r", attempt.wire_id, cause)
+            return Failure(_short(exc), None if isinstance(cause, ValueError) else FAULT_PLACEMENT)
         self._kick.set()
+        return None
 
-    async def _wait_for_room(self) -> None:
-        self._room.clear()
-        self._kick.set()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._room.wait(), ROOM_POLL_S)
+    async def _next_delta(self, attempt: Attempt, queue: asyncio.Queue) -> OutputDelta:
+        """The attempt's next delta; a fault if its KV hand-off takes longer than a transfer may
+        (token 1 came from prefill, and decode has sent nothing since)."""
+        if attempt.phase != Phase.TRANSFERRING:
+            return await queue.get()
+        timeout = self.config.kv_transfer.timeout_s + HANDOFF_SLACK_S
+        try:
+            return await asyncio.wait_for(queue.get(), timeout)
+        except TimeoutError:
+            return OutputDelta(attempt.wire_id, (), finish_reason=FINISH_ERROR,
+                               error=f"decode worker {attempt.decode.name} did not take over "
+                                     f"within {timeout:.0f} s of token 1",
+                               fault=FAULT_TRANSFER_TIMEOUT)  # fmt: skip
 
-    def _first_token(self, rec: RequestRecord) -> None:
-        rec.phase = Phase.DECODING
-        if rec.prefill_worker is not None:
-            prefill = self.pool[rec.prefill_worker]
-            prefill.num_queued_tokens = max(0, prefill.num_queued_tokens - rec.num_prompt_tokens)
+    def _end_attempt(self, attempt: Attempt, finished_by: WorkerRef | None) -> asyncio.Task:
+        """End ``attempt`` on its holders (once; later calls join the same task)."""
+        if attempt.cleanup is None:
+            self._ended[attempt.wire_id] = time.monotonic()
+            attempt.cleanup = asyncio.ensure_future(self._cleanup(attempt, finished_by))
+            self._tasks.add(attempt.cleanup)
+            attempt.cleanup.add_done_callback(self._tasks.discard)
+        return attempt.cleanup
 
-    def _finisher(self, rec: RequestRecord, out: OutputDelta) -> str | None:
-        """The worker that sent a normal finish: token 1 comes from prefill, the rest decode."""
-        if rec.prefill_worker is not None and out.num_output_tokens <= 1:
-            return rec.prefill_worker
-        return rec.decode_worker
-
-    # ---- actor calls ---------------------------------------------------------------------
-    async def _tracked(self, rec: RequestRecord, worker: WorkerRef, method: str, *args: Any):
-        """A call whose effect must be undone if the request ends: recorded as pending, and
-        shielded so that a cancelled request still learns when (and whether) it took effect."""
-        call = asyncio.ensure_future(self.pool.call(worker, method, *args))
-        rec.pending.append(call)
-        return await asyncio.shield(call)
-
-    def _fail_requests_of(self, worker: WorkerRef) -> None:
-        for rec in self.records.values():
-            if rec.uses(worker.name):
-                self.stream.fail(rec.request_id, f"worker {worker.name} died")
-        self._room.set()
-
-    async def _release(self, rec: RequestRecord, finished_by: str | None) -> None:
-        if rec.release is None:
-            rec.release = asyncio.ensure_future(self._do_release(rec, finished_by))
-        await asyncio.shield(rec.release)
-
-    async def _do_release(self, rec: RequestRecord, finished_by: str | None) -> None:
-        pending = [call for call in rec.pending if not call.done()]
+    async def _cleanup(self, attempt: Attempt, finished_by: WorkerRef | None) -> None:
+        pending = [call for call in attempt.pending if not call.done()]
         if pending:
             await asyncio.wait(pending, timeout=CALL_TIMEOUT_S)
-        for call in rec.pending:  # retrieve failures so asyncio does not log them as lost
+        for call in attempt.pending:  # retrieve failures so asyncio does not log them as lost
             if call.done() and not call.cancelled():
                 call.exception()
-        if rec.phase == Phase.PREFILLING:
-            self._first_token(rec)  # releases its share of the prefill queue estimate
-        targets = rec.workers_to_abort(finished_by)
-        rec.phase = Phase.DONE
-        for name in targets:
-            worker = self.pool[name]
-            if worker.alive:
-                try:
-                    await self.pool.call(worker, self._end_method(rec, worker, finished_by),
-                                         [rec.request_id])  # fmt: skip
-                except WorkerUnavailable:
-                    pass  # its blocks went with it
-        self.records.pop(rec.request_id, None)
-        self._room.set()
+        calls = attempt.end_calls(finished_by)
+        self.placer.prefill_done(attempt)
+        attempt.phase = Phase.DONE
+        for worker, method in calls:
+            try:
+                await self.pool.call(worker, method, [attempt.wire_id])
+            except WorkerUnavailable:
+                pass  # its blocks went with it
+            except Exception as exc:  # the lease audit frees whatever this left behind
+                log.warning("%s of %s on %s failed: %r", method, attempt.wire_id, worker.name, exc)
+        self.placer.room.set()
         self._kick.set()
 
-    @staticmethod
-    def _end_method(rec: RequestRecord, worker, finished_by: str | None) -> str:
-        """``release`` a decode reservation that no KV was or will be written into (prefill was
-        never asked, or token 1 ended the request on prefill): freed at once. Otherwise
-        ``abort``, which quarantines a reservation whose KV may still be in flight."""
-        if worker.role == "decode" and (
-            rec.prefill_worker is None or finished_by == rec.prefill_worker
-        ):
-            return "release"
-        return "abort"
+    # ---- workers -------------------------------------------------------------------------
+    def _on_death(self, worker: WorkerRef) -> None:
+        for rec in self.records.values():
+            attempt = rec.attempts[-1] if rec.attempts else None
+            if attempt is not None and attempt.holds(worker):
+                self.stream.fail(attempt.wire_id, f"worker {worker.name} failed: {worker.death}",
+                                 worker.death or FAULT_WORKER_DIED)  # fmt: skip
+        self.placer.room.set()
 
-    # ---- stats ---------------------------------------------------------------------------
     async def _refresh_loop(self) -> None:
+        timeout = self.config.coordinator.workers.hang_timeout_s
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), STATS_INTERVAL_S)
             self._kick.clear()
             try:
-                await self.pool.refresh()
-                self._room.set()
+                await self.pool.refresh(timeout_s=STATS_INTERVAL_S)
+                now = time.monotonic()
+                for worker in self.pool.hung(now, timeout):
+                    self.supervisor.kill(worker, FAULT_WORKER_HUNG)
+                for worker in self.pool.unhealthy():
+                    self.supervisor.kill(worker, FAULT_WORKER_UNHEALTHY)
+                self.placer.room.set()
             except Exception:  # the loop must outlive any one bad answer
                 log.exception("stats refresh failed")
             await asyncio.sleep(MIN_REFRESH_GAP_S)
+
+    async def _audit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(AUDIT_INTERVAL_S)
+            for worker in [w for w in self.pool.workers.values() if w.alive]:
+                try:
+                    await self._audit(worker)
+                except Exception as exc:  # a dead or slow worker is the stats loop's business
+                    log.debug("lease audit of %s skipped: %r", worker.name, exc)
+
+    async def _audit(self, worker: WorkerRef) -> None:
+        """Revoke the blocks ``worker`` holds for attempts that no longer hold it and whose end
+        is not just under way (an end races the snapshot; revoking twice is harmless, but the
+        count would lie)."""
+        now = time.monotonic()
+        for wire_id in [w for w, t in self._ended.items() if now - t > 3 * AUDIT_INTERVAL_S]:
+            del self._ended[wire_id]
+        leases = await asyncio.wait_for(self.pool.call(worker, "leases"), CALL_TIMEOUT_S)
+        held = {rec.attempt.wire_id for rec in self.records.values()
+                if rec.attempts and rec.attempt.holds(worker)}  # fmt: skip
+        # SENDING and QUARANTINED leases end on their own (transfer done / deadline)
+        orphans = {rid: n for rid, (state, n) in leases.items()
+                   if state in ("reserved", "active") and rid not in held
+                   and rid not in self._ended}  # fmt: skip
+        if orphans:
+            log.warning("revoking %d blocks on %s held for ended requests: %s",
+                        sum(orphans.values()), worker.name, sorted(orphans))  # fmt: skip
+            self.leases_revoked += sum(orphans.values())
+            await self.pool.call(worker, "abort", sorted(orphans))
+
+
+def assembler_reason(assembler: OutputAssembler) -> str:
+    return "stop string" if assembler.stopped_here else ""
 
 
 def _short(exc: BaseException) -> str:

@@ -1,7 +1,8 @@
 """One request's trip through the engine, as the front end sees it.
 
-``RequestRun`` wraps ``EngineClient.generate``: it enforces the request deadline, observes TTFT
-and inter-token latency, and guarantees the invariant the engine relies on to free KV blocks:
+``RequestRun`` wraps ``EngineClient.generate``: it enforces the request deadline, observes TTFT,
+inter-token latency and whether the request met ``coordinator.slo`` (goodput), and guarantees
+the invariant the engine relies on to free KV blocks:
 
     every run that does not end with a finished delta ends with ``engine.abort(request_id)``
 
@@ -19,7 +20,7 @@ from collections.abc import AsyncIterator
 
 from coordinator.engine_client import EngineClient
 from coordinator.metrics import ServerMetrics
-from core.outputs import OutputDelta
+from core.outputs import FINISH_LENGTH, FINISH_STOP, OutputDelta
 from core.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,11 @@ class RequestRun:
         self.deadline = arrival + timeout_s
         self.finished = False
         self._stream: AsyncIterator[OutputDelta] | None = None
+        self._first_token_time: float | None = None
         self._last_token_time: float | None = None
+        self._num_tokens = 0
         self._closed = False
+        metrics.observe_admitted()
 
     def __aiter__(self) -> RequestRun:
         return self
@@ -82,7 +86,7 @@ class RequestRun:
         self._observe(delta)
         if delta.finished:
             self.finished = True
-            self.metrics.request_latency.observe(time.monotonic() - self.arrival)
+            self._observe_finish(delta)
         return delta
 
     def _observe(self, delta: OutputDelta) -> None:
@@ -92,12 +96,23 @@ class RequestRun:
         now = time.monotonic()
         if self._last_token_time is None:
             # Gaps inside the first delta are unknown (tokens arrived together): TTFT only.
-            self.metrics.time_to_first_token.observe(now - self.arrival)
+            self._first_token_time = now
+            self.metrics.observe_first_token(now - self.arrival)
         else:
             gap = (now - self._last_token_time) / num_tokens
-            for _ in range(num_tokens):
-                self.metrics.inter_token_latency.observe(gap)
+            self.metrics.observe_token_gaps(gap, num_tokens)
         self._last_token_time = now
+        self._num_tokens += num_tokens
+
+    def _observe_finish(self, delta: OutputDelta) -> None:
+        ttft, tpot = None, 0.0
+        if self._first_token_time is not None and self._last_token_time is not None:
+            ttft = self._first_token_time - self.arrival
+            if self._num_tokens > 1:  # vLLM's TPOT: time after token 1 / tokens after it
+                span = self._last_token_time - self._first_token_time
+                tpot = span / (self._num_tokens - 1)
+        completed = delta.finish_reason in (FINISH_STOP, FINISH_LENGTH) and delta.error is None
+        self.metrics.observe_finish(time.monotonic() - self.arrival, ttft, tpot, completed)
 
     async def close(self) -> None:
         if self._closed:

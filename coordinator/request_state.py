@@ -1,54 +1,146 @@
-"""Where each in-flight request is, and which worker holds KV blocks for it.
+"""Where each in-flight request is: its attempts, and which worker incarnation holds what for it.
 
-    QUEUED ──reserve──> QUEUED (decode holds dst blocks) ──prefill──> PREFILLING ──token 1──>
-    DECODING ──last token──> DONE          (colocated: QUEUED ──add_request──> PREFILLING ...)
+The coordinator owns every request's progress. It places a request one *attempt* at a time; each
+attempt has its own wire id (``<request id>~<n>``), the id its workers and the token stream know,
+so that nothing a failed attempt's workers still send can reach the next one. Attempt n > 0
+resumes the request: ``resume_token_ids`` are the tokens already streamed to the client, which
+its workers prefill after the prompt, so its first token is the one an undisturbed run would
+have produced next (the seeded RNG is keyed by output position: sampling continues too).
 
-Holders: the decode (or colocated) worker from ``reserve`` until it finishes or is told to
-abort; the prefill worker from ``prefill`` until it has sent token 1 and the KV (it then frees
-its own blocks). The coordinator ends every request with ``workers_to_abort``: every holder
-that has not itself finished the request. Actor calls still in flight (``pending``) are awaited
-before aborting: calls to a threaded actor may run out of order, so an abort could otherwise
-overtake the reserve it is meant to undo.
+One attempt, remote prefill (``local_on`` is None, disaggregated)::
+
+    QUEUED ──reserve on decode──> (decode holds blocks) ──prefill──> PREFILLING
+        ──its 1st token (from prefill)──> TRANSFERRING ──2nd (from decode)──> DECODING ──> DONE
+
+Local prefill (colocated, or ``recompute`` on a decode worker): QUEUED ──add_request──>
+PREFILLING ──1st token──> DECODING ──> DONE.
+
+Holders: the serving (decode or colocated) worker from its call until the attempt is DONE; the
+prefill worker from ``prefill`` until decode took over (DECODING). ``end_calls`` says what each
+holder must be told when the attempt ends. Actor calls still in flight (``pending``) are awaited
+before those: calls to a threaded actor may run out of order, so an abort could otherwise overtake
+the reserve it is meant to undo.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from coordinator.worker_pool import WorkerRef
+from core.sampling_params import SamplingParams
+
 
 class Phase(StrEnum):
-    QUEUED = "queued"  # waiting for a decode worker with room (coordinator side)
-    PREFILLING = "prefilling"  # handed to prefill, token 1 not seen yet
-    DECODING = "decoding"  # token 1 seen, the decode worker has it
+    QUEUED = "queued"  # being placed
+    PREFILLING = "prefilling"  # a worker computes the prompt; no token of this attempt yet
+    TRANSFERRING = "transferring"  # prefill sent its token; the KV is on its way to decode
+    DECODING = "decoding"  # the serving worker generates
     DONE = "done"
 
 
-@dataclass
-class RequestRecord:
-    request_id: str
-    num_prompt_tokens: int
+@dataclass(eq=False)
+class Attempt:
+    number: int
+    wire_id: str
+    resume_token_ids: tuple[int, ...]  # output tokens streamed before this attempt
+    local_on: WorkerRef | None = None  # prefill on this serving worker itself (recompute)
     phase: Phase = Phase.QUEUED
-    decode_worker: str | None = None  # the decode or colocated worker holding its blocks
-    dst_block_ids: tuple[int, ...] = ()
-    prefill_worker: str | None = None
+    decode: WorkerRef | None = None  # the serving worker (decode or colocated)
+    prefill: WorkerRef | None = None  # remote prefill only
+    prefill_asked: bool = False  # the prefill call went out: KV may be written into decode
+    num_tokens: int = 0  # tokens of this attempt handed on
+    num_queued_tokens: int = 0  # counted in its prefill worker's queue estimate until token 1
     pending: list[asyncio.Future] = field(default_factory=list)  # actor calls not answered yet
-    release: asyncio.Task | None = None  # the one cleanup task (abort and finish both join it)
+    cleanup: asyncio.Task | None = None  # the one end-of-attempt task
 
     @property
-    def holders(self) -> list[str]:
-        return [w for w in (self.prefill_worker, self.decode_worker) if w is not None]
+    def remote(self) -> bool:
+        return self.prefill is not None
 
-    def workers_to_abort(self, finished_by: str | None) -> list[str]:
-        """``finished_by``: the worker whose delta ended the request normally (stop/length), or
-        None when the coordinator ended it (stop string, client gone, timeout, error)."""
-        if finished_by is None:
-            return self.holders
-        if finished_by == self.decode_worker:
-            return []  # decode had the KV, so prefill's part was over
-        # finished at token 1 on prefill: the decode reservation was never used
-        return [w for w in self.holders if w != finished_by]
+    @property
+    def stage(self) -> str:
+        """Where the attempt was (for retry metrics): queued, prefill, transfer or decode."""
+        if self.phase == Phase.QUEUED:
+            return "queued"
+        if self.phase == Phase.PREFILLING:
+            return "prefill"
+        return "transfer" if self.phase == Phase.TRANSFERRING else "decode"
 
-    def uses(self, worker: str) -> bool:
-        return self.phase != Phase.DONE and worker in self.holders
+    def holds(self, worker: WorkerRef) -> bool:
+        """Does ``worker`` (this incarnation) hold state of this attempt right now?"""
+        if self.phase == Phase.DONE:
+            return False
+        prefill_holds = self.phase in (Phase.QUEUED, Phase.PREFILLING, Phase.TRANSFERRING)
+        return worker is self.decode or (prefill_holds and worker is self.prefill)
+
+    def observe(self, num_tokens: int) -> None:
+        """``num_tokens`` more tokens of this attempt were handed on (deltas arrive in order)."""
+        if num_tokens == 0:
+            return
+        before, self.num_tokens = self.num_tokens, self.num_tokens + num_tokens
+        if self.remote and before == 0 and num_tokens == 1:
+            self.phase = Phase.TRANSFERRING  # prefill's token; decode's come next
+        else:
+            self.phase = Phase.DECODING
+
+    def finisher(self, num_tokens: int) -> WorkerRef | None:
+        """Who sent a delta of ``num_tokens`` that ended the request on its own (stop/length)."""
+        if self.remote and self.num_tokens == num_tokens:  # the attempt's first token: prefill
+            return self.prefill
+        return self.decode
+
+    def end_calls(self, finished_by: WorkerRef | None) -> list[tuple[WorkerRef, str]]:
+        """(worker, method) to end this attempt on every live holder but ``finished_by`` (the
+        worker that ended it itself; None when the coordinator or a failure ended it).
+
+        A decode reservation is ``release``d (freed at once) when no KV is or will be in flight
+        into it: prefill never asked, ended by prefill at its token, or its prefill worker's
+        process is gone. Otherwise ``abort``, which quarantines a reservation until its WRITE
+        lands or times out.
+        """
+        calls = []
+        p, d = self.prefill, self.decode
+        prefill_holds = p is not None and self.phase in (Phase.PREFILLING, Phase.TRANSFERRING)
+        if prefill_holds and p.alive and p is not finished_by:
+            calls.append((p, "abort"))
+        if d is not None and d.alive and d is not finished_by:
+            writer_gone = p is None or not self.prefill_asked or p is finished_by
+            writer_gone = writer_gone or (not p.alive and p.death == "worker_died")
+            in_flight = prefill_holds and not writer_gone
+            calls.append((d, "abort" if in_flight else "release"))
+        return calls
+
+
+@dataclass(eq=False)
+class RequestRecord:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    arrival: float = field(default_factory=time.monotonic)
+    attempts: list[Attempt] = field(default_factory=list)
+    num_failed: int = 0  # attempts that failed and count against coordinator.retry.max_attempts
+    events: list[tuple[float, str, str]] = field(default_factory=list)  # (time, name, detail)
+
+    @property
+    def attempt(self) -> Attempt:
+        return self.attempts[-1]
+
+    def new_attempt(
+        self, resume_token_ids: tuple[int, ...], local_on: WorkerRef | None = None
+    ) -> Attempt:
+        n = len(self.attempts)
+        attempt = Attempt(n, f"{self.request_id}~{n}", resume_token_ids, local_on)
+        self.attempts.append(attempt)
+        return attempt
+
+    def params_for(self, attempt: Attempt) -> SamplingParams:
+        """Prompt logprobs go out with the first token only: a resumed attempt skips them."""
+        if attempt.resume_token_ids and self.params.prompt_logprobs is not None:
+            return SamplingParams.from_dict({**self.params.to_dict(), "prompt_logprobs": None})
+        return self.params
+
+    def trace(self, name: str, detail: str = "") -> None:
+        self.events.append((time.monotonic() - self.arrival, name, detail))

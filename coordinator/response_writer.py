@@ -39,6 +39,8 @@ def _failure(delta: OutputDelta, builder: ResponseBuilder) -> ApiError | None:
         return bad_request(message, param=builder.request.structured_param)
     if delta.finish_reason == FINISH_ABORT and delta.error is None:
         return ApiError(503, "the request was aborted by the engine", SERVER, code="aborted")
+    if delta.fault is not None:  # the system failed it, and retries did not help (yet)
+        return ApiError(503, f"engine unavailable: {delta.error}", SERVER, code=delta.fault)
     return ApiError(500, f"engine error: {delta.error or 'unknown'}", SERVER, code="engine_error")
 
 

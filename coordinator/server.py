@@ -5,8 +5,13 @@
     serve(config, engine, tokenizer)                          # runs until cancelled
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id},
-POST /tokenize, POST /detokenize, GET /version, GET /health, GET /metrics. /v1/*, /tokenize and
-/detokenize require the API key (probes, scrapers and /version stay unauthenticated).
+POST /tokenize, POST /detokenize, GET /version, GET /health, GET /metrics, the status page
+(``coordinator.status``: GET / and /status, polling GET /v1/status), and with
+TANDEM_FAULT_INJECTION=1 only (tests) POST /admin/faults. /v1/*, /admin/*, /tokenize and
+/detokenize require the API key (probes, scrapers, /version and the page's static files stay
+unauthenticated). Every response carries ``x-request-id``: the client's own if it sent one (a
+generation is then ``cmpl-<that id>`` everywhere), else a generation's request id (``cmpl-...``
+/ ``chatcmpl-...``), else a fresh ``req-...`` id.
 
 The server runs with ``handler_cancellation=True``: when a client disconnects, aiohttp cancels
 its handler, and ``RequestRun.close()`` in the handler's ``finally`` aborts the request in the
@@ -19,22 +24,26 @@ import asyncio
 import hmac
 import importlib.metadata
 import logging
+import os
+import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from coordinator.api_errors import (
     AUTHENTICATION,
+    NOT_FOUND,
     RATE_LIMIT,
     TIMEOUT,
     ApiError,
+    bad_request,
     error_middleware,
 )
-from coordinator.engine_client import EngineClient, Tokenizer
+from coordinator.engine_client import EngineClient, PoolHealth, Tokenizer
 from coordinator.json_body import json_body
 from coordinator.metrics import CONTENT_TYPE, ServerMetrics
 from coordinator.openai_requests import (
@@ -46,6 +55,7 @@ from coordinator.openai_requests import (
 from coordinator.openai_responses import ResponseBuilder
 from coordinator.request_run import RequestRun
 from coordinator.response_writer import collect_response, stream_response
+from coordinator.status import RecentTraces, StatusBoard, add_status_routes
 from coordinator.tokenize_api import detokenize, tokenize
 from core.config import TandemConfig
 
@@ -55,7 +65,8 @@ MAX_BODY_BYTES = 32 * 1024 * 1024  # a 100k-token prompt as a JSON id list fits 
 HEALTH_TIMEOUT_S = 5.0
 SHUTDOWN_GRACE_S = 5.0  # in-flight handlers get this long to finish once the server stops
 RETRY_AFTER_S = 1
-KEYED_PATHS = ("/tokenize", "/detokenize")  # besides /v1/*
+FAULT_INJECTION_ENV = "TANDEM_FAULT_INJECTION"  # engine/faults.py ENV_FLAG (no torch here)
+KEYED_PATHS = ("/tokenize", "/detokenize")  # besides /v1/* and /admin/*
 
 
 @dataclass
@@ -69,17 +80,28 @@ class ServerState:
     limits: ServingLimits
     created: int
     num_in_flight: int = 0
+    request_ids: set[str] = field(default_factory=set)  # of the generations in flight
 
 
 STATE = web.AppKey("tandem_state", ServerState)
+REQUEST_ID = web.RequestKey("tandem_request_id", str)  # a generation's request id
+CLIENT_REQUEST_ID = web.RequestKey("tandem_client_request_id", str)  # the client's x-request-id
+REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def build_app(config: TandemConfig, engine: EngineClient, tokenizer: Tokenizer) -> web.Application:
+def build_app(
+    config: TandemConfig,
+    engine: EngineClient,
+    tokenizer: Tokenizer,
+    recent_traces: RecentTraces | None = None,
+) -> web.Application:
+    """``recent_traces``: where the status page's waterfall comes from (none: empty)."""
     state = ServerState(
         config=config,
         engine=engine,
         tokenizer=tokenizer,
-        metrics=ServerMetrics(),
+        metrics=ServerMetrics(config.coordinator.slo),
         limits=ServingLimits(
             model_name=config.model.name,
             max_model_len=config.model.max_model_len,
@@ -88,7 +110,11 @@ def build_app(config: TandemConfig, engine: EngineClient, tokenizer: Tokenizer) 
         created=int(time.time()),
     )
     app = web.Application(
-        middlewares=[error_middleware, _auth_middleware(config.coordinator.api_key)],
+        middlewares=[
+            _request_id_middleware,
+            error_middleware,
+            _auth_middleware(config.coordinator.api_key),
+        ],
         client_max_size=MAX_BODY_BYTES,
     )
     app[STATE] = state
@@ -101,7 +127,20 @@ def build_app(config: TandemConfig, engine: EngineClient, tokenizer: Tokenizer) 
     app.router.add_get("/version", _version)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
+    if os.environ.get(FAULT_INJECTION_ENV) == "1":  # tests only: refused in normal serving
+        log.warning("fault injection is enabled (%s=1): POST /admin/faults", FAULT_INJECTION_ENV)
+        app.router.add_post("/admin/faults", _arm_fault)
+    board = StatusBoard(config, engine, state.metrics, lambda: state.num_in_flight, recent_traces)
+    add_status_routes(app, board, auth_required=config.coordinator.api_key is not None)
+    app.on_response_prepare.append(_add_request_id)
     return app
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    # on_response_prepare: runs for streamed, error and static responses alike, before headers go
+    response.headers[REQUEST_ID_HEADER] = (
+        request.get(CLIENT_REQUEST_ID) or request.get(REQUEST_ID) or f"req-{uuid.uuid4().hex}"
+    )
 
 
 async def start_server(app: web.Application, host: str, port: int) -> web.AppRunner:
@@ -140,10 +179,27 @@ async def serve(
         await runner.cleanup()
 
 
+@web.middleware
+async def _request_id_middleware(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    """A client's ``x-request-id`` is checked here; a generation is then known by it everywhere
+    (``cmpl-<id>``: traces, fault injection) and it is echoed back (``_add_request_id``)."""
+    given = request.headers.get(REQUEST_ID_HEADER)
+    if given is not None:
+        if not REQUEST_ID_PATTERN.fullmatch(given):
+            return bad_request(
+                f"{REQUEST_ID_HEADER} must be 1-128 characters of A-Z a-z 0-9 . _ : -",
+                param=REQUEST_ID_HEADER,
+            ).response()
+        request[CLIENT_REQUEST_ID] = given
+    return await handler(request)
+
+
 def _auth_middleware(api_key: str | None) -> Middleware:
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        keyed = request.path.startswith("/v1/") or request.path in KEYED_PATHS
+        keyed = request.path.startswith(("/v1/", "/admin/")) or request.path in KEYED_PATHS
         if api_key is not None and keyed:
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             # compare_digest: the time taken must not reveal how much of the key matched.
@@ -200,16 +256,45 @@ async def _version(request: web.Request) -> web.Response:
 
 
 async def _health(request: web.Request) -> web.Response:
+    """200 ``ok``; 200 ``degraded`` when a pool runs below its target (a worker is being
+    replaced); 503 ``unavailable`` when a pool has no live worker."""
     state = request.app[STATE]
     try:
-        live = await asyncio.wait_for(state.engine.health(), HEALTH_TIMEOUT_S)
+        health = await asyncio.wait_for(state.engine.health(), HEALTH_TIMEOUT_S)
     except Exception as exc:  # an engine that cannot answer is not healthy
         log.warning("health check failed: %r", exc)
-        live = {}
-    pools = {name: bool(live.get(name, False)) for name in state.config.pool_names}
-    healthy = all(pools.values())
-    body = {"status": "ok" if healthy else "unavailable", "pools": pools}
-    return web.json_response(body, status=200 if healthy else 503)
+        health = {}
+    pools = {name: health.get(name, PoolHealth(0, 0)) for name in state.config.pool_names}
+    statuses = {p.status for p in pools.values()}
+    status = "unavailable" if "down" in statuses else "degraded" if "degraded" in statuses else "ok"
+    body = {
+        "status": status,
+        "pools": {n: {"status": p.status, "live": p.live, "target": p.target}
+                  for n, p in pools.items()},
+    }  # fmt: skip
+    return web.json_response(body, status=503 if status == "unavailable" else 200)
+
+
+async def _arm_fault(request: web.Request) -> web.Response:
+    """Test-only (TANDEM_FAULT_INJECTION=1): ``{"worker": "decode-0" | "decode", "point": ...,
+    "action": ..., "nth": ..., "delay_s": ..., "request_id": ...}`` arms a fault on that worker,
+    or on every live worker of that pool (engine/faults.py)."""
+    state = request.app[STATE]
+    body = await json_body(request)
+    worker = body.pop("worker", None)
+    if not isinstance(worker, str):
+        raise bad_request("worker must be a worker name, e.g. decode-0", param="worker")
+    arm = getattr(state.engine, "arm_fault", None)
+    if arm is None:
+        raise ApiError(404, "this engine has no fault injection", code="not_supported")
+    try:
+        armed = await arm(worker, body)
+    except KeyError as exc:
+        raise ApiError(404, str(exc.args[0]), NOT_FOUND, param="worker") from None
+    except Exception as exc:
+        cause = getattr(exc, "cause", None) or exc
+        raise bad_request(f"{type(cause).__name__}: {cause}".splitlines()[0]) from None
+    return web.json_response({"armed": armed, "fault": body})
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -233,6 +318,9 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     state = request.app[STATE]
     arrival = time.monotonic()
     endpoint = "chat" if kind == "chat" else "completions"
+    given = request.get(CLIENT_REQUEST_ID)
+    request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{given or uuid.uuid4().hex}"
+    request[REQUEST_ID] = request_id
     # Queue check first: an overloaded server should not spend time reading or tokenizing.
     if state.num_in_flight >= state.config.coordinator.max_queued_requests:
         state.metrics.requests.labels(endpoint, "rejected_429").inc()
@@ -256,7 +344,12 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         except ApiError as exc:
             outcome = f"rejected_{exc.status}"
             raise
-        request_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        if request_id in state.request_ids:
+            raise bad_request(
+                f"a request with {REQUEST_ID_HEADER} {request[CLIENT_REQUEST_ID]!r} is in flight",
+                param=REQUEST_ID_HEADER,
+            )
+        state.request_ids.add(request_id)
         run = RequestRun(
             state.engine,
             state.metrics,
@@ -286,6 +379,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     finally:
         if run is not None:
             await run.close()
+            state.request_ids.discard(run.request_id)
         state.num_in_flight -= 1
         state.metrics.in_flight.dec()
         state.metrics.requests.labels(endpoint, outcome).inc()

@@ -2,9 +2,10 @@
 request.
 
 Every worker PUSHes ``core.delta_codec`` frames (one per engine step) to ``address``. The reader
-decodes each frame and puts every delta on the queue of its request. A delta for a request that
-has no queue (it ended here first: stop string, client gone) is dropped: the worker has been told
-to abort it, and frames already on the wire may still arrive.
+decodes each frame and puts every delta on the queue of its request (by wire id: one per attempt
+of a request, so a failed attempt's late tokens never reach the next one). A delta for a request
+that has no queue (it ended here first: stop string, client gone, a failed attempt) is dropped:
+the worker has been told to abort it, and frames already on the wire may still arrive.
 
 Invariant: a queue exists exactly between ``open(request_id)`` and ``close(request_id)``; the
 caller opens it *before* asking any worker for the request, so no token can arrive unrouted.
@@ -55,11 +56,12 @@ class TokenStream:
     def close(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
 
-    def fail(self, request_id: str, message: str) -> None:
-        """End a request from the coordinator's side (its worker died): an error delta."""
+    def fail(self, request_id: str, message: str, fault: str | None = None) -> None:
+        """An error delta from the coordinator's side (e.g. the request's worker died)."""
         queue = self._queues.get(request_id)
         if queue is not None:
-            queue.put_nowait(OutputDelta(request_id, (), finish_reason=FINISH_ERROR, error=message))
+            queue.put_nowait(OutputDelta(request_id, (), finish_reason=FINISH_ERROR, error=message,
+                                         fault=fault))  # fmt: skip
 
     @property
     def num_open(self) -> int:

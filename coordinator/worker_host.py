@@ -23,7 +23,8 @@ class WorkerHost:
         cls = getattr(importlib.import_module(module_name), class_name)
         self.worker = cls(spec)
         # Operators (and the e2e tests) map worker names to processes from this line.
-        print(f"tandem worker {spec.get('name')} ready in pid {os.getpid()}", flush=True)
+        print(f"tandem worker {spec.get('name')} ready in pid {os.getpid()} "
+              f"(incarnation {spec.get('incarnation', 0)})", flush=True)  # fmt: skip
 
     def call(self, method: str, *args: Any) -> Any:
         return getattr(self.worker, method)(*args)

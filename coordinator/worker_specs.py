@@ -81,6 +81,7 @@ def worker_plans(config: TandemConfig, output_address: str) -> list[WorkerPlan]:
                 "engine": engine_fields(config, pool),
                 "kv_transfer": kv_transfer,
                 "output_address": output_address,
+                "max_step_failures": config.coordinator.workers.max_step_failures,
             }
             plans.append(
                 WorkerPlan(

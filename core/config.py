@@ -8,9 +8,11 @@ Layout of a file (every key but ``model.name`` and ``pools`` has a default)::
       prefill:  {replicas, resources, scheduler, kv_cache}               # disaggregated only
       decode:   {replicas, resources, scheduler, kv_cache, speculative}  # disaggregated only
       colocated: {same keys as decode}                                   # colocated only
-    kv_transfer: {backend, side_channel_host, side_channel_port_range, timeout_s}
+    kv_transfer: {backend, side_channel_host, side_channel_port_range, timeout_s, on_failure}
     coordinator: {host, port, api_key, max_queued_requests, max_prompt_tokens,
-                  request_timeout_s, routing}
+                  request_timeout_s, routing, retry: {max_attempts, worker_wait_s},
+                  workers: {restart, hang_timeout_s, max_step_failures},
+                  slo: {ttft_ms, tpot_ms}}
 
 Colocated mode uses its own ``pools.colocated`` section rather than reusing ``pools.decode``: a
 colocated worker both prefills and decodes, so naming it after one role would mislead, and a file
@@ -49,6 +51,7 @@ KVDtype = Literal["auto", "fp8_e4m3"]  # auto: the model dtype
 BlockSize = Literal[1, 2, 4, 8, 16, 32, 64, 128, 256]
 SpecMethod = Literal["none", "ngram", "draft"]
 TransferBackend = Literal["nixl", "tcp"]
+TransferFailurePolicy = Literal["retry", "recompute", "fail"]
 RoutingPolicy = Literal["least_loaded", "round_robin"]  # mirrors coordinator.router.POLICIES
 Mode = Literal["disaggregated", "colocated"]
 
@@ -181,6 +184,13 @@ class KVTransferSection(_Section):
     side_channel_host: str = "127.0.0.1"  # where decode workers listen for handshakes
     side_channel_port_range: tuple[int, int] = Field((5600, 5699), strict=False)  # inclusive
     timeout_s: PositiveFloat = 30.0
+    # What a failed or timed-out KV transfer does to its request (token 1 already streamed):
+    # recompute: the decode worker prefills prompt + tokens itself (default: a failed transfer
+    #            says nothing about the decode worker, which already holds the request's room,
+    #            and this path needs no working link; the cost is one prefill on decode)
+    # retry:     a new prefill + transfer, routed afresh (maybe over another link)
+    # fail:      the request ends with an error
+    on_failure: TransferFailurePolicy = "recompute"
 
     @model_validator(mode="after")
     def _ports(self) -> KVTransferSection:
@@ -193,6 +203,36 @@ class KVTransferSection(_Section):
         return self
 
 
+class RetrySection(_Section):
+    """How hard the coordinator tries to finish a request that a worker or a transfer failed."""
+
+    max_attempts: PositiveInt = 3  # placements per request, the first included (1: no retry)
+    worker_wait_s: PositiveFloat = 60.0  # a request waits this long for a pool with no worker
+
+
+class WorkersSection(_Section):
+    """Supervision of the worker actors: ``replicas`` of each pool is the target."""
+
+    restart: bool = True  # replace a worker that died, hung or kept failing
+    hang_timeout_s: PositiveFloat = 30.0  # no answer, or busy without progress, this long: hung
+    max_step_failures: PositiveInt = 3  # failed engine steps in a row before it is replaced
+
+
+class SloSection(_Section):
+    """Latency targets a request must meet to count as goodput (``tandem_goodput_requests``):
+    the definitions of vLLM's ``bench serve`` (TPOT = (last token - first token) / (tokens - 1),
+    0 for a one-token answer). An unset target is not checked; at least one must be set."""
+
+    ttft_ms: PositiveFloat | None = None  # arrival -> first token
+    tpot_ms: PositiveFloat | None = None  # mean gap between later tokens
+
+    @model_validator(mode="after")
+    def _some_target(self) -> SloSection:
+        if self.ttft_ms is None and self.tpot_ms is None:
+            raise ValueError("set at least one of ttft_ms, tpot_ms")
+        return self
+
+
 class CoordinatorSection(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)  # 0: any free port
@@ -201,6 +241,9 @@ class CoordinatorSection(_Section):
     max_prompt_tokens: PositiveInt | None = None  # None: model.max_model_len - 1
     request_timeout_s: PositiveFloat = 600.0
     routing: RoutingPolicy = "least_loaded"
+    retry: RetrySection = RetrySection()
+    workers: WorkersSection = WorkersSection()
+    slo: SloSection | None = None  # None: every finished request counts as goodput
 
 
 class TandemConfig(_Section):

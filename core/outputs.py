@@ -14,6 +14,16 @@ FINISH_ERROR = "error"
 FINISH_REJECTED = "rejected"
 FAILURES = (FINISH_ERROR, FINISH_ABORT, FINISH_REJECTED)
 
+# Why the system (not the request) failed: set on an error delta, these let the coordinator retry
+# or migrate the request instead of ending it.
+FAULT_WORKER_DIED = "worker_died"  # its actor/process is gone
+FAULT_WORKER_HUNG = "worker_hung"  # alive but no answer or no progress within the deadline
+FAULT_WORKER_UNHEALTHY = "worker_unhealthy"  # kept failing its steps: taken out and restarted
+FAULT_STEP_FAILED = "step_failed"  # an engine step raised; the worker failed its requests
+FAULT_TRANSFER_FAILED = "transfer_failed"  # the KV send failed or timed out (sender side)
+FAULT_TRANSFER_TIMEOUT = "transfer_timeout"  # token 1 came, the decode worker never took over
+FAULT_PLACEMENT = "placement_failed"  # a worker call to place the request failed
+
 
 @dataclass(frozen=True)
 class TokenLogprob:
@@ -43,7 +53,7 @@ class OutputDelta:
     num_output_tokens: int = 0
     error: str | None = None
     stop_reason: str | int | None = None
-    fault: str | None = None
+    fault: str | None = None  # a FAULT_* on an error the system caused (retryable), else None
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict, compare=False)
 

@@ -2,13 +2,19 @@
 
 Request life on this side::
 
-    reserve()  -> blocks allocated, request pending        (coordinator, before prefill)
-    KV landed  -> tag carries token 1 -> joins the batch   (kvtransfer notification)
-    step()...  -> tokens 2.. streamed; finish frees blocks
-    release()  -> pending, and the coordinator knows no KV will come: blocks freed at once
-    abort()    -> pending: blocks quarantined until the in-flight WRITE lands or times out
-                  (freeing them at once could hand them to another request while the old
-                  transfer still writes into them); running: freed at once
+    reserve()      -> blocks reserved (lease RESERVED)            (coordinator, before prefill)
+    KV landed      -> the tag carries the token prefill sampled   (kvtransfer notification)
+                      -> joins the decode batch (lease ACTIVE)
+    step()...      -> tokens streamed; finish frees the blocks
+    add_request()  -> prefilled here instead (a short prompt, or a KV transfer that failed)
+    release()      -> ended, and the coordinator knows no KV is or will be in flight (its writer
+                      finished without sending, was never asked, or is dead): freed at once
+    abort()        -> ended; a reservation is quarantined until its in-flight WRITE lands or the
+                      transfer deadline passes (freeing it at once could hand the blocks to
+                      another request while the old WRITE still lands in them)
+
+A request may already carry output tokens (``output_token_ids``): it was resumed after a worker
+failed, and the prefill worker computed its prompt and those tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 import msgpack
 
 from core.sampling_params import SamplingParams
+from engine.kv_manager import LeaseState
 from engine.worker_base import WorkerBase
 from kvtransfer import make_receiver
 
@@ -26,12 +33,12 @@ from kvtransfer import make_receiver
 @dataclass(frozen=True)
 class Reservation:
     prompt_token_ids: list[int]
+    output_token_ids: list[int]  # generated before (a resumed request); usually empty
     params: SamplingParams
-    block_ids: list[int]
 
 
 def encode_first_token(token_id: int) -> str:
-    """The transfer tag: what decode needs to start besides the KV (token 1)."""
+    """The transfer tag: what decode needs to start besides the KV (the token prefill sampled)."""
     return msgpack.packb({"t": token_id}).hex()
 
 
@@ -42,13 +49,14 @@ def decode_first_token(tag: str) -> int:
 class DecodeWorker(WorkerBase):
     role = "decode"
 
+    add_request = WorkerBase.admit  # prefill here: no transfer
+
     def _setup(self) -> None:
         self.kv_config = self.kv_transfer_config()
         self.receiver = make_receiver(
             self.engine.kv_cache, self.kv_config, self.engine.model_config.name
         )
         self.pending: dict[str, Reservation] = {}
-        self.quarantine: dict[str, tuple[list[int], float]] = {}  # rid -> (blocks, free after)
 
     def ready(self) -> dict:
         return {**super().ready(), "kv_address": self.receiver.address}
@@ -57,69 +65,64 @@ class DecodeWorker(WorkerBase):
         return {**super().stats(), "waiting": self.engine.scheduler.num_waiting + len(self.pending)}
 
     def reserve(
-        self, request_id: str, prompt_token_ids: list[int], params: dict
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: dict,
+        output_token_ids: list[int] | None = None,
     ) -> list[int] | None:
-        """Blocks for the prompt's KV, or None when this worker has no room now."""
+        """Blocks for the KV of the prompt (and of ``output_token_ids``, for a resumed request),
+        or None when this worker has no room now."""
         params = self.params_of(params)
+        outputs = list(output_token_ids or ())
         with self.lock:
             eng = self.engine
             if request_id in self.pending or request_id in eng.seqs:
                 raise ValueError(f"duplicate request id {request_id!r}")
-            if len(prompt_token_ids) >= eng.max_seq_len:
-                raise ValueError(
-                    f"prompt has {len(prompt_token_ids)} tokens; this decode worker holds "
-                    f"{eng.max_seq_len} (max_model_len {eng.config.max_model_len})"
-                )
+            num_tokens = len(prompt_token_ids) + len(outputs)
+            eng.check_fits(num_tokens)
             if eng.scheduler.num_running + len(self.pending) >= eng.config.max_num_seqs:
                 return None
-            need = -(-len(prompt_token_ids) // eng.config.block_size)
+            need = -(-num_tokens // eng.config.block_size)
             # headroom: a block per running sequence to grow into, so that admitting a prompt
             # does not force the next decode step to preempt someone (recompute is costly)
-            if need + eng.scheduler.num_running > eng.block_pool.num_free_blocks:
+            if need + eng.scheduler.num_running > self.kv.num_free_blocks:
                 return None
-            block_ids = eng.block_pool.allocate(need)
+            block_ids = self.kv.reserve(request_id, need)
             if block_ids is None:
                 return None
-            self.pending[request_id] = Reservation(list(prompt_token_ids), params, block_ids)
+            self.pending[request_id] = Reservation(list(prompt_token_ids), outputs, params)
             eng.structured.prepare(params)  # compile while prefill runs, not after
             return block_ids
 
     def release(self, request_ids: list[str]) -> None:
-        """Free reservations whose KV will never come (prefill ended the request at token 1,
-        or it was never sent a prefill): no quarantine needed, unlike ``abort``."""
+        """End requests whose KV is not and will not be in flight: blocks freed at once."""
         with self.lock:
             for rid in request_ids:
-                res = self.pending.pop(rid, None)
-                if res is not None:
+                if self.pending.pop(rid, None) is not None:
                     self.receiver.discard(rid)
-                    self.engine.block_pool.free(res.block_ids)
+                if self.kv.state(rid) in (LeaseState.RESERVED, LeaseState.QUARANTINED):
+                    self.kv.free(rid)
+            self.engine.abort(request_ids)  # running (or prefilling) ones
 
     def _abort(self, request_ids: list[str]) -> None:
+        deadline = time.monotonic() + self.kv_config.timeout_s
         for rid in request_ids:
-            res = self.pending.pop(rid, None)
-            if res is not None:
+            if self.pending.pop(rid, None) is not None:
                 self.receiver.discard(rid)
-                self.quarantine[rid] = (res.block_ids, time.monotonic() + self.kv_config.timeout_s)
+                self.kv.quarantine(rid, deadline)
         super()._abort(request_ids)
 
     def _iteration(self) -> bool:
-        eng = self.engine
         for rid, tag in self.receiver.poll_landed():
             res = self.pending.pop(rid, None)
             if res is not None:
-                eng.add_prefilled(
-                    rid, res.prompt_token_ids, decode_first_token(tag), res.params, res.block_ids
-                )
-            elif rid in self.quarantine:  # aborted while in flight: now it is safe to free
-                eng.block_pool.free(self.quarantine.pop(rid)[0])
-        if self.quarantine:
-            now = time.monotonic()
-            for rid in [r for r, (_, t) in self.quarantine.items() if t <= now]:
-                eng.block_pool.free(self.quarantine.pop(rid)[0])
-        if not eng.has_unfinished():
-            return False
-        self.emit(eng.step())
-        return True
+                outputs = [*res.output_token_ids, decode_first_token(tag)]
+                self.engine.add_prefilled(rid, res.prompt_token_ids, outputs, res.params)
+            else:
+                self.kv.settle(rid)  # given up while in flight: now it is safe to free
+        self.kv.expire(time.monotonic())
+        return self.run_step()
 
     def _close(self) -> None:
         self.receiver.close()

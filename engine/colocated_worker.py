@@ -8,13 +8,7 @@ from engine.worker_base import WorkerBase
 class ColocatedWorker(WorkerBase):
     role = "colocated"
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: dict) -> None:
-        with self.lock:
-            self.engine.add_request(request_id, list(prompt_token_ids), self.params_of(params))
-        self.wake()
+    add_request = WorkerBase.admit
 
     def _iteration(self) -> bool:
-        if not self.engine.has_unfinished():
-            return False
-        self.emit(self.engine.step())
-        return True
+        return self.run_step()

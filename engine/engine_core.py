@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence as Seq
 
 import torch
 
@@ -25,6 +26,7 @@ from core.tokenizer import Tokenizer
 from engine.block_pool import BlockPool
 from engine.engine_config import EngineConfig
 from engine.kv_cache import KVCache, KVCacheSpec
+from engine.kv_manager import KVManager
 from engine.loader import load_model
 from engine.model import LlamaForCausalLM
 from engine.model_config import ModelConfig
@@ -90,8 +92,9 @@ class EngineCore:
             # build (or load) the C++ CPU kernels now, not inside the first request's step
             cpu_ext.load_ops()
         self.kv_cache = build_kv_cache(config, self.model_config, self.device)
-        self.block_pool = BlockPool(
-            self.kv_cache.num_blocks, config.block_size, config.enable_prefix_caching
+        # the one owner of the cache's blocks (scheduler, speculator and workers go through it)
+        self.kv = KVManager(
+            BlockPool(self.kv_cache.num_blocks, config.block_size, config.enable_prefix_caching)
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -101,7 +104,7 @@ class EngineCore:
                 block_size=config.block_size,
                 enable_prefix_caching=config.enable_prefix_caching,
             ),
-            self.block_pool,
+            self.kv,
         )
         self.runner = ModelRunner(self.model, self.kv_cache, self.device)
         self.tokenizer = tokenizer
@@ -112,7 +115,7 @@ class EngineCore:
         self.texts: dict[str, TextState] = {}
         # A sequence ends ("length") at max_model_len or when it would outgrow the whole cache:
         # alone in the cache it then always fits, so preemption can never livelock.
-        self.max_seq_len = min(config.max_model_len, self.block_pool.num_blocks * config.block_size)
+        self.max_seq_len = min(config.max_model_len, self.kv.num_blocks * config.block_size)
         self.speculator = (
             Speculator(config.speculative, self) if config.speculative.enabled else None
         )
@@ -123,22 +126,23 @@ class EngineCore:
 
     # ------------------------------------------------------------------ requests
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        output_token_ids: Seq[int] = (),
     ) -> None:
+        """Queue a request for prefill (and decode, unless the owner takes over at token 1).
+
+        ``output_token_ids``: tokens already generated for it elsewhere (a request resumed after
+        its worker failed). They are prefilled with the prompt and count as output: max_tokens,
+        min_tokens, penalties and the seeded RNG's position continue from them, so the next token
+        is the one an undisturbed run would have sampled.
+        """
         if request_id in self.seqs:
             raise ValueError(f"duplicate request id {request_id!r}")
-        n = len(prompt_token_ids)
-        if n >= self.config.max_model_len:
-            raise ValueError(
-                f"prompt has {n} tokens; max_model_len is {self.config.max_model_len}"
-            )
-        if n >= self.max_seq_len:
-            raise ValueError(
-                f"prompt has {n} tokens; the KV cache holds {self.max_seq_len} tokens of one "
-                "sequence"
-            )
-        seq = Sequence(request_id, prompt_token_ids, params, self.eos_token_ids, time.monotonic())
-        self.seqs[request_id] = seq
+        self.check_fits(len(prompt_token_ids) + len(output_token_ids))
+        seq = self._new_sequence(request_id, prompt_token_ids, params, output_token_ids)
         if self.tokenizer is not None:
             # text (and stop strings) only where a tokenizer was given: a token-only engine,
             # like a worker's (the coordinator detokenizes), never does
@@ -148,25 +152,47 @@ class EngineCore:
         else:
             self.scheduler.add(seq)
 
+    def check_fits(self, num_tokens: int) -> None:
+        """Refuse (ValueError) a request of ``num_tokens`` known tokens that leaves no room for
+        one more."""
+        if num_tokens >= self.config.max_model_len:
+            raise ValueError(
+                f"prompt has {num_tokens} tokens; max_model_len is {self.config.max_model_len}"
+            )
+        if num_tokens >= self.max_seq_len:
+            raise ValueError(
+                f"prompt has {num_tokens} tokens; the KV cache holds {self.max_seq_len} tokens "
+                "of one sequence"
+            )
+
     def add_prefilled(
         self,
         request_id: str,
         prompt_token_ids: list[int],
-        first_token_id: int,
+        output_token_ids: Seq[int],
         params: SamplingParams,
-        block_ids: list[int],
     ) -> None:
-        """Admit a request whose prompt KV already sits in ``block_ids`` (written by a prefill
-        worker) and whose first token was sampled there: it joins the next decode step."""
-        seq = Sequence(request_id, prompt_token_ids, params, self.eos_token_ids, time.monotonic())
-        seq.output_token_ids.append(first_token_id)
-        seq.block_ids = list(block_ids)
-        seq.num_computed_tokens = len(prompt_token_ids)
-        self.seqs[request_id] = seq
+        """Admit a request whose KV already sits in its reserved blocks (``KVManager.reserve``,
+        written by a prefill worker) for every token but the newest output token, which the
+        prefill worker sampled: it joins the next decode step (structured output: once its
+        grammar is compiled)."""
+        assert output_token_ids, "a prefilled request has sampled at least one token"
+        seq = self._new_sequence(request_id, prompt_token_ids, params, output_token_ids)
+        seq.block_ids = self.kv.activate(request_id)
+        seq.num_computed_tokens = seq.num_tokens - 1
         if params.structured is not None:
             self.structured.park(seq, running=True)
         else:
             self.scheduler.add_running(seq)
+
+    def _new_sequence(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        output_token_ids: Seq[int],
+    ) -> Sequence:  # fmt: skip
+        seq = Sequence(request_id, prompt_token_ids, params, self.eos_token_ids, time.monotonic())
+        seq.output_token_ids.extend(output_token_ids)
+        self.seqs[request_id] = seq
+        return seq
 
     def abort(self, request_ids: list[str]) -> list[OutputDelta]:
         out = []
@@ -202,16 +228,25 @@ class EngineCore:
     # ------------------------------------------------------------------ the step
     def step(self) -> list[OutputDelta]:
         admitted = self.admit_structured()
+        batch = self.schedule()
+        if not batch and not admitted and self.structured.num_parked:
+            self.structured.wait(GRAMMAR_WAIT_S)  # nothing to run until a compile ends
+        return admitted + self.run(batch)
+
+    def schedule(self) -> ScheduledBatch:
+        """The next step's batch (empty when there is nothing to do). Sequences whose grammar
+        is still compiling are not in it (``admit_structured`` lets them in)."""
         lookahead = self.speculator.k if self.speculator is not None else 0
-        batch = self.scheduler.schedule(num_lookahead_tokens=lookahead)
+        return self.scheduler.schedule(num_lookahead_tokens=lookahead)
+
+    def run(self, batch: ScheduledBatch) -> list[OutputDelta]:
+        """Compute a scheduled batch and turn its results into deltas."""
         if not batch:
-            if not admitted and self.structured.num_parked:
-                self.structured.wait(GRAMMAR_WAIT_S)  # nothing to run until a compile ends
-            return admitted
+            return []
         if self.speculator is not None and not batch.is_prefill:
-            return admitted + self.speculator.step(self, batch)
+            return self.speculator.step(self, batch)
         out = self.runner.execute(batch)
-        return admitted + self.postprocess(batch, out)
+        return self.postprocess(batch, out)
 
     def postprocess(self, batch: ScheduledBatch, out: StepOutput) -> list[OutputDelta]:
         self.scheduler.commit_computed(batch)

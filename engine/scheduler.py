@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from core.outputs import FINISH_ABORT
-from engine.block_pool import BlockPool
+from engine.kv_manager import KVManager
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -51,9 +51,9 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_pool: BlockPool, free_on_finish: bool = True):
+    def __init__(self, config: SchedulerConfig, kv: KVManager, free_on_finish: bool = True):
         self.config = config
-        self.pool = block_pool
+        self.kv = kv
         # A prefill worker keeps a finished sequence's blocks until its KV has been sent.
         self.free_on_finish = free_on_finish
         self.waiting: deque[Sequence] = deque()
@@ -110,16 +110,14 @@ class Scheduler:
             seq = self.waiting[0]
             fresh = not seq.block_ids
             if fresh and seq.params.prompt_logprobs is None:
-                hits = self.pool.lookup_prefix(seq.token_ids)
-                seq.block_ids = hits
-                seq.num_computed_tokens = len(hits) * cfg.block_size
+                seq.num_computed_tokens = self.kv.lookup_prefix(seq) * cfg.block_size
                 if seq.num_preemptions == 0:
                     seq.num_cached_prompt_tokens = seq.num_computed_tokens
             n = min(seq.num_tokens - seq.num_computed_tokens, cfg.chunk_size, budget)
             if not self._grow(seq, seq.num_computed_tokens + n):
                 if fresh:  # give back the prefix hits; try again when blocks free up
-                    self.pool.free(seq.block_ids)
-                    seq.block_ids, seq.num_computed_tokens = [], 0
+                    self.kv.free(seq.request_id)
+                    seq.block_hashes, seq.num_computed_tokens = [], 0
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -151,18 +149,12 @@ class Scheduler:
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         need = seq.num_blocks_for(num_tokens, self.config.block_size)
-        if need == 0:
-            return True
-        ids = self.pool.allocate(need)
-        if ids is None:
-            return False
-        seq.block_ids.extend(ids)
-        return True
+        return need == 0 or self.kv.allocate(seq, need)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.pool.free(seq.block_ids)
-        seq.block_ids, seq.block_hashes = [], []
+        self.kv.free(seq.request_id)
+        seq.block_hashes = []
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
@@ -174,9 +166,7 @@ class Scheduler:
         """Mark the scheduled tokens as computed and register newly full blocks for reuse."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
-            self.pool.cache_full_blocks(
-                seq.token_ids[: seq.num_computed_tokens], seq.block_ids, seq.block_hashes
-            )
+            self.kv.cache_full_blocks(seq, seq.num_computed_tokens)
 
     def finish(self, seq: Sequence, reason: str | None = None) -> None:
         if reason is not None:
@@ -190,9 +180,7 @@ class Scheduler:
             self.free_blocks(seq)
 
     def free_blocks(self, seq: Sequence) -> None:
-        if seq.block_ids:
-            self.pool.free(seq.block_ids)
-            seq.block_ids = []
+        self.kv.free(seq.request_id)
 
     def abort(self, request_ids: Iterable[str]) -> list[Sequence]:
         wanted = set(request_ids)

@@ -4,27 +4,38 @@ Workers are plain classes (tests construct them directly); the launcher wraps th
 ``ray.remote(...)`` as threaded actors. Actor methods run on Ray's threads while ``_loop`` runs on
 its own; ``self.lock`` serialises every touch of engine state, and a whole engine step runs under
 it so that no block can be freed (and handed out again) while a forward pass writes into it.
+
+A step that raises fails the requests of that step (each gets an error delta with ``fault`` set,
+so the coordinator retries or migrates it, and its blocks are freed) and the loop goes on with the
+rest: never an endless retry of the same step. After ``max_step_failures`` failed iterations in a
+row the worker reports itself ``unhealthy`` and the coordinator replaces it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import traceback
 from abc import ABC, abstractmethod
+from collections.abc import Sequence as Seq
 
 import zmq
 
 from core.delta_codec import encode_deltas
-from core.outputs import OutputDelta
+from core.outputs import FAULT_STEP_FAILED, FINISH_ERROR, OutputDelta
 from core.sampling_params import SamplingParams
 from engine.engine_config import EngineConfig
 from engine.engine_core import EngineCore
+from engine.faults import Fault, FaultPlan
+from engine.kv_manager import LeaseState
+from engine.sequence import Sequence
 from kvtransfer.config import KVTransferConfig
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.002  # loop nap when there is nothing to compute (transfers still get polled)
+MAX_STEP_FAILURES = 3  # failed iterations in a row before the worker calls itself unhealthy
 
 
 class WorkerBase(ABC):
@@ -33,15 +44,22 @@ class WorkerBase(ABC):
     def __init__(self, spec: dict):
         self.spec = spec
         self.name: str = spec["name"]
+        self.incarnation: int = spec.get("incarnation", 0)
         self.engine = EngineCore(EngineConfig(**spec["engine"]))
+        self.kv = self.engine.kv
         self.lock = threading.RLock()
+        self.faults = FaultPlan()
+        self.max_step_failures: int = spec.get("max_step_failures", MAX_STEP_FAILURES)
+        self.loop_error: str | None = None
+        self.num_iterations = 0  # loop turns that computed something: progress, seen by stats
+        self.num_step_failures = 0  # failed iterations in a row
+        self._step_seqs: list[Sequence] = []  # the batch of the step under way
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._zmq = zmq.Context()
         self._out = self._zmq.socket(zmq.PUSH)
         self._out.setsockopt(zmq.LINGER, 0)
         self._out.connect(spec["output_address"])
-        self.loop_error: str | None = None
         self._setup()
         self._thread = threading.Thread(target=self._loop, name=f"{self.name}-loop", daemon=True)
         self._thread.start()
@@ -51,20 +69,25 @@ class WorkerBase(ABC):
         return {
             "name": self.name,
             "role": self.role,
-            "num_blocks": self.engine.block_pool.num_blocks,
+            "incarnation": self.incarnation,
+            "pid": os.getpid(),
+            "num_blocks": self.kv.num_blocks,
             "block_size": self.engine.config.block_size,
             "kv_address": None,
         }
 
     def stats(self) -> dict:
-        pool, sched = self.engine.block_pool, self.engine.scheduler
+        sched = self.engine.scheduler
         return {
             "name": self.name,
             "role": self.role,
-            "kv_blocks_used": pool.num_used_blocks,
-            "kv_blocks_total": pool.num_blocks,
+            "kv_blocks_used": self.kv.num_used_blocks,
+            "kv_blocks_total": self.kv.num_blocks,
             "running": sched.num_running,
             "waiting": sched.num_waiting,
+            "busy": sched.has_unfinished(),
+            "iterations": self.num_iterations,
+            "unhealthy": self.num_step_failures >= self.max_step_failures,
             "transfer_bytes": 0,
             "transfer_seconds": 0.0,
             "transfer_backend": None,
@@ -72,9 +95,21 @@ class WorkerBase(ABC):
             "spec": spec.metrics.to_dict() if (spec := self.engine.speculator) else None,
         }
 
+    def leases(self) -> dict[str, tuple[str, int]]:
+        """request id -> (lease state, blocks) of every request holding blocks here."""
+        with self.lock:
+            return self.kv.leases()
+
     def abort(self, request_ids: list[str]) -> None:
+        """End requests in whatever state they are; idempotent; emits nothing."""
         with self.lock:
             self._abort(request_ids)
+
+    def arm_fault(self, fault: dict) -> None:
+        """Test-only (engine/faults.py): the coordinator calls it only when fault injection was
+        allowed at its start."""
+        with self.lock:
+            self.faults.arm(Fault.from_dict(fault))
 
     def shutdown(self) -> None:
         self._stopped.set()
@@ -90,13 +125,52 @@ class WorkerBase(ABC):
             try:
                 with self.lock:
                     busy = self._iteration()
-            except Exception:  # keep serving others; the coordinator sees it in stats()
+                if busy:
+                    self.num_step_failures = 0
+            except Exception as exc:
                 self.loop_error = traceback.format_exc()
                 log.exception("%s: loop iteration failed", self.name)
+                self.num_step_failures += 1  # before the error deltas: stats then agree
+                with self.lock:
+                    self._fail_step(exc)
                 busy = False
-            if not busy:
+            if busy:
+                self.num_iterations += 1
+            else:
                 self._wake.wait(IDLE_WAIT_S)
                 self._wake.clear()
+
+    def run_step(self) -> bool:
+        """One engine step (decode and colocated workers); False if there was nothing to do."""
+        rejected = self.engine.admit_structured()  # grammars compiled (or refused) meanwhile
+        self.emit(rejected)
+        batch = self.engine.schedule()
+        if not batch:
+            return bool(rejected)
+        self._step_seqs = list(batch.seqs)
+        ids = [s.request_id for s in batch.seqs]
+        self.faults.reach("step", ids)
+        if not batch.is_prefill:
+            self.faults.reach("mid_decode", ids)
+        self.emit(self.engine.run(batch))
+        self._step_seqs = []
+        return True
+
+    def _fail_step(self, exc: Exception) -> None:
+        """End the requests of the step that raised: their state may be half-updated, the
+        other requests' is not. Each gets an error delta the coordinator can retry."""
+        seqs, self._step_seqs = self._step_seqs, []
+        if not seqs:
+            return
+        self._abort([s.request_id for s in seqs])
+        message = f"{self.name}: engine step failed: {type(exc).__name__}: {exc}"
+        self.emit([
+            OutputDelta(s.request_id, (), finish_reason=FINISH_ERROR, error=message,
+                        num_prompt_tokens=s.num_prompt_tokens,
+                        num_output_tokens=s.num_output_tokens, fault=FAULT_STEP_FAILED)
+            for s in seqs
+        ])  # fmt: skip
+        self.num_iterations += 1  # the step ended (badly): still progress
 
     def wake(self) -> None:
         self._wake.set()
@@ -104,6 +178,21 @@ class WorkerBase(ABC):
     def emit(self, deltas: list[OutputDelta]) -> None:
         if deltas:
             self._out.send(encode_deltas(deltas))
+
+    def admit(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: dict,
+        output_token_ids: Seq[int] = (),
+    ) -> None:
+        """Queue a request this worker prefills itself (decode and colocated workers);
+        ``output_token_ids``: tokens already streamed for it (a resumed request)."""
+        with self.lock:
+            self.engine.add_request(
+                request_id, list(prompt_token_ids), self.params_of(params), output_token_ids
+            )
+        self.wake()
 
     def kv_transfer_config(self) -> KVTransferConfig:
         """The spec's ``kv_transfer`` section (msgpack / JSON lists become tuples)."""
@@ -120,6 +209,9 @@ class WorkerBase(ABC):
 
     def _abort(self, request_ids: list[str]) -> None:
         self.engine.abort(request_ids)  # the coordinator asked: nothing to tell it back
+        for rid in request_ids:  # blocks of a request the scheduler had already let go of
+            if self.kv.state(rid) == LeaseState.ACTIVE:
+                self.kv.free(rid)
 
     def _setup(self) -> None:  # noqa: B027 (optional hook)
         """Role-specific state, built before the loop thread starts."""

@@ -52,11 +52,20 @@ class NixlSender(KVSender):
 
     def _link(self, peer: Peer) -> None:
         name = self._agent.add_remote_agent(peer.handshake.agent_metadata)
-        self._remote_names[peer.address] = name.decode() if isinstance(name, bytes) else name
+        name = name.decode() if isinstance(name, bytes) else name
+        self._remote_names[peer.handshake.agent_name] = name
         try:  # optional: saves the connection set-up on the first WRITE
-            self._agent.make_connection(self._remote_names[peer.address])
+            self._agent.make_connection(name)
         except Exception as e:
             log.debug("make_connection to %s: %s", peer.address, e)
+
+    def _unlink(self, peer: Peer) -> None:
+        name = self._remote_names.pop(peer.handshake.agent_name, None)
+        if name is not None:
+            try:
+                self._agent.remove_remote_agent(name)
+            except Exception as e:  # already gone on the NIXL side: nothing to forget
+                log.debug("remove_remote_agent %s: %s", name, e)
 
     def _post(self, t: InFlight, pairs: DescPairs, notif: bytes) -> Any:
         regions = {r.name: r for r in t.peer.handshake.regions}
@@ -69,7 +78,7 @@ class NixlSender(KVSender):
             "WRITE",
             self._agent.get_xfer_descs(local, mem),
             self._agent.get_xfer_descs(remote, remote_mem),
-            self._remote_names[t.peer.address],
+            self._remote_names[t.peer.handshake.agent_name],
             notif,
         )
         return self._poster.submit(handle)

@@ -114,6 +114,10 @@ class KVSender(ABC):
         """Make ``peer`` writable (load its metadata)."""
 
     @abstractmethod
+    def _unlink(self, peer: Peer) -> None:
+        """Forget ``peer``'s metadata (after its transfers were finished)."""
+
+    @abstractmethod
     def _post(self, t: InFlight, pairs: DescPairs, notif: bytes) -> Any:
         """Start the copy; return a handle. Raise on immediate failure."""
 
@@ -129,10 +133,11 @@ class KVSender(ABC):
 
     # ---- API -----------------------------------------------------------------------------
     def connect(self, address: str) -> str:
-        """Handshake with the decode worker at ``address`` (blocking, once per peer); returns
-        the peer key for ``send``. Raises ConnectionRefusedError naming every mismatch."""
-        if address in self._peers:
-            return address
+        """Handshake with the decode worker at ``address`` (blocking); returns the peer key for
+        ``send``: the decode side's agent name, which is new with every incarnation of it. A new
+        incarnation at a known address replaces the old one (``disconnect``), so nothing is ever
+        written with a dead incarnation's metadata. Raises ConnectionRefusedError naming every
+        mismatch."""
         sock, reply = request(
             self._ctx, address, encode(self.handshake), self.config.connect_timeout_s
         )
@@ -146,14 +151,38 @@ class KVSender(ABC):
         if problems:
             sock.close(linger=0)
             raise ConnectionRefusedError(f"incompatible peer {address}: " + "; ".join(problems))
+        key = reply.agent_name
+        if key in self._peers:  # the same incarnation again: already linked
+            sock.close(linger=0)
+            return key
+        for old in [k for k, p in self._peers.items() if p.address == address]:
+            self.disconnect(old)
         peer = Peer(address, reply, sock, needs_fp8_staging(self.handshake, reply))
         if peer.fp8_staging and self._staging is None:
             self._staging = Fp8Staging(self.cache.spec, self.config.staging_blocks,
                                        self.cache.data.device)  # fmt: skip
             self._register_staging(self._staging)
         self._link(peer)
-        self._peers[address] = peer
-        return address
+        self._peers[key] = peer
+        return key
+
+    def disconnect(self, peer: str) -> None:
+        """Forget a peer (it died, or a new incarnation replaced it): its transfers fail with
+        TransferFailed, and its agent metadata is unloaded. Unknown keys are ignored."""
+        p = self._peers.pop(peer, None)
+        if p is None:
+            return
+        for t in [t for t in self._waiting if t.peer is p]:
+            self._waiting.remove(t)
+            self._finish(t, "peer disconnected")
+        for t in [t for t in self._inflight.values() if t.peer is p]:
+            self._finish(t, "peer disconnected")
+        self._unlink(p)
+        p.sock.close(linger=0)
+
+    @property
+    def peers(self) -> list[str]:
+        return list(self._peers)
 
     def send(self, spec: TransferSpec, peer: str) -> None:
         """Start moving ``spec``'s blocks to ``peer``. Non-blocking; the outcome comes from

@@ -48,6 +48,10 @@ class TcpSender(KVSender):
     def _link(self, peer: Peer) -> None:
         pass
 
+    def _unlink(self, peer: Peer) -> None:
+        for key in [k for k in self._acks if k[0] == peer.address]:
+            del self._acks[key]
+
     def _post(self, t: InFlight, pairs: DescPairs, notif: bytes) -> Any:
         views = self._staging_views if t.slots else self._views
         regions = self._staging.regions if t.slots and self._staging else self._regions

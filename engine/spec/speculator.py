@@ -131,13 +131,9 @@ class Speculator:
                 continue
             # KV is valid for the last token and each accepted draft: one per appended token.
             seq.num_computed_tokens = old_computed + len(delta.token_ids)
-            engine.block_pool.cache_full_blocks(
-                seq.token_ids[: seq.num_computed_tokens], seq.block_ids, seq.block_hashes
-            )
-            keep = -(-seq.num_tokens // engine.config.block_size)
-            if len(seq.block_ids) > keep:  # roll back the lookahead slots
-                engine.block_pool.free(seq.block_ids[keep:])
-                del seq.block_ids[keep:]
+            engine.kv.cache_full_blocks(seq, seq.num_computed_tokens)
+            # roll back the lookahead slots past what the sequence now holds
+            engine.kv.trim(seq, -(-seq.num_tokens // engine.config.block_size))
             seq.draft_computed = min(seq.draft_computed, seq.num_computed_tokens)
             deltas.append(delta)
         return deltas

@@ -15,7 +15,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from coordinator.engine_client import EngineStats
+from coordinator.engine_client import EngineStats, PoolHealth
 from core.outputs import (
     FINISH_ERROR,
     FINISH_LENGTH,
@@ -57,7 +57,9 @@ class ScriptedEngine:
     cached_tokens: int = 0  # prefix-cache hit reported with token 1
     stop_reason: int | str | None = None  # reported on a "stop" finish (eos_after)
     reject_structured: str | None = None  # structured output: end "rejected" with this
-    live: dict[str, bool] = field(default_factory=lambda: {"prefill": True, "decode": True})
+    live: dict[str, PoolHealth] = field(
+        default_factory=lambda: {"prefill": PoolHealth(1, 1), "decode": PoolHealth(1, 1)}
+    )
     snapshot: EngineStats = field(default_factory=EngineStats)
     requests: list[tuple[str, list[int], SamplingParams]] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
@@ -123,7 +125,7 @@ class ScriptedEngine:
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
-    async def health(self) -> dict[str, bool]:
+    async def health(self) -> dict[str, PoolHealth]:
         return dict(self.live)
 
     async def stats(self) -> EngineStats:

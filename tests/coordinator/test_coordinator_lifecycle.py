@@ -13,7 +13,7 @@ from engine_double import ScriptedEngine
 from serving_harness import MODEL, make_config, running_server, wait_for
 from tokenizer_double import ByteTokenizer
 
-from coordinator.engine_client import EngineStats, PoolStats, TransferStats
+from coordinator.engine_client import EngineStats, PoolHealth, PoolStats, TransferStats
 from coordinator.server import build_app, serve
 
 TOK = ByteTokenizer()
@@ -153,17 +153,21 @@ def test_stream_ending_without_finish_is_an_error_and_aborts(stream):
     assert engine.aborted == [engine.requests[0][0]]  # its blocks must still be freed
 
 
+UP, DOWN, HALF = PoolHealth(1, 1), PoolHealth(0, 1), PoolHealth(1, 2)
+
+
 @pytest.mark.parametrize(
-    ("mode", "live", "expected"),
+    ("mode", "live", "expected", "status"),
     [
-        ("disaggregated", {"prefill": True, "decode": True}, 200),
-        ("disaggregated", {"prefill": True, "decode": False}, 503),
-        ("disaggregated", {"prefill": True}, 503),  # a pool the engine does not report is down
-        ("colocated", {"colocated": True}, 200),
-        ("colocated", {"decode": True}, 503),
+        ("disaggregated", {"prefill": UP, "decode": UP}, 200, "ok"),
+        ("disaggregated", {"prefill": UP, "decode": HALF}, 200, "degraded"),  # one restarting
+        ("disaggregated", {"prefill": UP, "decode": DOWN}, 503, "unavailable"),
+        ("disaggregated", {"prefill": UP}, 503, "unavailable"),  # an unreported pool is down
+        ("colocated", {"colocated": UP}, 200, "ok"),
+        ("colocated", {"decode": UP}, 503, "unavailable"),
     ],
 )
-def test_health(mode, live, expected):
+def test_health(mode, live, expected, status):
     engine = ScriptedEngine(live=live)
 
     async def main():
@@ -172,10 +176,13 @@ def test_health(mode, live, expected):
                 async with session.get(f"{url}/health") as resp:
                     return resp.status, await resp.json()
 
-    status, body = asyncio.run(main())
-    assert status == expected
-    assert body["status"] == ("ok" if expected == 200 else "unavailable")
+    code, body = asyncio.run(main())
+    assert code == expected
+    assert body["status"] == status
     assert set(body["pools"]) == ({"colocated"} if mode == "colocated" else {"prefill", "decode"})
+    for name, pool in body["pools"].items():
+        health = live.get(name, PoolHealth(0, 0))
+        assert pool == {"status": health.status, "live": health.live, "target": health.target}
 
 
 def test_metrics_names_and_values():

@@ -12,7 +12,6 @@ import zmq
 from tokenizer_double import ByteTokenizer
 
 from coordinator.output_assembler import OutputAssembler
-from coordinator.request_state import Phase, RequestRecord
 from coordinator.token_stream import TokenStream
 from coordinator.worker_specs import worker_plans
 from core.config import load_config
@@ -91,15 +90,17 @@ def test_error_ends_the_request_whatever_is_stashed():
     assert asm.finished
 
 
-def test_workers_to_abort_by_how_the_request_ended():
-    rec = RequestRecord("r", 10, Phase.DECODING, "decode-0", (1, 2), "prefill-0")
-    assert rec.workers_to_abort(None) == ["prefill-0", "decode-0"]  # coordinator ended it
-    assert rec.workers_to_abort("decode-0") == []  # decode finished it
-    assert rec.workers_to_abort("prefill-0") == ["decode-0"]  # token 1 finished it
-    colocated = RequestRecord("c", 10, Phase.DECODING, "colocated-0")
-    assert colocated.workers_to_abort(None) == ["colocated-0"]
-    assert colocated.workers_to_abort("colocated-0") == []
-    assert rec.uses("decode-0") and not RequestRecord("q", 1).uses("decode-0")
+def test_a_new_attempt_resumes_after_the_streamed_tokens():
+    asm = assembler()
+    asm.push(delta("ab", 2))
+    assert asm.push(delta("d", 4)) == []  # stashed: token 3 is missing
+    asm.forget_pending()  # the attempt failed; the next one starts after "ab"
+    out = asm.push(delta("xy", 4))  # the new attempt's tokens 3-4 (cumulative count)
+    assert "".join(d.text for d in out) == "xy" and asm.token_ids == list(tokens("abxy"))
+    final = asm.fail("no worker left", fault="worker_died")
+    assert (final.finish_reason, final.error, final.fault) == ("error", "no worker left",
+                                                               "worker_died")  # fmt: skip
+    assert final.num_output_tokens == 4 and asm.finished
 
 
 def test_token_stream_dispatches_drops_unknown_and_survives_garbage():
@@ -114,7 +115,7 @@ def test_token_stream_dispatches_drops_unknown_and_survives_garbage():
         push.send(encode_deltas([OutputDelta("a", (5,), num_output_tokens=1),
                                  OutputDelta("gone", (6,), num_output_tokens=1)]))  # fmt: skip
         got = await asyncio.wait_for(queue.get(), 5)
-        stream.fail("a", "worker decode-0 died")
+        stream.fail("a", "worker decode-0 died", fault="worker_died")
         failed = await asyncio.wait_for(queue.get(), 5)
         push.close(0)
         ctx.term()
@@ -125,7 +126,8 @@ def test_token_stream_dispatches_drops_unknown_and_survives_garbage():
 
     got, failed, counts = asyncio.run(main())
     assert (got.request_id, got.token_ids) == ("a", (5,))
-    assert (failed.finish_reason, failed.error) == ("error", "worker decode-0 died")
+    assert (failed.finish_reason, failed.error, failed.fault) == (
+        "error", "worker decode-0 died", "worker_died")  # fmt: skip
     assert counts == (1, 1, 0)
     with pytest.raises(ValueError, match="already"):
         _double_open()
@@ -154,6 +156,7 @@ def test_worker_plans_for_local_yaml_build_engine_configs():
     assert decode["output_address"] == "tcp://127.0.0.1:9"
     assert decode["kv_transfer"] == {
         "backend": "nixl", "host": "127.0.0.1", "port_range": [5600, 5699], "timeout_s": 30.0}
+    assert decode["max_step_failures"] == 3
     engine = EngineConfig(**decode["engine"])
     assert (engine.num_blocks, engine.max_num_seqs, engine.num_threads) == (1024, 32, 1)
     assert (engine.device, engine.max_num_batched_tokens) == ("cpu", 256)

@@ -33,7 +33,7 @@ def complete(url: str, **body: object) -> requests.Response:
 def metric(url: str, name: str, default: float | None = None, **labels: str) -> float:
     """One sample of /metrics (labels must match exactly); ``default`` if it has none yet."""
     text = requests.get(f"{url}/metrics", timeout=10).text
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))  # as rendered
     pattern = re.compile(rf"^{re.escape(name)}(?:\{{{re.escape(wanted)}\}})? (\S+)$", re.M)
     match = pattern.search(text)
     if match is None and default is not None:

@@ -32,8 +32,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def server_env() -> dict[str, str]:
-    env = dict(os.environ)
+def server_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, **extra}
     env.update(
         RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false"
     )
@@ -46,13 +46,13 @@ def server_env() -> dict[str, str]:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], log_path: Path) -> None:
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
             args,
             cwd=ROOT,
-            env=server_env(),
+            env=server_env(**(env or {})),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -120,15 +120,19 @@ class ServerProcess:
             self.proc.wait(10)
 
 
-def start_tandem(config: str, log_path: Path, *extra: str) -> ServerProcess:
+def start_tandem(
+    config: str, log_path: Path, *extra: str, env: dict[str, str] | None = None
+) -> ServerProcess:
     args = [sys.executable, "-m", "coordinator.cli", "serve", "--config", config]
-    return ServerProcess([*args, "--port", "0", "--num-cpus", "2", *extra], log_path)
+    return ServerProcess([*args, "--port", "0", "--num-cpus", "2", *extra], log_path, env)
 
 
 @contextlib.contextmanager
-def serving(config: str, log_path: Path, *extra: str) -> Iterator[ServerProcess]:
+def serving(
+    config: str, log_path: Path, *extra: str, env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
     """A started, ready ``tandem serve``; on exit it must stop cleanly and leave nothing behind."""
-    proc = start_tandem(config, log_path, *extra)
+    proc = start_tandem(config, log_path, *extra, env=env)
     try:
         proc.wait_ready(300)
         yield proc

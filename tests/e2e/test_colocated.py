@@ -1,12 +1,13 @@
 """The colocated topology (configs/colocated.yaml: one worker prefills and decodes, no KV
 transfer), here with n-gram speculative decoding switched on, serves the same greedy outputs as
 the in-process engine without speculation (lossless through the whole server), reports its
-speculation metrics, and survives its worker."""
+speculation metrics, and survives its worker: a killed one is replaced and its requests resume."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import requests
 import yaml
 from e2e_client import complete, metric, run_concurrently
 from server_process import serving
+
+from core.sampling_params import SamplingParams
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -58,15 +61,33 @@ def test_colocated_equals_engine_streamed_and_not(
         time.sleep(0.25)
 
 
-def test_dead_worker_turns_health_503_and_fails_requests(server):
-    assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
-    os.kill(server.worker_pids["colocated-0"], signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while (health := requests.get(f"{server.url}/health", timeout=10)).status_code == 200:
-        assert time.monotonic() < deadline, "/health still 200 after the worker died"
-        time.sleep(0.2)
-    assert health.status_code == 503
-    assert health.json() == {"status": "unavailable", "pools": {"colocated": False}}
-    failed = complete(server.url, prompt="Hello", max_tokens=4)
-    assert failed.status_code == 500
-    assert "no live colocated worker" in failed.json()["error"]["message"]
+def test_killed_worker_is_replaced_and_its_requests_resume_on_the_new_one(server, llm, chat_ids):
+    """kill -9 of the only colocated worker mid-stream: the pool is down (503) until a new
+    incarnation joins, then the streams resume on it (speculating) and end exactly as
+    undisturbed runs."""
+    params = {"max_tokens": 40, "temperature": 0.0, "ignore_eos": True}
+    want = [o.text for o in llm.generate(chat_ids[:4], SamplingParams(**params))]
+    result: dict = {}
+    bodies = [{"prompt": ids, **params} for ids in chat_ids[:4]]
+    thread = threading.Thread(target=lambda: result.update(v=run_concurrently(server.url, bodies)))
+    thread.start()
+    down = None
+    try:
+        deadline = time.monotonic() + 60
+        while metric(server.url, "tandem_running_requests") < 4:
+            assert time.monotonic() < deadline, "the streams never started"
+            time.sleep(0.05)
+        time.sleep(0.3)  # a few tokens in
+    finally:
+        os.kill(server.worker_pids["colocated-0"], signal.SIGKILL)
+        killed = time.monotonic()
+        while down is None and time.monotonic() - killed < 10:
+            if (health := requests.get(f"{server.url}/health", timeout=10)).status_code == 503:
+                down = health.json()
+            time.sleep(0.05)
+        thread.join(300)
+    assert down == {"status": "unavailable",
+                    "pools": {"colocated": {"status": "down", "live": 0, "target": 1}}}
+    assert [text for text, _, _ in result["v"]] == want
+    assert metric(server.url, "tandem_request_migrations_total") >= 1
+    assert requests.get(f"{server.url}/health", timeout=10).json()["status"] == "ok"

@@ -65,7 +65,7 @@ def test_greedy_matches_hf_one_at_a_time_and_batched(smollm2, chat_prompts, hf_r
         assert ours == ref
     batched, _ = run_engine(engine, chat_prompts, greedy)
     assert batched == hf_reference
-    assert engine.block_pool.num_used_blocks == 0
+    assert engine.kv.num_used_blocks == 0
 
 
 @pytest.mark.slow

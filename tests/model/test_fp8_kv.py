@@ -167,7 +167,7 @@ def run_smollm2(model, prompts: list[list[int]], kv_cache_dtype: str):
     engine = EngineCore(config, model=model)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
     result = run_engine(engine, prompts, params)
-    assert engine.block_pool.num_used_blocks == 0
+    assert engine.kv.num_used_blocks == 0
     return result
 
 

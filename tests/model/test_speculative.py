@@ -65,7 +65,7 @@ def test_greedy_with_speculation_equals_without(target_dir, other_draft_dir, var
         assert m.accepted_tokens == m.draft_tokens
     if variant == "draft_other":
         assert m.accepted_tokens < m.draft_tokens / 2
-    assert engine.block_pool.num_used_blocks == 0  # rollback leaks nothing
+    assert engine.kv.num_used_blocks == 0  # rollback leaks nothing
 
 
 def test_rollback_keeps_block_accounting_exact(target_dir, other_draft_dir):
@@ -79,9 +79,9 @@ def test_rollback_keeps_block_accounting_exact(target_dir, other_draft_dir):
         if not seq.is_finished and not seq.is_prefilling:
             # exactly the blocks that hold the tokens so far: no lookahead slot kept
             assert len(seq.block_ids) == -(-seq.num_tokens // 4)
-            assert engine.block_pool.num_used_blocks == len(seq.block_ids)
+            assert engine.kv.num_used_blocks == len(seq.block_ids)
             assert seq.num_computed_tokens == seq.num_tokens - 1
-    assert engine.block_pool.num_used_blocks == 0
+    assert engine.kv.num_used_blocks == 0
 
 
 def test_low_acceptance_switches_speculation_off(target_dir, other_draft_dir):

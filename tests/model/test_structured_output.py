@@ -91,7 +91,7 @@ def test_outputs_follow_their_grammar_and_speculation_stays_lossless(model_dir):
         jsonschema.validate(json.loads(text(record)), RECORD)
         assert re.fullmatch(REGEX, text(regex)) and text(choice) in CHOICES
     for eng in (plain, spec):
-        assert eng.block_pool.num_used_blocks == 0 and not eng.structured.num_parked
+        assert eng.kv.num_used_blocks == 0 and not eng.structured.num_parked
 
 
 def test_a_bad_spec_is_rejected_and_others_are_served(model_dir):
@@ -104,7 +104,7 @@ def test_a_bad_spec_is_rejected_and_others_are_served(model_dir):
     assert (f1, f2, f3) == (FINISH_REJECTED, FINISH_REJECTED, "length")
     assert e1.startswith("invalid regex for structured output: ") and "parenthesis" in e1
     assert "properties must be an object" in e2 and "/project" not in e2
-    assert len(ids) == 3 and eng.block_pool.num_used_blocks == 0
+    assert len(ids) == 3 and eng.kv.num_used_blocks == 0
 
 
 def test_a_compiling_grammar_holds_back_only_its_own_sequence(model_dir):

@@ -10,6 +10,7 @@ from core.sampling_params import SamplingParams
 from engine.block_pool import BlockPool
 from engine.engine_config import EngineConfig
 from engine.engine_core import EngineCore, build_model
+from engine.kv_manager import KVManager
 from engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from engine.sequence import Sequence, SequenceStatus
 
@@ -18,7 +19,7 @@ BS = 4
 
 def make(num_blocks: int, prefix: bool = True, **cfg) -> Scheduler:
     config = SchedulerConfig(block_size=BS, enable_prefix_caching=prefix, **cfg)
-    return Scheduler(config, BlockPool(num_blocks, BS, prefix))
+    return Scheduler(config, KVManager(BlockPool(num_blocks, BS, prefix)))
 
 
 def seq(rid: str, n: int, max_tokens: int = 16) -> Sequence:
@@ -91,7 +92,7 @@ def test_admission_waits_for_free_blocks_fifo():
     assert a.is_finished and a.finish_reason == "length"
     assert (a.block_ids, b.block_ids) == ([], [2, 3])  # A held [0, 1] and freed them
     # A's blocks are back (tail first): free queue 4, 1, 0 -> C gets them in that order
-    assert sched.pool.num_free_blocks == 3
+    assert sched.kv.num_free_blocks == 3
     assert shape(step(sched)) == (True, [("C", 12)])
     assert c.block_ids == [4, 1, 0]
     assert [s.request_id for s in sched.waiting] == ["D"]
@@ -130,7 +131,7 @@ def test_preemption_takes_latest_admitted_and_requeues_it_at_the_front():
     assert (c.num_computed_tokens, c.num_preemptions, sched.num_preemptions) == (0, 1, 1)
     assert c.output_token_ids == [7, 8]  # outputs kept, to be recomputed
     assert [s.request_id for s in sched.waiting] == ["C", "D"]
-    assert sched.pool.num_free_blocks == 0
+    assert sched.kv.num_free_blocks == 0
 
 
 def test_preempted_sequence_recomputes_prompt_and_output():
@@ -144,7 +145,7 @@ def test_preempted_sequence_recomputes_prompt_and_output():
     assert shape(step(sched)) == (False, [("A", 1)])  # B preempted for A's third block
     assert b.block_ids == [] and b.output_token_ids == [7, 8]
     assert a.is_finished and a.block_ids == []  # 3 tokens; it held [0, 1, 3]
-    assert sched.pool.num_free_blocks == 4
+    assert sched.kv.num_free_blocks == 4
     # B comes back: all 9 tokens (7 prompt + 2 output) computed in one prefill chunk
     batch = sched.schedule()
     assert shape(batch) == (True, [("B", 9)])
@@ -193,14 +194,14 @@ def test_preempting_a_prefix_sharer_keeps_the_shared_blocks_for_the_other():
     sched.add(twin)
     assert shape(step(sched)) == (True, [("A2", 1)])  # hits [0, 1], computes token 8 only
     assert twin.block_ids == [0, 1, 3]
-    assert sched.pool.ref_counts == [2, 2, 1, 1, 0]
+    assert sched.kv.ref_counts == [2, 2, 1, 1, 0]
     for _ in range(3):
         assert shape(step(sched)) == (False, [("A", 1), ("A2", 1)])
     # 13th slot: A takes the last free block, A2 (latest admitted) is preempted
     assert shape(step(sched)) == (False, [("A", 1)])
     assert (a.block_ids, twin.block_ids) == ([0, 1, 2, 4], [])
-    assert sched.pool.ref_counts == [1, 1, 1, 0, 1]  # shared blocks still held by A
-    assert sched.pool.num_free_blocks == 1
+    assert sched.kv.ref_counts == [1, 1, 1, 0, 1]  # shared blocks still held by A
+    assert sched.kv.num_free_blocks == 1
     assert [s.request_id for s in sched.waiting] == ["A2"]
 
 
@@ -214,7 +215,7 @@ def test_abort_frees_blocks_of_running_and_waiting():
     aborted = sched.abort(["A", "C"])
     assert sorted(s.request_id for s in aborted) == ["A", "C"]
     assert all(s.finish_reason == "abort" for s in aborted)
-    assert sched.pool.num_free_blocks == 2 and a.block_ids == []
+    assert sched.kv.num_free_blocks == 2 and a.block_ids == []
     assert [s.request_id for s in sched.running] == ["B"] and not sched.waiting
 
 
@@ -252,7 +253,7 @@ def test_engine_small_cache_preempts_and_matches_big_cache(tiny_model):
     small = EngineCore(EngineConfig(**{**config.__dict__, "num_blocks": 14}), model=model)
     assert generate(small, prompts, 30) == expected
     assert small.scheduler.num_preemptions >= 3
-    assert small.block_pool.num_free_blocks == 14
+    assert small.kv.num_free_blocks == 14
 
 
 def test_engine_request_longer_than_the_cache_ends_at_its_capacity(tiny_model):
@@ -267,4 +268,4 @@ def test_engine_request_longer_than_the_cache_ends_at_its_capacity(tiny_model):
     # it ends ("length") when the 16 slots of the whole cache are full: 10 prompt + 6 output
     assert [len(d.token_ids) for d in deltas] == [1] * 6
     assert deltas[-1].finish_reason == "length"
-    assert engine.block_pool.num_free_blocks == 4
+    assert engine.kv.num_free_blocks == 4

@@ -3,52 +3,14 @@ the colocated path, and every way a request can end leaves no block behind."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
+from conftest import BLOCK, collect, spec, wait_until
 
-from core.delta_codec import decode_deltas
 from core.sampling_params import SamplingParams
 from decode.worker import DecodeWorker
 from engine.colocated_worker import ColocatedWorker
 from prefill.worker import PrefillWorker
-from tests.model.conftest import save_tiny_llama
-
-BLOCK = 4
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    return str(save_tiny_llama(tmp_path_factory.mktemp("tiny"), seed=5))
-
-
-def spec(name: str, model: str, out: str, backend: str = "nixl", **engine) -> dict:
-    eng = dict(model=model, num_blocks=64, block_size=BLOCK, max_model_len=256, num_threads=1)
-    return {"name": name, "engine": {**eng, **engine}, "kv_transfer": {"backend": backend},
-            "output_address": out}  # fmt: skip
-
-
-def collect(pull, ids: set[str], timeout: float = 60.0) -> dict[str, list]:
-    out: dict[str, list] = {rid: [] for rid in ids}
-    done: set[str] = set()
-    deadline = time.monotonic() + timeout
-    while done != ids:
-        assert time.monotonic() < deadline, f"unfinished: {ids - done}"
-        if pull.poll(200):
-            for d in decode_deltas(pull.recv()):
-                out[d.request_id].append(d)
-                if d.finished:
-                    done.add(d.request_id)
-    return out
-
-
-def wait_until(cond, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-
 
 PROMPTS = [list(range(3, 3 + n)) for n in (1, 4, 7, 13, 30)]
 
