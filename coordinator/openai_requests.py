@@ -211,6 +211,9 @@ def _completion_prompt(
             raise bad_request("prompt must not be empty", param="prompt")
         return tuple(tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
     if isinstance(prompt, list) and prompt and all(_is_token_id(t) for t in prompt):
+        if max(prompt) >= tokenizer.vocab_size:  # the model would index past its embedding
+            raise bad_request(f"token id {max(prompt)} is outside the vocabulary "
+                              f"[0, {tokenizer.vocab_size})", param="prompt")  # fmt: skip
         return tuple(prompt)
     if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
         raise bad_request("batched prompts are not supported: send one prompt", param="prompt")

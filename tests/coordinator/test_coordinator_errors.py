@@ -58,6 +58,7 @@ def _error_of(path: str, body: bytes | dict, config=None, headers=None) -> tuple
         ({"prompt": "x", "max_tokens": 0, "echo": False}, "max_tokens", "max_tokens must be >= 1"),
         ({"prompt": ""}, "prompt", "must not be empty"),
         ({"prompt": [1, -3]}, "prompt", "token ids"),
+        ({"prompt": [1, 257]}, "prompt", "outside the vocabulary [0, 257)"),
         ({"prompt": ["a", "b"]}, "prompt", "batched"),
         ({"prompt": None}, "prompt", "non-empty string"),
         ({"prompt": "x" * 64}, "prompt", "more than the limit of 63"),
