@@ -3,9 +3,10 @@
 Both return ``(response, outcome)`` where outcome is the finish reason, "timeout", "error" or
 "disconnect" (for metrics). Engine failures become OpenAI-shaped errors: an HTTP status when the
 body is not sent yet, an in-band ``data: {"error": ...}`` event followed by ``data: [DONE]``
-once a stream has started. A stream's status line waits for the first delta, so a request that
-fails before its first token (a grammar the worker refuses: 400; no worker: 500; timeout: 504)
-gets a real status too.
+once a stream has started. With structured output a stream's status line waits for the first
+delta: a grammar the workers refuse ends the request before any token, and that is a real 400
+(any other failure before the first token then gets its HTTP status too). Other streams start at
+once.
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ async def collect_response(run: RequestRun, builder: ResponseBuilder) -> tuple[w
 async def stream_response(
     request: web.Request, run: RequestRun, builder: ResponseBuilder
 ) -> tuple[web.StreamResponse, str]:
-    first = await _first_delta(run, builder)  # raises ApiError: no 200 sent yet
+    first = None
+    if builder.request.structured_param is not None:
+        first = await _first_delta(run, builder)  # raises ApiError: no 200 sent yet
     response = web.StreamResponse(status=200, headers=SSE_HEADERS)
     await response.prepare(request)
 
@@ -137,7 +140,8 @@ async def _first_delta(run: RequestRun, builder: ResponseBuilder) -> OutputDelta
     return delta
 
 
-async def _chain(first: OutputDelta, run: RequestRun) -> AsyncIterator[OutputDelta]:
-    yield first
+async def _chain(first: OutputDelta | None, run: RequestRun) -> AsyncIterator[OutputDelta]:
+    if first is not None:
+        yield first
     async for delta in run:
         yield delta
