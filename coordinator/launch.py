@@ -149,7 +149,8 @@ async def serve_topology(
     """Deploy, serve until ``stop`` is set, then tear down (Ray itself is the caller's)."""
     deployment = await deploy(config, stream_host)
     try:
-        app = build_app(config, deployment.client, deployment.tokenizer)
+        app = build_app(config, deployment.client, deployment.tokenizer,
+                        recent_traces=deployment.client.recent_traces)  # fmt: skip
         runner = await start_server(app, config.coordinator.host, config.coordinator.port)
         try:
             url = f"http://{config.coordinator.host}:{bound_port(runner)}"

@@ -83,6 +83,7 @@ class Placer:
                 server.num_reserved_since_stats = server.num_blocks
                 server.num_placed_since_stats -= 1
                 continue
+            attempt.num_blocks = len(blocks)
             rec.trace("reserved", f"{len(blocks)} blocks on {server.name}")
             prefill = self.pool[chosen.prefill_worker_id]
             attempt.prefill, attempt.phase, attempt.prefill_asked = prefill, Phase.PREFILLING, True

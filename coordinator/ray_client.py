@@ -36,6 +36,7 @@ from coordinator.request_state import Attempt, Phase, RequestRecord
 from coordinator.retry_policy import Failure, decide
 from coordinator.supervisor import Supervisor
 from coordinator.token_stream import TokenStream
+from coordinator.trace import TraceRecorder, TraceSummary, trace_json
 from coordinator.worker_pool import WorkerPool, WorkerRef, WorkerUnavailable
 from core.config import TandemConfig
 from core.outputs import (
@@ -44,6 +45,7 @@ from core.outputs import (
     FAULT_WORKER_DIED,
     FAULT_WORKER_HUNG,
     FAULT_WORKER_UNHEALTHY,
+    FINISH_ABORT,
     FINISH_ERROR,
     FINISH_LENGTH,
     FINISH_REJECTED,
@@ -77,7 +79,8 @@ class RayEngineClient:
         self.stream = stream
         self.tokenizer = tokenizer
         self.placer = Placer(config, pool, supervisor.recovering)
-        self.records: dict[str, RequestRecord] = {}
+        tracing = config.coordinator.tracing
+        self.traces = TraceRecorder(tracing.keep, tracing.log, tracing.otel)
         self.retries: Counter[tuple[str, str]] = Counter()  # (stage, reason) -> new attempts
         self.migrations = 0
         self.leases_revoked = 0
@@ -104,13 +107,27 @@ class RayEngineClient:
         for rec in list(self.records.values()):
             if rec.attempts:
                 self.stream.fail(rec.attempt.wire_id, "the server is shutting down")
+        self.traces.close()
+
+    @property
+    def records(self) -> dict[str, RequestRecord]:
+        """The requests in flight, by id."""
+        return self.traces.live
+
+    def recent_traces(self, limit: int = 50) -> list[TraceSummary]:
+        return self.traces.recent(limit)
+
+    def trace(self, request_id: str) -> dict | None:
+        """The whole trace of a request in flight or among the recent ones (None: unknown)."""
+        rec = self.traces.get(request_id)
+        return None if rec is None else trace_json(rec)
 
     # ---- EngineClient --------------------------------------------------------------------
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[OutputDelta]:
         rec = RequestRecord(request_id, tuple(prompt_token_ids), params)
-        self.records[request_id] = rec
+        self.traces.start(rec)
         assembler = OutputAssembler(self.tokenizer, prompt_token_ids, params)
         recompute_on: WorkerRef | None = None
         finished_by: WorkerRef | None = None
@@ -120,13 +137,16 @@ class RayEngineClient:
                 assembler.forget_pending()
                 queue = self.stream.open(attempt.wire_id)
                 failure = await self._place(rec, attempt)
+                if failure is None:
+                    attempt.placed_s = rec.elapsed()
                 while failure is None and not assembler.finished:
                     delta = await self._next_delta(attempt, queue)
                     if delta.fault is not None:
                         failure = Failure(delta.error or delta.fault, delta.fault)
                         break
                     for out in assembler.push(delta):
-                        attempt.observe(len(out.token_ids))
+                        attempt.observe(len(out.token_ids), rec.elapsed())
+                        rec.note_output(out)
                         if attempt.num_tokens:  # prefill's compute is over
                             self.placer.prefill_done(attempt)
                         # rejected: a worker refused the grammar before any KV moved
@@ -135,18 +155,22 @@ class RayEngineClient:
                                 finished_by = attempt.finisher(len(out.token_ids))
                         yield out
                 if failure is None:
-                    rec.trace("finish", assembler_reason(assembler))
                     return
                 self.stream.close(attempt.wire_id)
+                attempt.failure = (attempt.stage, failure.fault or "", failure.message)
+                attempt.ended_s = rec.elapsed()
                 self._end_attempt(attempt, None)
                 rec.num_failed += failure.counts
                 decision = decide(failure, attempt, rec.num_failed,
                                   self.config.coordinator.retry.max_attempts,
                                   self.config.kv_transfer.on_failure)  # fmt: skip
                 rec.trace(f"fault:{attempt.stage}", f"{failure.fault}: {failure.message}")
+                attempt.next_action = decision.action
                 if decision.action == "fail":
                     tries = f" (attempt {rec.num_failed})" if failure.fault else ""
-                    yield assembler.fail(failure.message + tries, failure.fault)
+                    out = assembler.fail(failure.message + tries, failure.fault)
+                    rec.note_output(out)
+                    yield out
                     return
                 self.retries[(decision.stage, failure.fault or "")] += 1
                 if assembler.token_ids:
@@ -154,11 +178,26 @@ class RayEngineClient:
                 recompute_on = attempt.decode if decision.action == "recompute" else None
                 rec.trace(decision.action, f"after {len(assembler.token_ids)} tokens")
         finally:
-            attempt = rec.attempts[-1] if rec.attempts else None
-            if attempt is not None:
-                self.stream.close(attempt.wire_id)
-                await asyncio.shield(self._end_attempt(attempt, finished_by))
-            self.records.pop(request_id, None)
+            # in a task of its own: the caller may be cancelled again while this runs (a client
+            # that leaves while its request is wound down), which must not cut it short
+            stop_string = " (stop string)" if assembler.stopped_here else ""
+            ending = asyncio.ensure_future(self._end_request(rec, finished_by, stop_string))
+            await asyncio.shield(ending)
+
+    async def _end_request(
+        self, rec: RequestRecord, finished_by: WorkerRef | None, stop_string: str
+    ) -> None:
+        """End the last attempt on its holders, then record how the request ended."""
+        attempt = rec.attempts[-1] if rec.attempts else None
+        if attempt is not None:
+            self.stream.close(attempt.wire_id)
+            if attempt.ended_s is None:
+                attempt.ended_s = rec.elapsed()
+            await self._end_attempt(attempt, finished_by)
+        rec.ended_s = rec.elapsed()
+        rec.finish_reason = rec.finish_reason or FINISH_ABORT  # the client left, or timeout
+        rec.trace("finish", rec.finish_reason + stop_string)
+        self.traces.finish(rec)
 
     async def abort(self, request_id: str) -> None:
         rec = self.records.get(request_id)
@@ -308,10 +347,6 @@ class RayEngineClient:
                         sum(orphans.values()), worker.name, sorted(orphans))  # fmt: skip
             self.leases_revoked += sum(orphans.values())
             await self.pool.call(worker, "abort", sorted(orphans))
-
-
-def assembler_reason(assembler: OutputAssembler) -> str:
-    return "stop string" if assembler.stopped_here else ""
 
 
 def _short(exc: BaseException) -> str:

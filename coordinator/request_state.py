@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from coordinator.worker_pool import WorkerRef
+from core.outputs import OutputDelta
 from core.sampling_params import SamplingParams
 
 
@@ -55,6 +56,16 @@ class Attempt:
     num_queued_tokens: int = 0  # counted in its prefill worker's queue estimate until token 1
     pending: list[asyncio.Future] = field(default_factory=list)  # actor calls not answered yet
     cleanup: asyncio.Task | None = None  # the one end-of-attempt task
+    num_blocks: int = 0  # KV blocks reserved on decode for it (remote)
+    # seconds since the request arrived (the trace): placement began / done, its first token,
+    # decode's first token (remote), its end; and why it failed, if it did
+    started_s: float = 0.0
+    placed_s: float | None = None
+    first_token_s: float | None = None
+    decode_s: float | None = None
+    ended_s: float | None = None
+    failure: tuple[str, str, str] | None = None  # (stage, fault, message)
+    next_action: str | None = None  # what followed a failure: retry, recompute or fail
 
     @property
     def remote(self) -> bool:
@@ -76,14 +87,19 @@ class Attempt:
         prefill_holds = self.phase in (Phase.QUEUED, Phase.PREFILLING, Phase.TRANSFERRING)
         return worker is self.decode or (prefill_holds and worker is self.prefill)
 
-    def observe(self, num_tokens: int) -> None:
-        """``num_tokens`` more tokens of this attempt were handed on (deltas arrive in order)."""
+    def observe(self, num_tokens: int, now_s: float) -> None:
+        """``num_tokens`` more tokens of this attempt were handed on (deltas arrive in order),
+        ``now_s`` after the request arrived."""
         if num_tokens == 0:
             return
         before, self.num_tokens = self.num_tokens, self.num_tokens + num_tokens
+        if before == 0:
+            self.first_token_s = now_s
         if self.remote and before == 0 and num_tokens == 1:
             self.phase = Phase.TRANSFERRING  # prefill's token; decode's come next
         else:
+            if self.phase == Phase.TRANSFERRING:
+                self.decode_s = now_s
             self.phase = Phase.DECODING
 
     def finisher(self, num_tokens: int) -> WorkerRef | None:
@@ -120,9 +136,14 @@ class RequestRecord:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     arrival: float = field(default_factory=time.monotonic)
+    arrival_wall: float = field(default_factory=time.time)
     attempts: list[Attempt] = field(default_factory=list)
     num_failed: int = 0  # attempts that failed and count against coordinator.retry.max_attempts
-    events: list[tuple[float, str, str]] = field(default_factory=list)  # (time, name, detail)
+    events: list[tuple[float, str, str]] = field(default_factory=list)  # (seconds, name, detail)
+    num_output_tokens: int = 0
+    finish_reason: str | None = None  # None: still running
+    error: str | None = None
+    ended_s: float | None = None
 
     @property
     def attempt(self) -> Attempt:
@@ -132,9 +153,14 @@ class RequestRecord:
         self, resume_token_ids: tuple[int, ...], local_on: WorkerRef | None = None
     ) -> Attempt:
         n = len(self.attempts)
-        attempt = Attempt(n, f"{self.request_id}~{n}", resume_token_ids, local_on)
+        attempt = Attempt(n, f"{self.request_id}~{n}", resume_token_ids, local_on,
+                          started_s=self.elapsed() if n else 0.0)  # fmt: skip
         self.attempts.append(attempt)
         return attempt
+
+    def elapsed(self) -> float:
+        """Seconds since the request arrived."""
+        return time.monotonic() - self.arrival
 
     def params_for(self, attempt: Attempt) -> SamplingParams:
         """Prompt logprobs go out with the first token only: a resumed attempt skips them."""
@@ -142,5 +168,11 @@ class RequestRecord:
             return SamplingParams.from_dict({**self.params.to_dict(), "prompt_logprobs": None})
         return self.params
 
+    def note_output(self, out: OutputDelta) -> None:
+        """A delta handed to the client: its counts (and, if it is the last, how it ended)."""
+        self.num_output_tokens = out.num_output_tokens
+        if out.finished:
+            self.finish_reason, self.error = out.finish_reason, out.error
+
     def trace(self, name: str, detail: str = "") -> None:
-        self.events.append((time.monotonic() - self.arrival, name, detail))
+        self.events.append((self.elapsed(), name, detail))

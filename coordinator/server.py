@@ -5,13 +5,13 @@
     serve(config, engine, tokenizer)                          # runs until cancelled
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id},
-POST /tokenize, POST /detokenize, GET /version, GET /health, GET /metrics, the status page
-(``coordinator.status``: GET / and /status, polling GET /v1/status), and with
-TANDEM_FAULT_INJECTION=1 only (tests) POST /admin/faults. /v1/*, /admin/*, /tokenize and
-/detokenize require the API key (probes, scrapers, /version and the page's static files stay
-unauthenticated). Every response carries ``x-request-id``: the client's own if it sent one (a
-generation is then ``cmpl-<that id>`` everywhere), else a generation's request id (``cmpl-...``
-/ ``chatcmpl-...``), else a fresh ``req-...`` id.
+GET /v1/requests/{id}/trace, POST /tokenize, POST /detokenize, GET /version, GET /health,
+GET /metrics, the status page (``coordinator.status``: GET / and /status, polling
+GET /v1/status), and with TANDEM_FAULT_INJECTION=1 only (tests) POST /admin/faults. /v1/*,
+/admin/*, /tokenize and /detokenize require the API key (probes, scrapers, /version and the
+page's static files stay unauthenticated). Every response carries ``x-request-id``: the client's
+own if it sent one (a generation is then ``cmpl-<that id>`` everywhere), else a generation's
+request id (``cmpl-...`` / ``chatcmpl-...``), else a fresh ``req-...`` id.
 
 The server runs with ``handler_cancellation=True``: when a client disconnects, aiohttp cancels
 its handler, and ``RequestRun.close()`` in the handler's ``finally`` aborts the request in the
@@ -125,6 +125,7 @@ def build_app(
     app.router.add_post("/tokenize", _tokenize)
     app.router.add_post("/detokenize", _detokenize)
     app.router.add_get("/version", _version)
+    app.router.add_get("/v1/requests/{request_id}/trace", _trace)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
     if os.environ.get(FAULT_INJECTION_ENV) == "1":  # tests only: refused in normal serving
@@ -275,6 +276,18 @@ async def _health(request: web.Request) -> web.Response:
     return web.json_response(body, status=503 if status == "unavailable" else 200)
 
 
+async def _trace(request: web.Request) -> web.Response:
+    """The trace of a request in flight or among the recent ones (coordinator/trace.py)."""
+    state = request.app[STATE]
+    request_id = request.match_info["request_id"]
+    trace = getattr(state.engine, "trace", None)
+    found = trace(request_id) if trace is not None else None
+    if found is None:
+        raise ApiError(404, f"no trace of request {request_id!r} (unknown, or no longer kept)",
+                       NOT_FOUND, param="request_id", code="trace_not_found")  # fmt: skip
+    return web.json_response(found)
+
+
 async def _arm_fault(request: web.Request) -> web.Response:
     """Test-only (TANDEM_FAULT_INJECTION=1): ``{"worker": "decode-0" | "decode", "point": ...,
     "action": ..., "nth": ..., "delay_s": ..., "request_id": ...}`` arms a fault on that worker,
@@ -377,9 +390,12 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
                 outcome = f"rejected_{exc.status}"
         raise
     finally:
-        if run is not None:
-            await run.close()
-            state.request_ids.discard(run.request_id)
-        state.num_in_flight -= 1
-        state.metrics.in_flight.dec()
-        state.metrics.requests.labels(endpoint, outcome).inc()
+        try:
+            if run is not None:
+                await run.close()  # raises CancelledError if cancelled again meanwhile ...
+        finally:  # ... and the slot is given back all the same
+            if run is not None:
+                state.request_ids.discard(run.request_id)
+            state.num_in_flight -= 1
+            state.metrics.in_flight.dec()
+            state.metrics.requests.labels(endpoint, outcome).inc()

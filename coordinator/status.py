@@ -14,13 +14,13 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from importlib import resources
 
 from aiohttp import web
 
 from coordinator.engine_client import EngineClient, EngineStats, PoolStats
 from coordinator.metrics import ServerMetrics
+from coordinator.trace import TraceSummary
 from core.config import TandemConfig
 
 log = logging.getLogger(__name__)
@@ -31,39 +31,6 @@ PAGE_ROUTES = ("/", "/status")
 ASSETS = {"status.js": "text/javascript", "status.css": "text/css"}  # under /static/
 AUTH_MARK = "{{AUTH}}"  # in status.html: "required" or "none", so the page asks for a key first
 NO_CACHE = {"Cache-Control": "no-store"}
-
-
-@dataclass(frozen=True)
-class TracePhase:
-    """One phase of a request, in seconds since the request arrived."""
-
-    name: str  # e.g. "queue", "reserve", "prefill", "transfer", "decode"
-    start_s: float
-    end_s: float
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.start_s <= self.end_s:
-            raise ValueError(f"phase {self.name}: need 0 <= start_s <= end_s, got {self}")
-
-
-@dataclass(frozen=True)
-class TraceSummary:
-    """What the status page's waterfall shows of one recent request."""
-
-    request_id: str
-    phases: tuple[TracePhase, ...]
-    retries: int = 0
-    migrations: int = 0
-    finish_reason: str | None = None  # None: still running
-
-    def to_json(self) -> dict:
-        return {
-            "id": self.request_id,
-            "phases": [dataclasses.asdict(p) for p in self.phases],
-            "retries": self.retries,
-            "migrations": self.migrations,
-            "finish_reason": self.finish_reason,
-        }
 
 
 RecentTraces = Callable[[], Sequence[TraceSummary]]  # most recent first

@@ -111,7 +111,8 @@ class Supervisor:
         return WorkerRef(
             name=plan.name, role=plan.role, actor=actor, num_blocks=info["num_blocks"],
             block_size=info["block_size"], kv_address=info.get("kv_address"),
-            incarnation=incarnation, pid=info.get("pid"),
+            bytes_per_block=info.get("bytes_per_block", 0), incarnation=incarnation,
+            pid=info.get("pid"),
         )  # fmt: skip
 
     async def _join(self, worker: WorkerRef) -> None:

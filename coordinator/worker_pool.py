@@ -40,6 +40,7 @@ class WorkerRef:
     num_blocks: int
     block_size: int
     kv_address: str | None = None
+    bytes_per_block: int = 0  # of its KV cache (what a transfer into it lands per block)
     incarnation: int = 0
     pid: int | None = None
     alive: bool = True

@@ -12,7 +12,7 @@ Layout of a file (every key but ``model.name`` and ``pools`` has a default)::
     coordinator: {host, port, api_key, max_queued_requests, max_prompt_tokens,
                   request_timeout_s, routing, retry: {max_attempts, worker_wait_s},
                   workers: {restart, hang_timeout_s, max_step_failures},
-                  slo: {ttft_ms, tpot_ms}}
+                  slo: {ttft_ms, tpot_ms}, tracing: {keep, log, otel}}
 
 Colocated mode uses its own ``pools.colocated`` section rather than reusing ``pools.decode``: a
 colocated worker both prefills and decodes, so naming it after one role would mislead, and a file
@@ -52,6 +52,7 @@ BlockSize = Literal[1, 2, 4, 8, 16, 32, 64, 128, 256]
 SpecMethod = Literal["none", "ngram", "draft"]
 TransferBackend = Literal["nixl", "tcp"]
 TransferFailurePolicy = Literal["retry", "recompute", "fail"]
+TraceExporter = Literal["none", "console", "otlp"]
 RoutingPolicy = Literal["least_loaded", "round_robin"]  # mirrors coordinator.router.POLICIES
 Mode = Literal["disaggregated", "colocated"]
 
@@ -218,6 +219,14 @@ class WorkersSection(_Section):
     max_step_failures: PositiveInt = 3  # failed engine steps in a row before it is replaced
 
 
+class TracingSection(_Section):
+    """Per-request traces (coordinator/trace.py): GET /v1/requests/{id}/trace for recent ones."""
+
+    keep: PositiveInt = 1000  # finished requests whose trace stays readable
+    log: str | None = Field(None, min_length=1)  # append one JSON line per finished request
+    otel: TraceExporter = "none"  # OpenTelemetry spans: console, or otlp (OTEL_EXPORTER_* env)
+
+
 class SloSection(_Section):
     """Latency targets a request must meet to count as goodput (``tandem_goodput_requests``):
     the definitions of vLLM's ``bench serve`` (TPOT = (last token - first token) / (tokens - 1),
@@ -244,6 +253,7 @@ class CoordinatorSection(_Section):
     retry: RetrySection = RetrySection()
     workers: WorkersSection = WorkersSection()
     slo: SloSection | None = None  # None: every finished request counts as goodput
+    tracing: TracingSection = TracingSection()
 
 
 class TandemConfig(_Section):

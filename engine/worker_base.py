@@ -73,6 +73,7 @@ class WorkerBase(ABC):
             "pid": os.getpid(),
             "num_blocks": self.kv.num_blocks,
             "block_size": self.engine.config.block_size,
+            "bytes_per_block": self.engine.kv_cache.spec.bytes_per_block(),
             "kv_address": None,
         }
 

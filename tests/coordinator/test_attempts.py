@@ -38,11 +38,12 @@ def test_phases_follow_the_tokens_and_decide_who_holds():
     _, a = remote()
     p, d = a.prefill, a.decode
     assert a.holds(p) and a.holds(d) and a.stage == "prefill"
-    a.observe(1)  # prefill's token
+    a.observe(1, 0.5)  # prefill's token
     assert a.phase == Phase.TRANSFERRING and a.stage == "transfer" and a.holds(p)
     assert a.finisher(1) is p  # had it ended the request, prefill ended it
-    a.observe(2)  # decode's tokens
+    a.observe(2, 0.7)  # decode's tokens
     assert a.phase == Phase.DECODING and a.stage == "decode"
+    assert (a.first_token_s, a.decode_s) == (0.5, 0.7)
     assert not a.holds(p) and a.holds(d) and a.finisher(2) is d
     a.phase = Phase.DONE
     assert not a.holds(d)
@@ -52,7 +53,7 @@ def test_local_attempt_decodes_from_its_first_token():
     rec = RequestRecord("r", (1,), SamplingParams())
     a = rec.new_attempt((9,), local_on=worker("decode-1"))
     a.decode, a.phase = a.local_on, Phase.PREFILLING
-    a.observe(1)
+    a.observe(1, 0.3)
     assert a.phase == Phase.DECODING and a.finisher(1) is a.decode
 
 

@@ -13,7 +13,7 @@ from tokenizer_double import ByteTokenizer
 
 from coordinator.engine_client import EngineStats, PoolStats, TransferStats, WorkerStatus
 from coordinator.server import bound_port, build_app, start_server
-from coordinator.status import TracePhase, TraceSummary
+from coordinator.trace import TracePhase, TraceSummary
 
 TOK = ByteTokenizer()
 WORKERS = (

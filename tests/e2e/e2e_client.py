@@ -44,13 +44,18 @@ def metric(url: str, name: str, default: float | None = None, **labels: str) -> 
 
 
 async def stream_completion(
-    session: aiohttp.ClientSession, url: str, stop_after: int | None = None, **body: object
+    session: aiohttp.ClientSession,
+    url: str,
+    stop_after: int | None = None,
+    request_id: str | None = None,
+    **body: object,
 ) -> tuple[str, str | None, list[dict]]:
     """POST a streamed completion; returns (text, finish_reason, events). ``stop_after``: leave
-    (close the connection) after that many text chunks."""
+    (close the connection) after that many text chunks; ``request_id``: its x-request-id."""
     payload = {"model": MODEL, "stream": True, **body}
+    headers = {"x-request-id": request_id} if request_id else None
     text, finish, events = [], None, []
-    async with session.post(f"{url}/v1/completions", json=payload) as response:
+    async with session.post(f"{url}/v1/completions", json=payload, headers=headers) as response:
         assert response.status == 200, await response.text()
         async for raw in response.content:
             line = raw.decode().strip()
@@ -69,14 +74,20 @@ async def stream_completion(
     return "".join(text), finish, events
 
 
-def run_concurrently(url: str, bodies: list[dict], stop_after: int | None = None) -> list:
+def run_concurrently(
+    url: str, bodies: list[dict], stop_after: int | None = None, ids: list[str] | None = None
+) -> list:
+    """``ids``: an x-request-id for each body."""
+    names = ids or [None] * len(bodies)
+
     async def main() -> list:
         timeout = aiohttp.ClientTimeout(total=300)
         connector = aiohttp.TCPConnector(limit=0)  # every request on its own connection
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-            return await asyncio.gather(
-                *(stream_completion(session, url, stop_after, **b) for b in bodies)
-            )
+            return await asyncio.gather(*(
+                stream_completion(session, url, stop_after, rid, **b)
+                for b, rid in zip(bodies, names, strict=True)
+            ))  # fmt: skip
 
     return asyncio.run(main())
 

@@ -69,7 +69,10 @@ def test_killed_worker_is_replaced_and_its_requests_resume_on_the_new_one(server
     want = [o.text for o in llm.generate(chat_ids[:4], SamplingParams(**params))]
     result: dict = {}
     bodies = [{"prompt": ids, **params} for ids in chat_ids[:4]]
-    thread = threading.Thread(target=lambda: result.update(v=run_concurrently(server.url, bodies)))
+    ids = [f"colo-{i}" for i in range(len(bodies))]
+    thread = threading.Thread(
+        target=lambda: result.update(v=run_concurrently(server.url, bodies, ids=ids))
+    )
     thread.start()
     down = None
     try:
@@ -90,4 +93,11 @@ def test_killed_worker_is_replaced_and_its_requests_resume_on_the_new_one(server
                     "pools": {"colocated": {"status": "down", "live": 0, "target": 1}}}
     assert [text for text, _, _ in result["v"]] == want
     assert metric(server.url, "tandem_request_migrations_total") >= 1
+    trace = requests.get(f"{server.url}/v1/requests/cmpl-colo-0/trace", timeout=10).json()
+    (failed, resumed) = trace["attempts"]  # killed once, resumed on the new incarnation
+    assert failed["failure"]["fault"] == "worker_died"
+    assert failed["decode_worker"] == "colocated-0#0"
+    assert resumed["decode_worker"] == "colocated-0#1" and resumed["resumed_after_tokens"] > 0
+    names = [p["name"] for p in trace["phases"]]
+    assert names[:3] == ["queue", "prefill", "decode"] and names[-1] == "decode #1"
     assert requests.get(f"{server.url}/health", timeout=10).json()["status"] == "ok"

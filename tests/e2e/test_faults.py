@@ -203,6 +203,10 @@ def test_a_fault_at_each_stage_only_costs_latency(server, llm, prompts, case):
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["text"] == want
     assert sum(retries(url, s, reason) for s in stages) == before + 1
+    trace = requests.get(f"{url}/v1/requests/cmpl-{case}/trace", timeout=10).json()
+    failed, last = trace["attempts"][0], trace["attempts"][-1]
+    assert failed["failure"]["fault"] == reason and failed["then"] in ("retry", "recompute")
+    assert last["failure"] is None and trace["retries"] == len(trace["attempts"]) - 1
 
 
 def test_past_the_retry_bound_a_clean_error(server, prompts):

@@ -5,7 +5,8 @@
    keeps it for the tab and sends it.
 2. Over a real ``tandem serve`` (configs/local.yaml, started by ``bench.tandem_server``, as
    ``tandem bench --config`` does): every pool and worker shows, and its numbers move while
-   ``tandem bench --url`` loads the server; the bench's JSON is right. Screenshots (one while
+   ``tandem bench --url`` loads the server, and its waterfall shows the requests' real traces;
+   the bench's JSON is right. Screenshots (one while
    requests are in flight, one after) go to the test's tmp dir.
 """
 
@@ -24,7 +25,7 @@ from server_process import ROOT
 from bench.tandem_server import TandemServer
 from coordinator.engine_client import EngineStats, PoolStats, TransferStats, WorkerStatus
 from coordinator.server import bound_port, build_app, start_server
-from coordinator.status import TracePhase, TraceSummary
+from coordinator.trace import TracePhase, TraceSummary
 
 sys.path.insert(0, str(ROOT / "tests" / "coordinator"))
 from engine_double import ScriptedEngine  # noqa: E402
@@ -159,6 +160,9 @@ async def _sample(page) -> dict:
             Number(tr.querySelector('.running').textContent),
             tr.querySelector('.kv-text').textContent]),
         pools: [...document.querySelectorAll('#pools tbody tr')].map(tr => tr.dataset.pool),
+        traces: [...document.querySelectorAll('#waterfall .wf-row')].map(row => [
+            row.dataset.request,
+            [...row.querySelectorAll('.bar')].map(bar => bar.dataset.phase)]),
     })""")
 
 
@@ -213,6 +217,10 @@ def test_live_page_moves_while_tandem_bench_loads_the_server(tmp_path):
     assert any(w[2] > 0 for s in during for w in s["workers"])  # a worker had a running request
     assert any(w[3].split(" /")[0] != "0" for s in during for w in s["workers"])  # KV in use
     assert after["ttftCount"] == "(8 samples)"  # 2 warm-up + 6 measured requests
+    # the waterfall shows the requests' real traces, every phase of the disaggregated path
+    assert len(after["traces"]) == 8
+    assert all(phases == ["queue", "prefill", "transfer", "decode"]
+               for _, phases in after["traces"]), after["traces"]  # fmt: skip
     assert float(after["admitted"]) > 0 and after["renders"] > before["renders"] + 3
     # the bench's own report
     (run,) = json.loads(out.read_text())["runs"]

@@ -96,7 +96,7 @@ def test_typo_key_names_path_and_allowed_keys():
         "pools.decode.kv_cache.blok_size: unknown key "
         "(allowed: num_blocks, memory_gib, block_size, dtype)",
         "coordinator.prot: unknown key (allowed: host, port, api_key, max_queued_requests, "
-        "max_prompt_tokens, request_timeout_s, routing, retry, workers, slo)",
+        "max_prompt_tokens, request_timeout_s, routing, retry, workers, slo, tracing)",
     )
 
 
