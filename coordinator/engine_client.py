@@ -147,7 +147,16 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        **template_kwargs: object,
     ) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+    def id_to_token(self, token_id: int) -> str | None: ...
+
+    @property
+    def vocab_size(self) -> int: ...

@@ -3,7 +3,9 @@
 Every rejection is an ``ApiError`` (400 unless said otherwise) whose ``param`` names the offending
 request field. Value checks of sampling fields are left to ``SamplingParams`` (the one place
 that knows its ranges); its ``ValueError`` starts with the field name, which is mapped back to the
-request's own spelling (``max_completion_tokens``, ``top_logprobs``) for ``param``.
+request's own spelling (``max_completion_tokens``, ``top_logprobs``) for ``param``. Fields the
+server does not know are refused (``request_fields``), structured output is read by
+``structured_request``, chat prompts are built by ``chat_prompt``.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from coordinator.api_errors import ApiError, bad_request
+from coordinator.chat_prompt import chat_prompt_ids
 from coordinator.engine_client import Tokenizer
+from coordinator.request_fields import CHAT_FIELDS, COMPLETION_FIELDS, check_fields
+from coordinator.structured_request import parse_structured
 from core.sampling_params import SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default; chat defaults to the rest of ctx
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 # Request fields passed straight through to SamplingParams (vLLM's extensions included).
 _PASSTHROUGH = (
@@ -34,6 +38,7 @@ _PASSTHROUGH = (
     "repetition_penalty",
     "include_stop_str_in_output",
     "skip_special_tokens",
+    "prompt_logprobs",
 )
 
 
@@ -52,37 +57,57 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     want_logprobs: bool
+    continuous_usage: bool = False  # usage on every streamed chunk
+    echo_text: str | None = None  # text put before the output (echo)
+    echo_logprobs: bool = False  # completions echo + logprobs: the prompt's tokens come first
+    drop_output: bool = False  # echo with max_tokens 0: the one token generated is not returned
+    want_prompt_logprobs: bool = False  # the request asked for prompt_logprobs itself
+    structured_param: str | None = None  # the field that asked for structured output
 
 
 def parse_completion(body: dict, limits: ServingLimits, tokenizer: Tokenizer) -> GenerationRequest:
+    check_fields(body, COMPLETION_FIELDS)
     _check_common(body, limits)
-    if body.get("echo") not in (None, False):
-        raise bad_request("echo is not supported", param="echo")
-    if body.get("suffix") is not None:
-        raise bad_request("suffix is not supported", param="suffix")
-    if body.get("best_of") not in (None, 1):
-        raise bad_request("only best_of=1 is supported", param="best_of")
-    prompt_ids = _completion_prompt(body.get("prompt"), tokenizer)
+    echo = _typed(body, "echo", bool, False)
+    add_special = _typed(body, "add_special_tokens", bool, True)
+    prompt = body.get("prompt")
+    prompt_ids = _completion_prompt(prompt, tokenizer, add_special)
     _check_prompt_length(prompt_ids, limits, "prompt")
     max_tokens = body.get("max_tokens")
     if max_tokens is None:
         max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
+    # echo alone (max_tokens 0) scores a prompt: the engine generates one token, not returned
+    drop_output = echo and max_tokens == 0 and type(max_tokens) is int
     logprobs = body.get("logprobs")
-    params = _sampling_params(body, max_tokens, logprobs, {"logprobs": "logprobs"})
+    overrides: dict = {"max_tokens": 1 if drop_output else max_tokens, "logprobs": logprobs}
+    if echo and logprobs is not None and body.get("prompt_logprobs") is None:
+        overrides["prompt_logprobs"] = logprobs  # echoed tokens carry logprobs like the rest
+    params, structured_param = _sampling_params(body, overrides, {})
     _check_total_length(prompt_ids, params, limits, "max_tokens")
+    echo_text = None
+    if echo:
+        echo_text = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
+        if not isinstance(echo_text, str):
+            echo_text = tokenizer.decode(list(prompt_ids))
+    stream, include_usage, continuous_usage = _stream_flags(body)
     return GenerationRequest(
-        "completion", prompt_ids, params, *_stream_flags(body), want_logprobs=logprobs is not None
-    )
+        "completion", prompt_ids, params, stream, include_usage,
+        want_logprobs=logprobs is not None, continuous_usage=continuous_usage, echo_text=echo_text,
+        echo_logprobs=echo and logprobs is not None, drop_output=drop_output,
+        want_prompt_logprobs=body.get("prompt_logprobs") is not None,
+        structured_param=structured_param,
+    )  # fmt: skip
 
 
 def parse_chat(body: dict, limits: ServingLimits, tokenizer: Tokenizer) -> GenerationRequest:
+    check_fields(body, CHAT_FIELDS)
     _check_common(body, limits)
-    messages = _chat_messages(body.get("messages"))
-    try:
-        prompt_ids = tuple(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-    except Exception as exc:  # templates reject conversations by raising anything
-        # (jinja's raise_exception -> TemplateError); a template refusing the input is a 400.
-        raise bad_request(f"cannot apply the chat template: {exc}", param="messages") from None
+    if _typed(body, "add_special_tokens", bool, False):
+        raise bad_request(
+            "add_special_tokens=true is not supported on chat (the template writes them)",
+            param="add_special_tokens",
+        )
+    messages, prompt_ids = chat_prompt_ids(body, tokenizer)
     _check_prompt_length(prompt_ids, limits, "messages")
     # max_completion_tokens is the newer name; it wins when both are given, as in OpenAI's API.
     length_param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
@@ -94,13 +119,22 @@ def parse_chat(body: dict, limits: ServingLimits, tokenizer: Tokenizer) -> Gener
     if top_logprobs is not None and not want_logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     num_top = (0 if top_logprobs is None else top_logprobs) if want_logprobs else None
-    params = _sampling_params(
-        body, max_tokens, num_top, {"logprobs": "top_logprobs", "max_tokens": length_param}
+    params, structured_param = _sampling_params(
+        body,
+        {"max_tokens": max_tokens, "logprobs": num_top},
+        {"logprobs": "top_logprobs", "max_tokens": length_param},
     )
     _check_total_length(prompt_ids, params, limits, length_param)
+    # vLLM's chat echo: a final assistant message (being continued) leads the answer
+    echo = _typed(body, "echo", bool, False) and messages[-1]["role"] == "assistant"
+    stream, include_usage, continuous_usage = _stream_flags(body)
     return GenerationRequest(
-        "chat", prompt_ids, params, *_stream_flags(body), want_logprobs=want_logprobs
-    )
+        "chat", prompt_ids, params, stream, include_usage, want_logprobs=want_logprobs,
+        continuous_usage=continuous_usage,
+        echo_text=messages[-1]["content"] if echo else None,
+        want_prompt_logprobs=body.get("prompt_logprobs") is not None,
+        structured_param=structured_param,
+    )  # fmt: skip
 
 
 def _check_common(body: dict, limits: ServingLimits) -> None:
@@ -108,34 +142,37 @@ def _check_common(body: dict, limits: ServingLimits) -> None:
     if not isinstance(model, str):
         raise bad_request("model must be a string", param="model")
     if model != limits.model_name:
-        raise ApiError(
-            404,
-            f"The model `{model}` does not exist (served: {limits.model_name})",
-            "not_found_error",
-            param="model",
-            code="model_not_found",
-        )
-    n = body.get("n", 1)
-    if n != 1 or isinstance(n, bool):
-        raise bad_request(f"only n=1 is supported, got {n!r}", param="n")
-    # Refused rather than ignored: a client that asked for these would misread a plain answer.
-    for name in ("tools", "functions", "logit_bias"):
-        if body.get(name):
-            raise bad_request(f"{name} is not supported", param=name)
-    response_format = body.get("response_format")
-    if response_format not in (None, {"type": "text"}):
-        raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
+        raise model_not_found(model, limits)
 
 
-def _stream_flags(body: dict) -> tuple[bool, bool]:
+def model_not_found(model: str, limits: ServingLimits) -> ApiError:
+    return ApiError(
+        404,
+        f"The model `{model}` does not exist (served: {limits.model_name})",
+        "not_found_error",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool, bool]:
+    """(stream, include_usage, continuous_usage)."""
     stream = _typed(body, "stream", bool, False)
     options = _typed(body, "stream_options", dict, None)
-    if options is not None and not stream:
+    if options is None:
+        return stream, False, False
+    if not stream:
         raise bad_request("stream_options requires stream to be true", param="stream_options")
-    include_usage = options is not None and options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise bad_request("stream_options.include_usage must be a boolean", param="stream_options")
-    return stream, include_usage
+    unknown = sorted(set(options) - {"include_usage", "continuous_usage_stats"})
+    if unknown:
+        raise bad_request(f"stream_options: unknown field {unknown[0]}", param="stream_options")
+    flags = []
+    for name in ("include_usage", "continuous_usage_stats"):
+        value = options.get(name, False)
+        if not isinstance(value, bool):
+            raise bad_request(f"stream_options.{name} must be a boolean", param="stream_options")
+        flags.append(value)
+    return stream, *flags
 
 
 def _typed(body: dict, name: str, kind: type, default: object) -> object:
@@ -148,28 +185,35 @@ def _typed(body: dict, name: str, kind: type, default: object) -> object:
 
 
 def _sampling_params(
-    body: dict, max_tokens: object, logprobs: object, renames: dict[str, str]
-) -> SamplingParams:
+    body: dict, overrides: dict, renames: dict[str, str]
+) -> tuple[SamplingParams, str | None]:
     kwargs = {k: body[k] for k in _PASSTHROUGH if body.get(k) is not None}
     if kwargs.get("top_k") == -1:  # vLLM spells "no top-k" as -1; SamplingParams uses 0
         kwargs["top_k"] = 0
+    structured, structured_param = parse_structured(body)
     try:
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+        params = SamplingParams(**{**kwargs, **overrides}, structured=structured)
     except ValueError as exc:
         field = str(exc).split(" ", 1)[0]
         param = renames.get(field, field)
         raise bad_request(str(exc).replace(field, param, 1), param=param) from None
+    return params, structured_param
 
 
-def _completion_prompt(prompt: object, tokenizer: Tokenizer) -> tuple[int, ...]:
+def _completion_prompt(
+    prompt: object, tokenizer: Tokenizer, add_special_tokens: bool
+) -> tuple[int, ...]:
     # A batch of one prompt is accepted (clients often wrap); larger batches would need n>1.
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
     if isinstance(prompt, str):
         if not prompt:
             raise bad_request("prompt must not be empty", param="prompt")
-        return tuple(tokenizer.encode(prompt, add_special_tokens=True))
+        return tuple(tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
     if isinstance(prompt, list) and prompt and all(_is_token_id(t) for t in prompt):
+        if max(prompt) >= tokenizer.vocab_size:  # the model would index past its embedding
+            raise bad_request(f"token id {max(prompt)} is outside the vocabulary "
+                              f"[0, {tokenizer.vocab_size})", param="prompt")  # fmt: skip
         return tuple(prompt)
     if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
         raise bad_request("batched prompts are not supported: send one prompt", param="prompt")
@@ -180,42 +224,6 @@ def _completion_prompt(prompt: object, tokenizer: Tokenizer) -> tuple[int, ...]:
 
 def _is_token_id(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _chat_messages(messages: object) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("messages must be a non-empty list", param="messages")
-    normalized = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise bad_request(f"{where} must be an object", param="messages")
-        role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise bad_request(
-                f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
-                param="messages",
-            )
-        normalized.append({"role": role, "content": _message_text(message.get("content"), where)})
-    return normalized
-
-
-def _message_text(content: object, where: str) -> str:
-    """Plain text of a message: a string, or the text parts of a content-part list."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise bad_request(f"{where}.content: only text parts are supported", "messages")
-            if not isinstance(part.get("text"), str):
-                raise bad_request(f"{where}.content: a text part needs a string text", "messages")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise bad_request(f"{where}.content must be a string or a list of parts", param="messages")
 
 
 def _check_prompt_length(prompt_ids: tuple[int, ...], limits: ServingLimits, param: str) -> None:

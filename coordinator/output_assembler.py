@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 
-from core.outputs import FINISH_ABORT, FINISH_ERROR, FINISH_STOP, OutputDelta
+from core.outputs import FAILURES, FINISH_ERROR, FINISH_STOP, OutputDelta
 from core.sampling_params import SamplingParams
 from core.text_state import TextState
 from core.tokenizer import Tokenizer
@@ -51,7 +51,7 @@ class OutputAssembler:
         """The deltas to hand out now (possibly none; the last one may be finished)."""
         if self.finished:
             return []
-        if delta.finish_reason in (FINISH_ERROR, FINISH_ABORT):
+        if delta.finish_reason in FAILURES:
             # A failure ends the request whatever is still in flight.
             self.finished = True
             return [self._final_failure(delta)]
@@ -95,6 +95,7 @@ class OutputAssembler:
             num_output_tokens=self.num_tokens,
             error=delta.error,
             stop_reason=stop_reason,
+            num_cached_tokens=delta.num_cached_tokens,
         )
 
     def _final_failure(self, delta: OutputDelta) -> OutputDelta:

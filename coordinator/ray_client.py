@@ -48,6 +48,7 @@ from core.outputs import (
     FINISH_ABORT,
     FINISH_ERROR,
     FINISH_LENGTH,
+    FINISH_REJECTED,
     FINISH_STOP,
     OutputDelta,
 )
@@ -148,7 +149,8 @@ class RayEngineClient:
                         rec.note_output(out)
                         if attempt.num_tokens:  # prefill's compute is over
                             self.placer.prefill_done(attempt)
-                        if out.finish_reason in (FINISH_STOP, FINISH_LENGTH):
+                        # rejected: a worker refused the grammar before any KV moved
+                        if out.finish_reason in (FINISH_STOP, FINISH_LENGTH, FINISH_REJECTED):
                             if not assembler.stopped_here:
                                 finished_by = attempt.finisher(len(out.token_ids))
                         yield out

@@ -3,7 +3,10 @@
 Both return ``(response, outcome)`` where outcome is the finish reason, "timeout", "error" or
 "disconnect" (for metrics). Engine failures become OpenAI-shaped errors: an HTTP status when the
 body is not sent yet, an in-band ``data: {"error": ...}`` event followed by ``data: [DONE]``
-once a stream has started.
+once a stream has started. With structured output a stream's status line waits for the first
+delta: a grammar the workers refuse ends the request before any token, and that is a real 400
+(any other failure before the first token then gets its HTTP status too). Other streams start at
+once.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from coordinator.api_errors import SERVER, TIMEOUT, ApiError
+from coordinator.api_errors import SERVER, TIMEOUT, ApiError, bad_request
 from coordinator.openai_responses import ResponseBuilder
 from coordinator.request_run import RequestRun, RequestTimeout
-from core.outputs import FINISH_ABORT, FINISH_ERROR, OutputDelta
+from core.outputs import FAILURES, FINISH_ABORT, FINISH_REJECTED, OutputDelta
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +32,12 @@ SSE_HEADERS = {
 }
 
 
-def _failure(delta: OutputDelta) -> ApiError | None:
-    if delta.error is None and delta.finish_reason not in (FINISH_ERROR, FINISH_ABORT):
+def _failure(delta: OutputDelta, builder: ResponseBuilder) -> ApiError | None:
+    if delta.error is None and delta.finish_reason not in FAILURES:
         return None
+    if delta.finish_reason == FINISH_REJECTED:  # the request's own input (its grammar)
+        message = delta.error or "the request was rejected"
+        return bad_request(message, param=builder.request.structured_param)
     if delta.finish_reason == FINISH_ABORT and delta.error is None:
         return ApiError(503, "the request was aborted by the engine", SERVER, code="aborted")
     if delta.fault is not None:  # the system failed it, and retries did not help (yet)
@@ -49,7 +56,7 @@ def _timeout_error(exc: RequestTimeout) -> ApiError:
 async def collect_response(run: RequestRun, builder: ResponseBuilder) -> tuple[web.Response, str]:
     try:
         async for delta in run:
-            failure = _failure(delta)
+            failure = _failure(delta, builder)
             if failure is not None:
                 raise failure
             builder.add(delta)
@@ -68,6 +75,9 @@ async def collect_response(run: RequestRun, builder: ResponseBuilder) -> tuple[w
 async def stream_response(
     request: web.Request, run: RequestRun, builder: ResponseBuilder
 ) -> tuple[web.StreamResponse, str]:
+    first = None
+    if builder.request.structured_param is not None:
+        first = await _first_delta(run, builder)  # raises ApiError: no 200 sent yet
     response = web.StreamResponse(status=200, headers=SSE_HEADERS)
     await response.prepare(request)
 
@@ -81,8 +91,8 @@ async def stream_response(
         if role is not None:
             await send(role)
         try:
-            async for delta in run:
-                failure = _failure(delta)
+            async for delta in _chain(first, run):
+                failure = _failure(delta, builder)
                 if failure is not None:
                     await send(failure.body())
                     break
@@ -109,3 +119,29 @@ async def stream_response(
         # The client went away mid-write; the caller's finally aborts the request.
         outcome = "disconnect"
     return response, outcome
+
+
+async def _first_delta(run: RequestRun, builder: ResponseBuilder) -> OutputDelta:
+    """The first delta, or the error it means (before any byte of the stream is sent)."""
+    try:
+        delta = await anext(run, None)
+    except RequestTimeout as exc:
+        raise _timeout_error(exc) from None
+    except (ApiError, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        log.exception("engine failed on %s", run.request_id)
+        raise ApiError(500, f"engine error: {exc!r}", SERVER, code="engine_error") from None
+    if delta is None:
+        raise _unfinished()
+    failure = _failure(delta, builder)
+    if failure is not None:
+        raise failure
+    return delta
+
+
+async def _chain(first: OutputDelta | None, run: RequestRun) -> AsyncIterator[OutputDelta]:
+    if first is not None:
+        yield first
+    async for delta in run:
+        yield delta

@@ -4,14 +4,14 @@
     start_server(app, host, port) -> web.AppRunner            # bound and listening (port 0: any)
     serve(config, engine, tokenizer)                          # runs until cancelled
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
-GET /v1/requests/{id}/trace, GET /health,
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id},
+GET /v1/requests/{id}/trace, POST /tokenize, POST /detokenize, GET /version, GET /health,
 GET /metrics, the status page (``coordinator.status``: GET / and /status, polling
-GET /v1/status), and with TANDEM_FAULT_INJECTION=1 only (tests) POST /admin/faults. /v1/* and
-/admin/* require the API key (probes, scrapers and the page's static files stay
-unauthenticated). Every response carries ``x-request-id``: the client's own if it sent one (a
-generation is then ``cmpl-<that id>`` everywhere), else a generation's request id (``cmpl-...``
-/ ``chatcmpl-...``), else a fresh ``req-...`` id.
+GET /v1/status), and with TANDEM_FAULT_INJECTION=1 only (tests) POST /admin/faults. /v1/*,
+/admin/*, /tokenize and /detokenize require the API key (probes, scrapers, /version and the
+page's static files stay unauthenticated). Every response carries ``x-request-id``: the client's
+own if it sent one (a generation is then ``cmpl-<that id>`` everywhere), else a generation's
+request id (``cmpl-...`` / ``chatcmpl-...``), else a fresh ``req-...`` id.
 
 The server runs with ``handler_cancellation=True``: when a client disconnects, aiohttp cancels
 its handler, and ``RequestRun.close()`` in the handler's ``finally`` aborts the request in the
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
+import importlib.metadata
 import logging
 import os
 import re
@@ -44,12 +44,19 @@ from coordinator.api_errors import (
     error_middleware,
 )
 from coordinator.engine_client import EngineClient, PoolHealth, Tokenizer
+from coordinator.json_body import json_body
 from coordinator.metrics import CONTENT_TYPE, ServerMetrics
-from coordinator.openai_requests import ServingLimits, parse_chat, parse_completion
+from coordinator.openai_requests import (
+    ServingLimits,
+    model_not_found,
+    parse_chat,
+    parse_completion,
+)
 from coordinator.openai_responses import ResponseBuilder
 from coordinator.request_run import RequestRun
 from coordinator.response_writer import collect_response, stream_response
 from coordinator.status import RecentTraces, StatusBoard, add_status_routes
+from coordinator.tokenize_api import detokenize, tokenize
 from core.config import TandemConfig
 
 log = logging.getLogger(__name__)
@@ -59,6 +66,7 @@ HEALTH_TIMEOUT_S = 5.0
 SHUTDOWN_GRACE_S = 5.0  # in-flight handlers get this long to finish once the server stops
 RETRY_AFTER_S = 1
 FAULT_INJECTION_ENV = "TANDEM_FAULT_INJECTION"  # engine/faults.py ENV_FLAG (no torch here)
+KEYED_PATHS = ("/tokenize", "/detokenize")  # besides /v1/* and /admin/*
 
 
 @dataclass
@@ -113,6 +121,10 @@ def build_app(
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_get("/v1/models", _models)
+    app.router.add_get("/v1/models/{model_id:.+}", _model)
+    app.router.add_post("/tokenize", _tokenize)
+    app.router.add_post("/detokenize", _detokenize)
+    app.router.add_get("/version", _version)
     app.router.add_get("/v1/requests/{request_id}/trace", _trace)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
@@ -188,7 +200,8 @@ async def _request_id_middleware(
 def _auth_middleware(api_key: str | None) -> Middleware:
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if api_key is not None and request.path.startswith(("/v1/", "/admin/")):
+        keyed = request.path.startswith(("/v1/", "/admin/")) or request.path in KEYED_PATHS
+        if api_key is not None and keyed:
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             # compare_digest: the time taken must not reveal how much of the key matched.
             if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -206,9 +219,8 @@ def _auth_middleware(api_key: str | None) -> Middleware:
     return check_key
 
 
-async def _models(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    model = {
+def _model_card(state: ServerState) -> dict:
+    return {
         "id": state.config.model.name,
         "object": "model",
         "created": state.created,
@@ -216,7 +228,32 @@ async def _models(request: web.Request) -> web.Response:
         "root": state.config.model.source,
         "max_model_len": state.config.model.max_model_len,
     }
-    return web.json_response({"object": "list", "data": [model]})
+
+
+async def _models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model_card(request.app[STATE])]})
+
+
+async def _model(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    model_id = request.match_info["model_id"]
+    if model_id != state.config.model.name:
+        raise model_not_found(model_id, state.limits)
+    return web.json_response(_model_card(state))
+
+
+async def _tokenize(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response(tokenize(await json_body(request), state.limits, state.tokenizer))
+
+
+async def _detokenize(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response(detokenize(await json_body(request), state.limits, state.tokenizer))
+
+
+async def _version(request: web.Request) -> web.Response:
+    return web.json_response({"version": importlib.metadata.version("tandem-serve")})
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -256,7 +293,7 @@ async def _arm_fault(request: web.Request) -> web.Response:
     "action": ..., "nth": ..., "delay_s": ..., "request_id": ...}`` arms a fault on that worker,
     or on every live worker of that pool (engine/faults.py)."""
     state = request.app[STATE]
-    body = await _json_body(request)
+    body = await json_body(request)
     worker = body.pop("worker", None)
     if not isinstance(worker, str):
         raise bad_request("worker must be a worker name, e.g. decode-0", param="worker")
@@ -290,17 +327,6 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, "chat")
 
 
-async def _json_body(request: web.Request) -> dict:
-    raw = await request.read()
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad_request(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object")
-    return body
-
-
 async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     state = request.app[STATE]
     arrival = time.monotonic()
@@ -325,7 +351,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     run: RequestRun | None = None
     try:
         try:
-            body = await _json_body(request)
+            body = await json_body(request)
             parse = parse_chat if kind == "chat" else parse_completion
             gen = parse(body, state.limits, state.tokenizer)
         except ApiError as exc:
@@ -360,6 +386,8 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     except ApiError as exc:
         if not outcome.startswith("rejected_"):
             outcome = "timeout" if exc.type == TIMEOUT else "error"
+            if exc.status < 500 and exc.type != TIMEOUT:  # a worker refused its input
+                outcome = f"rejected_{exc.status}"
         raise
     finally:
         try:

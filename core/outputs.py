@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# finish reasons, as OpenAI names them ("abort" and "error" are ours)
+# finish reasons, as OpenAI names them ("abort", "error" and "rejected" are ours)
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_ABORT = "abort"
 FINISH_ERROR = "error"
+# the engine refused the request's own input before generating (a structured-output spec that
+# does not compile): the client's fault, answered with a 400 carrying ``error``
+FINISH_REJECTED = "rejected"
+FAILURES = (FINISH_ERROR, FINISH_ABORT, FINISH_REJECTED)
 
 # Why the system (not the request) failed: set on an error delta, these let the coordinator retry
 # or migrate the request instead of ending it.
@@ -34,7 +38,9 @@ class OutputDelta:
 
     ``text`` is the newly detokenized text (never a broken UTF-8 sequence; held back until
     complete). ``finish_reason`` is set on the last delta only. Token counts let the front end
-    build ``usage`` without re-tokenizing.
+    build ``usage`` without re-tokenizing. ``stop_reason``: the stop string or stop token id that
+    ended the request (None for EOS and length). ``num_cached_tokens``: prompt tokens found in
+    the prefix cache, on the delta that carries token 1.
     """
 
     request_id: str
@@ -48,6 +54,7 @@ class OutputDelta:
     error: str | None = None
     stop_reason: str | int | None = None
     fault: str | None = None  # a FAULT_* on an error the system caused (retryable), else None
+    num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict, compare=False)
 
     @property

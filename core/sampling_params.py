@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from core.structured_output import StructuredOutput
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -12,7 +14,8 @@ class SamplingParams:
     ``temperature == 0`` means greedy. ``top_k == 0`` means no top-k cut. ``seed`` makes a
     sampled request reproducible regardless of what else is in the batch. ``logprobs`` is the
     number of top alternatives returned per generated token (None: no logprobs);
-    ``prompt_logprobs`` likewise for prompt tokens.
+    ``prompt_logprobs`` likewise for prompt tokens. ``structured``: the grammar every output
+    token must follow (None: free text).
     """
 
     max_tokens: int = 16
@@ -32,6 +35,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None
     use_speculation: bool = True
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -43,6 +47,10 @@ class SamplingParams:
         object.__setattr__(
             self, "stop_token_ids", _as_tuple(self.stop_token_ids, int, "stop_token_ids")
         )
+        if isinstance(self.structured, dict):  # from msgpack / a Ray worker spec
+            object.__setattr__(self, "structured", StructuredOutput.from_dict(self.structured))
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise ValueError(f"structured must be a StructuredOutput, got {self.structured!r}")
         _check_int("max_tokens", self.max_tokens, minimum=1)
         _check_int("min_tokens", self.min_tokens, minimum=0)
         _check_int("top_k", self.top_k, minimum=0)
@@ -90,6 +98,7 @@ class SamplingParams:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"}
         d["stop"] = list(self.stop)
         d["stop_token_ids"] = list(self.stop_token_ids)
+        d["structured"] = None if self.structured is None else self.structured.to_dict()
         return d
 
     @classmethod

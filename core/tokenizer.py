@@ -64,6 +64,9 @@ class TokenizerFiles:
         return cls(**data)
 
 
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # the marker transformers uses
+
+
 def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
@@ -138,24 +141,59 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary entry (e.g. ``Ġthe`` in a byte-level BPE); None if out of range."""
+        return self._tok.id_to_token(token_id)
+
     def apply_chat_template_text(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        **kwargs: Any,
     ) -> str:
-        """The rendered prompt; ``kwargs`` reach the template (e.g. ``tools``)."""
+        """The rendered prompt; ``kwargs`` reach the template (e.g. ``tools``).
+        ``continue_final_message``: cut the text right after the final message's content, so
+        that the model continues it (as transformers does; ValueError if the template drops
+        that content)."""
         if self._template is None:
             raise ValueError("this model's tokenizer has no chat template")
         for message in messages:
             if not isinstance(message, dict):
                 raise TypeError(f"chat messages must be dicts, got {message!r}")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt exclude each other")
+        if continue_final_message:  # transformers' way: mark the end of the content, cut there
+            final = messages[-1]
+            content = final.get("content")
+            if not isinstance(content, str):
+                raise ValueError("continue_final_message needs a final message with text content")
+            messages = [*messages[:-1], {**final, "content": content + _CONTINUE_TAG}]
         context = {"tools": None, "documents": None, **self.files.special_tokens_map(), **kwargs}
-        return self._template.render(
+        text = self._template.render(
             messages=messages, add_generation_prompt=add_generation_prompt, **context
         )
+        if continue_final_message:
+            tag = _CONTINUE_TAG.strip()
+            if tag not in text:
+                raise ValueError("continue_final_message: the chat template does not render the "
+                                 "final message's content")  # fmt: skip
+            at = text.rindex(tag)
+            # a template that keeps the content's trailing spacing keeps the tag's space too
+            text = text[:at] if text[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else (
+                text[:at].rstrip())  # fmt: skip
+        return text
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        **kwargs: Any,
     ) -> list[int]:
         """Token ids of the rendered prompt. The template writes any BOS itself, so the text is
         encoded without special tokens, as transformers does."""
-        text = self.apply_chat_template_text(messages, add_generation_prompt, **kwargs)
+        text = self.apply_chat_template_text(
+            messages, add_generation_prompt, continue_final_message, **kwargs
+        )
         return self.encode(text, add_special_tokens=False)

@@ -92,6 +92,7 @@ class DecodeWorker(WorkerBase):
             if block_ids is None:
                 return None
             self.pending[request_id] = Reservation(list(prompt_token_ids), outputs, params)
+            eng.structured.prepare(params)  # compile while prefill runs, not after
             return block_ids
 
     def release(self, request_ids: list[str]) -> None:

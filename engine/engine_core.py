@@ -6,12 +6,20 @@ API, tests and benchmarks drive it directly; the prefill and decode workers use 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence as Seq
 
 import torch
 
-from core.outputs import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, OutputDelta, TokenLogprob
+from core.outputs import (
+    FINISH_ABORT,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    OutputDelta,
+    TokenLogprob,
+)
 from core.sampling_params import SamplingParams
 from core.text_state import TextState
 from core.tokenizer import Tokenizer
@@ -26,7 +34,14 @@ from engine.model_runner import ModelRunner, StepOutput
 from engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from engine.sequence import Sequence
 from engine.spec.speculator import Speculator
+from engine.structured.admission import GrammarAdmission
+from engine.tokenizer_files import load_tokenizer_files
 from kernels import cpu_ext
+
+log = logging.getLogger(__name__)
+
+GRAMMAR_WAIT_S = 0.002  # an engine with only grammars compiling naps this long per step
+GRAMMAR_BROKEN = "structured output: a token outside the grammar was sampled"
 
 
 def build_model(
@@ -104,6 +119,10 @@ class EngineCore:
         self.speculator = (
             Speculator(config.speculative, self) if config.speculative.enabled else None
         )
+        # A token-only engine (a worker's) loads the tokenizer files on its first grammar.
+        files = (lambda: tokenizer.files) if tokenizer is not None else (
+            lambda: load_tokenizer_files(config.model))  # fmt: skip
+        self.structured = GrammarAdmission(files, self.model_config.vocab_size, self.eos_token_ids)
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -128,7 +147,10 @@ class EngineCore:
             # text (and stop strings) only where a tokenizer was given: a token-only engine,
             # like a worker's (the coordinator detokenizes), never does
             self.texts[request_id] = TextState(self.tokenizer, prompt_token_ids, params)
-        self.scheduler.add(seq)
+        if params.structured is not None:  # joins the scheduler once its grammar is compiled
+            self.structured.park(seq, running=False)
+        else:
+            self.scheduler.add(seq)
 
     def check_fits(self, num_tokens: int) -> None:
         """Refuse (ValueError) a request of ``num_tokens`` known tokens that leaves no room for
@@ -152,12 +174,16 @@ class EngineCore:
     ) -> None:
         """Admit a request whose KV already sits in its reserved blocks (``KVManager.reserve``,
         written by a prefill worker) for every token but the newest output token, which the
-        prefill worker sampled: it joins the next decode step."""
+        prefill worker sampled: it joins the next decode step (structured output: once its
+        grammar is compiled)."""
         assert output_token_ids, "a prefilled request has sampled at least one token"
         seq = self._new_sequence(request_id, prompt_token_ids, params, output_token_ids)
         seq.block_ids = self.kv.activate(request_id)
         seq.num_computed_tokens = seq.num_tokens - 1
-        self.scheduler.add_running(seq)
+        if params.structured is not None:
+            self.structured.park(seq, running=True)
+        else:
+            self.scheduler.add_running(seq)
 
     def _new_sequence(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -170,19 +196,46 @@ class EngineCore:
 
     def abort(self, request_ids: list[str]) -> list[OutputDelta]:
         out = []
+        for seq in self.structured.abort(request_ids):
+            self.scheduler.finish(seq, FINISH_ABORT)
+            self.scheduler.free_blocks(seq)
+            out.append(self._delta(seq, [], [], FINISH_ABORT))
         for seq in self.scheduler.abort(request_ids):
             out.append(self._delta(seq, [], [], FINISH_ABORT))
         return out
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.structured.num_parked > 0
+
+    def admit_structured(self) -> list[OutputDelta]:
+        """Sequences whose grammar is now compiled join the scheduler; those whose grammar
+        failed end here (the returned deltas: ``rejected`` for a bad spec)."""
+        if not self.structured.num_parked:
+            return []
+        ready, failed = self.structured.take_ready()
+        for entry in ready:
+            if entry.running:
+                self.scheduler.add_running(entry.seq)
+            else:
+                self.scheduler.add(entry.seq)
+        out = []
+        for f in failed:
+            self.scheduler.finish(f.seq, f.finish_reason)
+            self.scheduler.free_blocks(f.seq)  # a decode hand-off's blocks
+            out.append(self._delta(f.seq, [], [], f.finish_reason, error=f.error))
+        return out
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[OutputDelta]:
-        return self.run(self.schedule())
+        admitted = self.admit_structured()
+        batch = self.schedule()
+        if not batch and not admitted and self.structured.num_parked:
+            self.structured.wait(GRAMMAR_WAIT_S)  # nothing to run until a compile ends
+        return admitted + self.run(batch)
 
     def schedule(self) -> ScheduledBatch:
-        """The next step's batch (empty when there is nothing to do)."""
+        """The next step's batch (empty when there is nothing to do). Sequences whose grammar
+        is still compiling are not in it (``admit_structured`` lets them in)."""
         lookahead = self.speculator.k if self.speculator is not None else 0
         return self.scheduler.schedule(num_lookahead_tokens=lookahead)
 
@@ -224,7 +277,8 @@ class EngineCore:
         seq.output_logprobs.extend(lps)
         if finish is not None:
             self.scheduler.finish(seq, finish)
-        return self._delta(seq, taken, lps, finish)
+        error = GRAMMAR_BROKEN if finish == FINISH_ERROR else None
+        return self._delta(seq, taken, lps, finish, error=error)
 
     def _check_finish(self, seq: Sequence, token: int) -> str | None:
         stopped = seq.check_stop_token(token)
@@ -235,12 +289,22 @@ class EngineCore:
             if hit is not None:  # a stop string outranks max_tokens on the same token
                 seq.finish_reason, seq.stop_reason = FINISH_STOP, hit
                 stopped = True
+        if not stopped and seq.grammar is not None:
+            if not seq.grammar.accept(token):  # masked sampling cannot pick it: a bug
+                log.error("%s: token %d broke its grammar", seq.request_id, token)
+                seq.finish_reason = FINISH_ERROR
+                return FINISH_ERROR
+            if seq.grammar.terminated:  # it took a stop token (ignore_eos: EOS is one too)
+                seq.finish_reason, stopped = FINISH_STOP, True
         if not stopped and seq.num_tokens >= self.max_seq_len:
             seq.finish_reason = FINISH_LENGTH
             stopped = True
         return seq.finish_reason if stopped else None
 
-    def _delta(self, seq: Sequence, tokens: list[int], lps: list, finish: str | None):
+    def _delta(
+        self, seq: Sequence, tokens: list[int], lps: list, finish: str | None,
+        error: str | None = None,
+    ) -> OutputDelta:  # fmt: skip
         text_state = self.texts.get(seq.request_id)
         text = text_state.take(finish is not None) if text_state else ""
         first = seq.num_output_tokens == len(tokens)
@@ -256,5 +320,7 @@ class EngineCore:
             finish_reason=finish,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
+            error=error,
             stop_reason=seq.stop_reason,
+            num_cached_tokens=seq.num_cached_prompt_tokens if first and tokens else 0,
         )

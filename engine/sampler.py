@@ -10,6 +10,7 @@ import torch
 
 from core.outputs import TokenLogprob
 from engine.sequence import Sequence
+from engine.structured.token_mask import mask_logits
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape[0] == len(seqs)
         raw = logits
         logits = self._apply_constraints(logits, seqs)
+        logits = mask_logits(logits, seqs)  # structured output: what the grammar refuses -> -inf
         token_ids = self._pick(logits, seqs)
         return SampleResult(token_ids, self.logprobs(raw, token_ids, seqs))
 

@@ -52,6 +52,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self._generator: torch.Generator | None = None
+        self.grammar = None  # structured output: an engine.structured GrammarState once admitted
         # speculative decoding
         self.draft_computed = 0  # tokens whose draft-model KV is valid
         self.spec_proposed = 0

@@ -143,9 +143,11 @@ class WorkerBase(ABC):
 
     def run_step(self) -> bool:
         """One engine step (decode and colocated workers); False if there was nothing to do."""
+        rejected = self.engine.admit_structured()  # grammars compiled (or refused) meanwhile
+        self.emit(rejected)
         batch = self.engine.schedule()
         if not batch:
-            return False
+            return bool(rejected)
         self._step_seqs = list(batch.seqs)
         ids = [s.request_id for s in batch.seqs]
         self.faults.reach("step", ids)

@@ -123,9 +123,13 @@ class PrefillWorker(WorkerBase):
     def _iteration(self) -> bool:
         eng = self.engine
         failed = self._poll_transfers()
+        rejected = eng.admit_structured()  # grammars compiled (or refused) since the last turn
+        for d in rejected:
+            self.destinations.pop(d.request_id, None)
+        self.emit(rejected)
         batch = eng.scheduler.schedule()
         if not batch:
-            return failed
+            return failed or bool(rejected)
         self._step_seqs = list(batch.seqs)
         self.faults.reach("step", [s.request_id for s in batch.seqs])
         out = eng.runner.execute(batch)

@@ -23,6 +23,7 @@ from engine.sequence import Sequence
 from engine.spec.draft import DraftProposer
 from engine.spec.ngram import propose_ngram
 from engine.spec.verify import verify
+from engine.structured.token_mask import constrain_drafts
 
 if TYPE_CHECKING:
     from engine.engine_core import EngineCore
@@ -110,8 +111,11 @@ class Speculator:
         logits = engine.runner.verify_logits(batch, drafts)  # per seq [1 + len(drafts), V]
         deltas = []
         for seq, d, q, rows in zip(seqs, drafts, draft_probs, logits, strict=True):
+            target = rows
+            if d and seq.grammar is not None:  # structured output: only drafts it allows
+                d, rows, q, target = constrain_drafts(seq.grammar, d, rows, q)
             if d:
-                tokens = verify(rows, d, seq, q)
+                tokens = verify(target, d, seq, q)
                 self._account(seq, d, tokens)
             else:
                 tokens = engine.runner.sampler(rows[-1:], [seq]).token_ids

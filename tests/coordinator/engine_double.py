@@ -4,7 +4,9 @@ It generates lowercase letters determined by the prompt (``expected_ids``), hono
 (finish "length") and, when ``eos_after`` is set, an end-of-sequence after that many tokens
 (finish "stop") unless ``ignore_eos``, never before ``min_tokens``. Stop strings are the real
 engine's job and are not imitated. It records every request and every abort, and an aborted
-request stops generating, as a real one does when its blocks are freed.
+request stops generating, as a real one does when its blocks are freed. Like a worker, its first
+delta carries the prompt logprobs (``expected_prompt_logprob``) and ``cached_tokens``; with
+``reject_structured`` set, a request with structured output ends ``rejected`` with that message.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from coordinator.engine_client import EngineStats, PoolHealth
-from core.outputs import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, OutputDelta, TokenLogprob
+from core.outputs import (
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_REJECTED,
+    FINISH_STOP,
+    OutputDelta,
+    TokenLogprob,
+)
 from core.sampling_params import SamplingParams
 
 
@@ -28,6 +37,16 @@ def expected_logprob(index: int, rank: int = 0) -> float:
     return -0.125 * (index + 1) - rank
 
 
+def expected_prompt_logprob(position: int, rank: int = 0) -> float:
+    return -0.5 * position - rank
+
+
+def _entry(token: int, k: int, logprob, index: int) -> TokenLogprob:
+    """``logprob(index, rank)``; k alternatives: the token itself first, then "B", "C", ..."""
+    top = tuple((token if r == 0 else ord("A") + r, logprob(index, r)) for r in range(k))
+    return TokenLogprob(token, logprob(index), top)
+
+
 @dataclass
 class ScriptedEngine:
     token_delay_s: float = 0.0  # sleep before each delta (slow engines: timeouts, disconnects)
@@ -35,6 +54,9 @@ class ScriptedEngine:
     eos_after: int | None = None
     fail_after: int | None = None  # send an error delta after this many tokens
     vanish_after: int | None = None  # end the stream without a finish (a broken engine)
+    cached_tokens: int = 0  # prefix-cache hit reported with token 1
+    stop_reason: int | str | None = None  # reported on a "stop" finish (eos_after)
+    reject_structured: str | None = None  # structured output: end "rejected" with this
     live: dict[str, PoolHealth] = field(
         default_factory=lambda: {"prefill": PoolHealth(1, 1), "decode": PoolHealth(1, 1)}
     )
@@ -51,6 +73,10 @@ class ScriptedEngine:
         self.started.set()
         ids = expected_ids(prompt_token_ids, params.max_tokens)
         num_sent = 0
+        if self.reject_structured is not None and params.structured is not None:
+            yield OutputDelta(request_id, (), finish_reason=FINISH_REJECTED,
+                              error=self.reject_structured)  # fmt: skip
+            return
         while num_sent < len(ids):
             if self.token_delay_s:
                 await asyncio.sleep(self.token_delay_s)
@@ -70,24 +96,27 @@ class ScriptedEngine:
             logprobs = ()
             if params.logprobs is not None:
                 logprobs = tuple(
-                    TokenLogprob(
-                        tok,
-                        expected_logprob(start + j),
-                        tuple(
-                            (tok if r == 0 else ord("A") + r, expected_logprob(start + j, r))
-                            for r in range(params.logprobs)
-                        ),
-                    )
+                    _entry(tok, params.logprobs, expected_logprob, start + j)
                     for j, tok in enumerate(batch)
+                )
+            prompt_logprobs = ()
+            if start == 0 and params.prompt_logprobs is not None:
+                prompt_logprobs = tuple(
+                    _entry(tok, params.prompt_logprobs, expected_prompt_logprob, i)
+                    for i, tok in enumerate(prompt_token_ids)
+                    if i > 0
                 )
             yield OutputDelta(
                 request_id,
                 tuple(batch),
                 text=bytes(batch).decode(),
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 finish_reason=finish,
                 num_prompt_tokens=len(prompt_token_ids),
                 num_output_tokens=num_sent,
+                stop_reason=self.stop_reason if finish == FINISH_STOP else None,
+                num_cached_tokens=self.cached_tokens if start == 0 else 0,
             )
             if finish is not None:
                 self.finished.append(request_id)

@@ -53,9 +53,12 @@ def _error_of(path: str, body: bytes | dict, config=None, headers=None) -> tuple
         ({"prompt": "x", "n": 2}, "n", "only n=1"),
         ({"prompt": "x", "stream": "yes"}, "stream", "must be a bool"),
         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", "stream"),
-        ({"prompt": "x", "echo": True}, "echo", "not supported"),
+        ({"prompt": "x", "suffix": "y"}, "suffix", "not supported"),
+        ({"prompt": "x", "echo": "yes"}, "echo", "must be a bool"),
+        ({"prompt": "x", "max_tokens": 0, "echo": False}, "max_tokens", "max_tokens must be >= 1"),
         ({"prompt": ""}, "prompt", "must not be empty"),
         ({"prompt": [1, -3]}, "prompt", "token ids"),
+        ({"prompt": [1, 257]}, "prompt", "outside the vocabulary [0, 257)"),
         ({"prompt": ["a", "b"]}, "prompt", "batched"),
         ({"prompt": None}, "prompt", "non-empty string"),
         ({"prompt": "x" * 64}, "prompt", "more than the limit of 63"),
@@ -82,7 +85,7 @@ def test_completions_400(body, param, fragment):
         ({"messages": [{"role": "user", "content": 5}]}, "messages", "content must be"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages", "text"),
         ({"tools": [{"type": "function"}]}, "tools", "not supported"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "supported"),
+        ({"response_format": {"type": "xml"}}, "response_format", "json_schema"),
         ({"logit_bias": {"1": 5}}, "logit_bias", "not supported"),
     ],
 )
@@ -156,11 +159,11 @@ def test_api_key_401():
 class _AlternatingTemplate(ByteTokenizer):
     """Like many real chat templates: refuses two user turns in a row (jinja raise_exception)."""
 
-    def apply_chat_template(self, messages, add_generation_prompt=True):
+    def apply_chat_template(self, messages, *args, **kwargs):
         roles = [m["role"] for m in messages]
         if any(a == b == "user" for a, b in zip(roles, roles[1:], strict=False)):
             raise jinja2.exceptions.TemplateError("Conversation roles must alternate")
-        return super().apply_chat_template(messages, add_generation_prompt)
+        return super().apply_chat_template(messages, *args, **kwargs)
 
 
 def test_chat_template_refusal_is_400():

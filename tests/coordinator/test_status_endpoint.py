@@ -146,7 +146,7 @@ def test_every_response_has_an_x_request_id():
                 seen = {}
                 async with s.post(f"{url}/v1/completions", json=body, headers=auth) as r:
                     seen["completion"] = (r.headers["x-request-id"], (await r.json())["id"])
-                stream = {**body, "stream": True}
+                stream = {"model": MODEL, "max_tokens": 3, "stream": True}  # (no prompt: chat)
                 async with s.post(f"{url}/v1/chat/completions", headers=auth, json={
                         **stream, "messages": [{"role": "user", "content": "hi"}]}) as r:
                     first = (await r.content.readuntil(b"\n\n")).decode()

@@ -3,6 +3,7 @@ loaded from it, and a tiny random Llama saved as a HF directory."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,25 @@ def save_tiny_llama(directory: Path, seed: int = 0, **overrides: object) -> Path
             if name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5)
     model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def save_byte_tokenizer(directory: Path) -> Path:
+    """A byte-level tokenizer for the tiny Llama's 256 ids (token id = byte value, BOS = 1, EOS
+    = 2), saved as tokenizer.json + tokenizer_config.json: what structured output needs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    # GPT-2's byte -> printable character table, as byte-level BPE vocabularies spell bytes
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
+    others = iter(range(256, 512))
+    spelled = {b: chr(b if b in printable else next(others)) for b in range(256)}
+    tokenizer = Tokenizer(models.BPE(vocab={c: b for b, c in spelled.items()}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": spelled[1], "eos_token": spelled[2]}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return directory
 
 

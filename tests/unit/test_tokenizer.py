@@ -111,6 +111,21 @@ def test_chat_template_matches_hf(tokenizer, hf_tokenizer, add_generation_prompt
         assert tokenizer.apply_chat_template(messages, add_generation_prompt) == ids
 
 
+def test_continue_final_message_matches_hf(tokenizer, hf_tokenizer) -> None:
+    for last in ("The capital is", "Trailing space ", "emoji 🎉\n"):
+        messages = [*CONVERSATIONS[0], {"role": "assistant", "content": last}]
+        text = hf_tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=False, continue_final_message=True
+        )
+        ours = tokenizer.apply_chat_template_text(messages, False, continue_final_message=True)
+        assert ours == text and ours.rstrip().endswith(last.strip())
+        assert tokenizer.apply_chat_template(messages, False, True) == hf_tokenizer.encode(
+            text, add_special_tokens=False
+        )
+    with pytest.raises(ValueError, match="exclude each other"):
+        tokenizer.apply_chat_template(CONVERSATIONS[0], True, continue_final_message=True)
+
+
 def test_chat_template_default_system_and_generation_prompt(tokenizer) -> None:
     text = tokenizer.apply_chat_template_text([{"role": "user", "content": "hi"}])
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
