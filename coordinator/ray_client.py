@@ -29,7 +29,8 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
-from coordinator.engine_client import EngineStats, FaultStats, PoolHealth
+from coordinator.engine_client import EngineStats, FaultStats, PoolHealth, RoutingStats
+from coordinator.kv_index import KVEventStream, PrefixIndex
 from coordinator.output_assembler import OutputAssembler
 from coordinator.placement import NoLiveWorker, Placer
 from coordinator.request_state import Attempt, Phase, RequestRecord
@@ -71,13 +72,17 @@ class RayEngineClient:
         supervisor: Supervisor,
         stream: TokenStream,
         tokenizer: Tokenizer,
+        events: KVEventStream | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
         self.supervisor = supervisor
         self.stream = stream
+        self.events = events  # KV events into the prefix index (None: routing without it)
         self.tokenizer = tokenizer
-        self.placer = Placer(config, pool, supervisor.recovering)
+        self.index = events.index if events is not None else PrefixIndex()
+        self.placer = Placer(config, pool, supervisor.recovering, self.index)
+        supervisor.in_use = self._in_use
         tracing = config.coordinator.tracing
         self.traces = TraceRecorder(tracing.keep, tracing.log, tracing.otel)
         self.retries: Counter[tuple[str, str]] = Counter()  # (stage, reason) -> new attempts
@@ -92,6 +97,8 @@ class RayEngineClient:
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         self.stream.start()
+        if self.events is not None:
+            self.events.start()
         await self.pool.refresh()
         loop = asyncio.get_running_loop()
         self._loops = [loop.create_task(self._refresh_loop(), name="stats"),
@@ -206,6 +213,11 @@ class RayEngineClient:
             spec=self.pool.spec_totals(),
             health=self.supervisor.health(),
             workers=self.pool.worker_status(),
+            routing=RoutingStats(
+                prefill_locations=_rows(self.placer.locations),
+                decisions=_rows(self.placer.decisions),
+                prefix_hit_tokens=tuple(sorted(self.pool.prefix_hit_tokens().items())),
+            ),
             faults=FaultStats(
                 retries=tuple((s, r, n) for (s, r), n in sorted(self.retries.items())),
                 migrations=self.migrations,
@@ -213,6 +225,11 @@ class RayEngineClient:
                 leases_revoked=self.leases_revoked,
             ),
         )
+
+    async def scale(self, pool: str, replicas: int) -> PoolHealth:
+        """Set a pool's target number of workers (they start or drain in the background)."""
+        self.supervisor.scale(pool, replicas)
+        return self.supervisor.health()[pool]
 
     async def arm_fault(self, target: str, fault: dict) -> list[str]:
         """Test-only: arm a fault (engine/faults.py) on a worker, or on every live worker of a
@@ -282,7 +299,11 @@ class RayEngineClient:
         self._kick.set()
 
     # ---- workers -------------------------------------------------------------------------
+    def _in_use(self, worker: WorkerRef) -> bool:
+        return any(rec.attempts and rec.attempt.holds(worker) for rec in self.records.values())
+
     def _on_death(self, worker: WorkerRef) -> None:
+        self.index.forget(worker.name)
         for rec in self.records.values():
             attempt = rec.attempts[-1] if rec.attempts else None
             if attempt is not None and attempt.holds(worker):
@@ -336,6 +357,10 @@ class RayEngineClient:
                         sum(orphans.values()), worker.name, sorted(orphans))  # fmt: skip
             self.leases_revoked += sum(orphans.values())
             await self.pool.call(worker, "abort", sorted(orphans))
+
+
+def _rows(counter: Counter) -> tuple[tuple[str, str, int], ...]:
+    return tuple((a, b, n) for (a, b), n in sorted(counter.items()))
 
 
 def _short(exc: BaseException) -> str:

@@ -57,6 +57,7 @@ class Attempt:
     pending: list[asyncio.Future] = field(default_factory=list)  # actor calls not answered yet
     cleanup: asyncio.Task | None = None  # the one end-of-attempt task
     num_blocks: int = 0  # KV blocks reserved on decode for it (remote)
+    num_cached_blocks: int = 0  # of those, already holding their KV there (not transferred)
     # seconds since the request arrived (the trace): placement began / done, its first token,
     # decode's first token (remote), its end; and why it failed, if it did
     started_s: float = 0.0

@@ -116,7 +116,9 @@ def trace_json(rec: RequestRecord) -> dict:
             "where": "remote" if a.remote else "local",
             "resumed_after_tokens": len(a.resume_token_ids),
             "kv_blocks": a.num_blocks,
-            "transfer_bytes": a.num_blocks * per_block if a.decode_s is not None else 0,
+            "cached_blocks": a.num_cached_blocks,
+            "transfer_bytes": ((a.num_blocks - a.num_cached_blocks) * per_block
+                               if a.decode_s is not None else 0),
             "tokens": a.num_tokens,
             "started_s": a.started_s, "placed_s": a.placed_s, "first_token_s": a.first_token_s,
             "decode_s": a.decode_s, "ended_s": a.ended_s,
@@ -199,8 +201,10 @@ def export_spans(tracer: Any, rec: RequestRecord) -> None:
     """One span for the request and a child per phase, at their real times (ns since epoch)."""
     from opentelemetry import trace
 
-    def ns(offset_s: float) -> int:
-        return int((rec.arrival_wall + offset_s) * 1e9)
+    base_ns = int(rec.arrival_wall * 1e9)
+
+    def ns(offset_s: float) -> int:  # offsets added in ns: a float of ~1.8e18 ns is 256 ns coarse
+        return base_ns + round(offset_s * 1e9)
 
     end_s = rec.ended_s if rec.ended_s is not None else rec.elapsed()
     retries, migrations = retries_and_migrations(rec)

@@ -2,7 +2,7 @@
 
 Request life on this side::
 
-    reserve()      -> blocks reserved (lease RESERVED)            (coordinator, before prefill)
+    reserve()      -> blocks reserved (lease RESERVED; a cached prefix is reused, not written)
     KV landed      -> the tag carries the token prefill sampled   (kvtransfer notification)
                       -> joins the decode batch (lease ACTIVE)
     step()...      -> tokens streamed; finish frees the blocks
@@ -70,9 +70,11 @@ class DecodeWorker(WorkerBase):
         prompt_token_ids: list[int],
         params: dict,
         output_token_ids: list[int] | None = None,
-    ) -> list[int] | None:
-        """Blocks for the KV of the prompt (and of ``output_token_ids``, for a resumed request),
-        or None when this worker has no room now."""
+    ) -> dict | None:
+        """Blocks for the KV of the prompt (and of ``output_token_ids``, for a resumed request):
+        ``{"block_ids", "num_cached"}``, where the first ``num_cached`` blocks already hold
+        their KV here (this worker's prefix cache: the prefill worker sends only the rest), or
+        None when this worker has no room now."""
         params = self.params_of(params)
         outputs = list(output_token_ids or ())
         with self.lock:
@@ -88,11 +90,13 @@ class DecodeWorker(WorkerBase):
             # does not force the next decode step to preempt someone (recompute is costly)
             if need + eng.scheduler.num_running > self.kv.num_free_blocks:
                 return None
-            block_ids = self.kv.reserve(request_id, need)
-            if block_ids is None:
+            tokens = [*prompt_token_ids, *outputs]
+            reserved = self.kv.reserve(request_id, need, tokens)
+            if reserved is None:
                 return None
             self.pending[request_id] = Reservation(list(prompt_token_ids), outputs, params)
-            return block_ids
+            block_ids, num_cached = reserved
+            return {"block_ids": block_ids, "num_cached": num_cached}
 
     def release(self, request_ids: list[str]) -> None:
         """End requests whose KV is not and will not be in flight: blocks freed at once."""

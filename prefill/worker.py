@@ -35,6 +35,7 @@ from kvtransfer.protocol import TransferDone, TransferSpec
 class Destination:
     peer: str
     block_ids: tuple[int, ...]
+    num_cached: int  # leading destination blocks that hold their KV already: not sent
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,11 @@ class PrefillWorker(WorkerBase):
         peer_name: str,
         dst_block_ids: list[int],
         output_token_ids: list[int] | None = None,
+        num_cached: int = 0,
     ) -> None:
+        """Queue a prompt (and ``output_token_ids``) whose KV goes to ``dst_block_ids`` on
+        decode worker ``peer_name``, but for the first ``num_cached`` blocks, which that worker
+        has cached already."""
         outputs = list(output_token_ids or ())
         with self.lock:
             if peer_name not in self.peers:  # a decode worker that died or is rejoining
@@ -112,7 +117,11 @@ class PrefillWorker(WorkerBase):
             self.engine.add_request(
                 request_id, list(prompt_token_ids), self.params_of(params), outputs
             )
-            self.destinations[request_id] = Destination(peer_name, tuple(dst_block_ids))
+            if not 0 <= num_cached < need:
+                raise ValueError(f"{request_id}: {num_cached} cached of {need} blocks")
+            self.destinations[request_id] = Destination(
+                peer_name, tuple(dst_block_ids), num_cached
+            )
         self.wake()
 
     def _abort(self, request_ids: list[str]) -> None:
@@ -142,7 +151,9 @@ class PrefillWorker(WorkerBase):
                 eng.seqs.pop(d.request_id, None)
                 self.faults.reach("after_first_token", [d.request_id])
                 self.kv.hand_over(seq.request_id)
-                spec = TransferSpec(d.request_id, tuple(seq.block_ids), dest.block_ids,
+                skip = dest.num_cached
+                spec = TransferSpec(d.request_id, tuple(seq.block_ids[skip:]),
+                                    dest.block_ids[skip:],
                                     tag=encode_first_token(d.token_ids[-1]))  # fmt: skip
                 self._send(Outgoing(spec, self.peers[dest.peer], seq.num_prompt_tokens,
                                     seq.num_output_tokens))  # fmt: skip

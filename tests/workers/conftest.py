@@ -3,12 +3,16 @@ coordinator's token stream, and helpers to build specs and collect deltas."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
 import zmq
 
 from core.delta_codec import decode_deltas
+from decode.worker import DecodeWorker
+from engine.colocated_worker import ColocatedWorker
+from prefill.worker import PrefillWorker
 from tests.model.conftest import save_tiny_llama
 
 BLOCK = 4
@@ -31,12 +35,24 @@ def sink():
 
 def spec(
     name: str, model: str, out: str, backend: str = "nixl", transfer: dict | None = None,
-    **engine,
+    events: str | None = None, **engine,
 ) -> dict:  # fmt: skip
-    eng = dict(model=model, num_blocks=64, block_size=BLOCK, max_model_len=256, num_threads=1)
+    """``events``: where the worker publishes its KV events (they are recorded only then)."""
+    eng = dict(model=model, num_blocks=64, block_size=BLOCK, max_model_len=256, num_threads=1,
+               record_kv_events=events is not None)  # fmt: skip
     return {"name": name, "engine": {**eng, **engine},
             "kv_transfer": {"backend": backend, **(transfer or {})},
-            "output_address": out}  # fmt: skip
+            "output_address": out, "events_address": events}  # fmt: skip
+
+
+def hand_off(decode, prefill, rid: str, prompt: list[int], params: dict,
+             outputs: list[int] | None = None, peer: str = "decode-0") -> dict:  # fmt: skip
+    """Reserve on the decode worker, then prefill into that reservation (what the coordinator
+    does); the reservation ``{"block_ids", "num_cached"}``."""
+    res = decode.reserve(rid, prompt, params, outputs)
+    assert res is not None, f"no room for {rid}"
+    prefill.prefill(rid, prompt, params, peer, res["block_ids"], outputs, res["num_cached"])
+    return res
 
 
 def tokens_of(deltas: list) -> list[int]:
@@ -62,5 +78,34 @@ def wait_until(cond, timeout: float = 10.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def colocated(tiny_model, sink):
+    worker = ColocatedWorker(spec("colo", tiny_model, sink[1]))
+    yield worker
+    worker.shutdown()
+
+
+@pytest.fixture()
+def pair(tiny_model, sink):
+    """decode-0 on a fixed side-channel port, and a prefill worker connected to it."""
+    port = free_port()
+    transfer = {"port_range": [port, port], "timeout_s": 2.0}
+    decode = DecodeWorker(spec("decode-0", tiny_model, sink[1], transfer=transfer))
+    prefill = PrefillWorker(spec("prefill-0", tiny_model, sink[1], transfer=transfer))
+    prefill.connect("decode-0", decode.ready()["kv_address"])
+    workers = {"decode": decode, "prefill": prefill, "transfer": transfer}
+    yield workers
+    workers["prefill"].shutdown()
+    workers["decode"].shutdown()
 
 
