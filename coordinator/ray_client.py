@@ -183,17 +183,26 @@ class RayEngineClient:
                 recompute_on = attempt.decode if decision.action == "recompute" else None
                 rec.trace(decision.action, f"after {len(assembler.token_ids)} tokens")
         finally:
-            attempt = rec.attempts[-1] if rec.attempts else None
-            if attempt is not None:
-                self.stream.close(attempt.wire_id)
-                if attempt.ended_s is None:
-                    attempt.ended_s = rec.elapsed()
-                await asyncio.shield(self._end_attempt(attempt, finished_by))
-            rec.ended_s = rec.elapsed()
-            rec.finish_reason = rec.finish_reason or FINISH_ABORT  # the client left, or timeout
+            # in a task of its own: the caller may be cancelled again while this runs (a client
+            # that leaves while its request is wound down), which must not cut it short
             stop_string = " (stop string)" if assembler.stopped_here else ""
-            rec.trace("finish", rec.finish_reason + stop_string)
-            self.traces.finish(rec)
+            ending = asyncio.ensure_future(self._end_request(rec, finished_by, stop_string))
+            await asyncio.shield(ending)
+
+    async def _end_request(
+        self, rec: RequestRecord, finished_by: WorkerRef | None, stop_string: str
+    ) -> None:
+        """End the last attempt on its holders, then record how the request ended."""
+        attempt = rec.attempts[-1] if rec.attempts else None
+        if attempt is not None:
+            self.stream.close(attempt.wire_id)
+            if attempt.ended_s is None:
+                attempt.ended_s = rec.elapsed()
+            await self._end_attempt(attempt, finished_by)
+        rec.ended_s = rec.elapsed()
+        rec.finish_reason = rec.finish_reason or FINISH_ABORT  # the client left, or timeout
+        rec.trace("finish", rec.finish_reason + stop_string)
+        self.traces.finish(rec)
 
     async def abort(self, request_id: str) -> None:
         rec = self.records.get(request_id)

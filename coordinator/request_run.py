@@ -115,14 +115,18 @@ class RequestRun:
         self.metrics.observe_finish(time.monotonic() - self.arrival, ttft, tpot, completed)
 
     async def close(self) -> None:
+        """Abort (unless finished) and close the engine's stream, in a task of its own: the
+        handler running this may be cancelled again meanwhile (a client that leaves while its
+        request is being wound down), and that must not cut the cleanup short."""
         if self._closed:
             return
         self._closed = True
+        await asyncio.shield(asyncio.ensure_future(self._wind_down()))
+
+    async def _wind_down(self) -> None:
         if not self.finished:
-            # Shielded: when the handler itself is being cancelled (client gone), the abort
-            # must still reach the engine.
             try:
-                await asyncio.shield(self.engine.abort(self.request_id))
+                await self.engine.abort(self.request_id)
             except Exception:
                 log.exception("abort of %s failed", self.request_id)
         aclose = getattr(self._stream, "aclose", None)

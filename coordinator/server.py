@@ -384,9 +384,12 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
             outcome = "timeout" if exc.type == TIMEOUT else "error"
         raise
     finally:
-        if run is not None:
-            await run.close()
-            state.request_ids.discard(run.request_id)
-        state.num_in_flight -= 1
-        state.metrics.in_flight.dec()
-        state.metrics.requests.labels(endpoint, outcome).inc()
+        try:
+            if run is not None:
+                await run.close()  # raises CancelledError if cancelled again meanwhile ...
+        finally:  # ... and the slot is given back all the same
+            if run is not None:
+                state.request_ids.discard(run.request_id)
+            state.num_in_flight -= 1
+            state.metrics.in_flight.dec()
+            state.metrics.requests.labels(endpoint, outcome).inc()
