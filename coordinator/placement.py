@@ -115,6 +115,7 @@ class Placer:
             rec.trace("reserved", f"{len(blocks)} blocks on {server.name}, {num_cached} cached")
             prefill = self.pool[chosen.prefill_worker_id]
             attempt.prefill, attempt.phase, attempt.prefill_asked = prefill, Phase.PREFILLING, True
+            attempt.overlapped = self.config.kv_transfer.layer_groups > 1
             prefill.num_queued_tokens += len(ids)
             attempt.num_queued_tokens = len(ids)
             self.locations["remote", "default"] += 1

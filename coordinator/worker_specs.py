@@ -83,6 +83,7 @@ def worker_plan(
             "host": transfer.side_channel_host,
             "port_range": list(transfer.side_channel_port_range),
             "timeout_s": transfer.timeout_s,
+            "layer_groups": transfer.layer_groups,
         },
         "output_address": output_address,
         "events_address": events_address,

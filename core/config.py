@@ -8,7 +8,8 @@ Layout of a file (every key but ``model.name`` and ``pools`` has a default)::
       prefill:  {replicas, resources, scheduler, kv_cache}               # disaggregated only
       decode:   {replicas, resources, scheduler, kv_cache, speculative}  # disaggregated only
       colocated: {same keys as decode}                                   # colocated only
-    kv_transfer: {backend, side_channel_host, side_channel_port_range, timeout_s, on_failure}
+    kv_transfer: {backend, side_channel_host, side_channel_port_range, timeout_s, on_failure,
+                  layer_groups}
     coordinator: {host, port, api_key, max_queued_requests, max_prompt_tokens,
                   request_timeout_s, routing, kv_routing: {overlap_weight, load_weight},
                   local_prefill: {max_tokens, prefill_queue_tokens},
@@ -195,6 +196,9 @@ class KVTransferSection(_Section):
     # retry:     a new prefill + transfer, routed afresh (maybe over another link)
     # fail:      the request ends with an error
     on_failure: TransferFailurePolicy = "recompute"
+    # a prompt's KV leaves prefill in this many layer groups, each sent as soon as the forward
+    # of the prompt's last chunk has computed it (the copy overlaps the rest); 1: after it
+    layer_groups: PositiveInt = 1
 
     @model_validator(mode="after")
     def _ports(self) -> KVTransferSection:

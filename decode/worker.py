@@ -37,6 +37,11 @@ class Reservation:
     params: SamplingParams
 
 
+# the tag of a request's last layer group when prefill's token ended it: its KV will never be
+# used, and decode can free the reservation as soon as every group has landed
+DISCARD_TAG = msgpack.packb({"discard": True}).hex()
+
+
 def encode_first_token(token_id: int) -> str:
     """The transfer tag: what decode needs to start besides the KV (the token prefill sampled)."""
     return msgpack.packb({"t": token_id}).hex()
@@ -119,7 +124,12 @@ class DecodeWorker(WorkerBase):
     def _iteration(self) -> bool:
         for rid, tag in self.receiver.poll_landed():
             res = self.pending.pop(rid, None)
-            if res is not None:
+            if tag == DISCARD_TAG:  # prefill's token ended it: nothing to decode
+                if res is None:
+                    self.kv.settle(rid)  # the coordinator gave it up already
+                else:
+                    self.kv.free(rid)
+            elif res is not None:
                 outputs = [*res.output_token_ids, decode_first_token(tag)]
                 self.engine.add_prefilled(rid, res.prompt_token_ids, outputs, res.params)
             else:

@@ -18,8 +18,10 @@ import os
 import threading
 import traceback
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
+import torch
 import zmq
 
 from core.delta_codec import encode_deltas
@@ -37,6 +39,16 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.002  # loop nap when there is nothing to compute (transfers still get polled)
 MAX_STEP_FAILURES = 3  # failed iterations in a row before the worker calls itself unhealthy
+
+
+def layer_done(device: torch.device) -> Callable[[], None] | None:
+    """What a transfer of the layers issued so far must wait for before reading them: on CUDA
+    their kernels may still run (an event recorded now); on CPU they are done (None)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event.synchronize
 
 
 class WorkerBase(ABC):
