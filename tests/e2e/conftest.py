@@ -58,11 +58,3 @@ def hf_smollm2() -> transformers.PreTrainedModel:
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     )
     return model.eval()
-
-
-def hf_greedy(model: transformers.PreTrainedModel, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, top_p=None, top_k=None
-        )
-    return out[0, len(prompt) :].tolist()

@@ -18,8 +18,8 @@ import aiohttp
 import openai
 import pytest
 import requests
-from conftest import hf_greedy
 from e2e_client import MODEL, complete, greedy, metric, run_concurrently
+from hf_reference import hf_greedy
 from server_process import serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]

@@ -1,21 +1,16 @@
 """Workers in this process (no Ray): a tiny random Llama, a PULL socket standing in for the
-coordinator's token stream, and helpers to build specs and collect deltas."""
+coordinator's token stream, and worker pairs (helpers: worker_harness.py)."""
 
 from __future__ import annotations
 
-import socket
-import time
-
 import pytest
 import zmq
+from worker_harness import free_port, spec
 
-from core.delta_codec import decode_deltas
 from decode.worker import DecodeWorker
 from engine.colocated_worker import ColocatedWorker
 from prefill.worker import PrefillWorker
 from tests.model.conftest import save_tiny_llama
-
-BLOCK = 4
 
 
 @pytest.fixture(scope="module")
@@ -31,61 +26,6 @@ def sink():
     yield pull, f"tcp://127.0.0.1:{port}"
     pull.close(0)
     ctx.term()
-
-
-def spec(
-    name: str, model: str, out: str, backend: str = "nixl", transfer: dict | None = None,
-    events: str | None = None, **engine,
-) -> dict:  # fmt: skip
-    """``events``: where the worker publishes its KV events (they are recorded only then)."""
-    eng = dict(model=model, num_blocks=64, block_size=BLOCK, max_model_len=256, num_threads=1,
-               record_kv_events=events is not None)  # fmt: skip
-    return {"name": name, "engine": {**eng, **engine},
-            "kv_transfer": {"backend": backend, **(transfer or {})},
-            "output_address": out, "events_address": events}  # fmt: skip
-
-
-def hand_off(decode, prefill, rid: str, prompt: list[int], params: dict,
-             outputs: list[int] | None = None, peer: str = "decode-0") -> dict:  # fmt: skip
-    """Reserve on the decode worker, then prefill into that reservation (what the coordinator
-    does); the reservation ``{"block_ids", "num_cached"}``."""
-    res = decode.reserve(rid, prompt, params, outputs)
-    assert res is not None, f"no room for {rid}"
-    prefill.prefill(rid, prompt, params, peer, res["block_ids"], outputs, res["num_cached"])
-    return res
-
-
-def tokens_of(deltas: list) -> list[int]:
-    return [t for d in deltas for t in d.token_ids]
-
-
-def collect(pull, ids: set[str], timeout: float = 60.0) -> dict[str, list]:
-    out: dict[str, list] = {rid: [] for rid in ids}
-    done: set[str] = set()
-    deadline = time.monotonic() + timeout
-    while done != ids:
-        assert time.monotonic() < deadline, f"unfinished: {ids - done}"
-        if pull.poll(200):
-            for d in decode_deltas(pull.recv()):
-                out[d.request_id].append(d)
-                if d.finished:
-                    done.add(d.request_id)
-    return out
-
-
-def wait_until(cond, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-
-
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture()
@@ -107,5 +47,3 @@ def pair(tiny_model, sink):
     yield workers
     workers["prefill"].shutdown()
     workers["decode"].shutdown()
-
-

@@ -5,7 +5,7 @@ come late, and a restarted decode worker that replaces its dead incarnation at t
 from __future__ import annotations
 
 import pytest
-from conftest import collect, hand_off, spec, tokens_of, wait_until
+from worker_harness import collect, hand_off, spec, tokens_of, wait_until
 
 from core.delta_codec import decode_deltas
 from core.outputs import FAULT_STEP_FAILED, FAULT_TRANSFER_FAILED

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import zmq
-from conftest import BLOCK, collect, free_port, hand_off, spec, tokens_of, wait_until
+from worker_harness import BLOCK, collect, free_port, hand_off, spec, tokens_of, wait_until
 
 from core.block_hash import prefix_hashes
 from core.kv_events import decode_events

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BLOCK, collect, hand_off, spec, wait_until
+from worker_harness import BLOCK, collect, hand_off, spec, wait_until
 
 from core.sampling_params import SamplingParams
 from decode.worker import DecodeWorker
