@@ -76,6 +76,7 @@ class PrefillWorker(WorkerBase):
         self.layer_groups = list(zip(bounds, bounds[1:], strict=False))
         self.transfer_bytes = 0
         self.transfer_seconds = 0.0
+        self.num_transfers = 0  # posted (a request in layer groups posts one per group)
 
     def stats(self) -> dict:
         return {
@@ -84,6 +85,7 @@ class PrefillWorker(WorkerBase):
             "transfer_seconds": self.transfer_seconds,
             "transfer_backend": self.kv_config.backend,
             "in_flight": len(self.in_flight),
+            "transfers": self.num_transfers,
         }
 
     def connect(self, peer_name: str, kv_address: str) -> None:
@@ -231,6 +233,7 @@ class PrefillWorker(WorkerBase):
         self, spec: TransferSpec, going: Outgoing, ready: Callable[[], None] | None = None
     ) -> None:
         self.sender.send(spec, going.peer_key, ready)
+        self.num_transfers += 1
         going.num_pending += 1
         self.in_flight[spec.request_id] = going
 
