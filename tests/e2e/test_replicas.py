@@ -66,7 +66,12 @@ def test_a_burst_spreads_over_the_decode_workers(server):
 def test_a_prompt_goes_where_its_prefix_is_cached(server, llm):
     url = server.url
     system = llm.tokenizer.encode(SYSTEM)
-    asks = [llm.tokenizer.encode(f" Question {i}: where is parcel {i} now?") for i in range(3)]
+    # questions longer than local_prefill.max_tokens: even with the system prompt cached on
+    # decode, these go to a prefill worker (a shorter one would be prefilled on decode)
+    asks = [llm.tokenizer.encode(f" Question {i}: parcel {i} left the northern warehouse two days "
+                                 "ago on a truck bound for the coast; where is it now, and when "
+                                 "will it reach the customer?") for i in range(3)]  # fmt: skip
+    assert all(len(ask) > LOCAL_MAX_TOKENS + 16 for ask in asks)
     prompts = [system + ask for ask in asks]
     want = [o.text for o in llm.generate(prompts, greedy(12))]
     hits = {pool: metric(url, "tandem_prefix_hit_tokens_total", default=0.0, pool=pool)
