@@ -162,17 +162,40 @@ async def bench_target(url: str, target: str, args, workloads, loads, slo, resul
     endpoint = "chat/completions" if args.workload == "chat" else "completions"
     for load, requests in zip(loads, workloads, strict=True):
         load_before = os.getloadavg()
+        counters_before = await server_counters(url, headers)
         samples, duration = await run_load(
             url, endpoint, model, requests, load, headers, timeout_s=args.request_timeout,
             seed=args.seed, progress=not args.no_progress, desc=f"{_short(target)} {load.label}",
         )  # fmt: skip
         metrics = summarize(samples, duration, slo)
+        counters = await server_counters(url, headers)
+        grown = {k: v - counters_before.get(k, 0.0) for k, v in counters.items()
+                 if v != counters_before.get(k, 0.0)}  # fmt: skip
         print(format_run(target, load, metrics), flush=True)
         results["runs"].append({"target": target, "url": url, "model": model,
                                 "load": load.to_json(), "metrics": metrics,
+                                "server_counters": grown,
                                 "loadavg_1m": [load_before[0], os.getloadavg()[0]],
                                 "requests": [s.to_json() for s in samples]})  # fmt: skip
         write_json(results, out)
+
+
+async def server_counters(url: str, headers: dict[str, str]) -> dict[str, float]:
+    """A Tandem server's ``tandem_*_total`` counters (``name{labels}`` -> value) from /metrics,
+    read before and after each run so a run reports what grew (prefix hits, retries, local
+    prefills ...); {} for a server without them."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            async with session.get(f"{url}/metrics", headers=headers) as response:
+                text = await response.text() if response.status == 200 else ""
+    except (aiohttp.ClientError, TimeoutError):
+        return {}
+    counters = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if line.startswith("tandem_") and name.split("{")[0].endswith("_total"):
+            counters[name] = float(value)
+    return counters
 
 
 def _short(target: str) -> str:

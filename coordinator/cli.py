@@ -3,6 +3,7 @@
     tandem serve --config PATH [--host H] [--port N] [--address RAY_ADDRESS]
     tandem generate --config PATH [--chat] [--temperature T] [--max-tokens N] [--json] PROMPT...
     tandem bench (--url URL | --config PATH | --compare PATH...) [--workload ...] [--rates ...]
+    tandem scale --url URL --pool decode --replicas N [--api-key KEY] [--wait S]
 
 ``serve`` is ``coordinator.launch`` (a torch-free coordinator over Ray actors). ``generate``
 runs the in-process engine (``engine.llm.LLM``) on all prompts as one batch; the engine is
@@ -80,6 +81,7 @@ def generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from bench import tandem_bench
+    from coordinator import scale_cli
     from coordinator.launch import add_arguments, run
 
     parser = argparse.ArgumentParser(prog="tandem", description="Disaggregated LLM serving.")
@@ -94,11 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tandem_bench.add_arguments(bench)
+    scale = sub.add_parser("scale", help="resize a pool of a running server (live scaling)",
+                           description=scale_cli.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    scale_cli.add_arguments(scale)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return run(args)
     if args.command == "bench":
         return tandem_bench.run(args)
+    if args.command == "scale":
+        return scale_cli.run(args)
     return generate(args)
 
 

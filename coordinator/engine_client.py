@@ -59,6 +59,15 @@ class FaultStats:
 
 
 @dataclass(frozen=True)
+class RoutingStats:
+    """Cumulative routing counters of the engine."""
+
+    prefill_locations: tuple[tuple[str, str, int], ...] = ()  # (remote | local, reason, count)
+    decisions: tuple[tuple[str, str, int], ...] = ()  # (pool, prefix | load | round_robin, n)
+    prefix_hit_tokens: tuple[tuple[str, int], ...] = ()  # (pool, prompt tokens found cached)
+
+
+@dataclass(frozen=True)
 class TransferStats:
     """Cumulative KV-transfer counters of one backend since the engine started."""
 
@@ -110,6 +119,7 @@ class EngineStats:
     health: dict[str, PoolHealth] = field(default_factory=dict)
     workers: tuple[WorkerStatus, ...] = ()  # every worker's current incarnation
     faults: FaultStats = FaultStats()
+    routing: RoutingStats = RoutingStats()
 
 
 @runtime_checkable

@@ -29,13 +29,19 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # noqa: E402  (after the environment it reads at import)
 
+from coordinator.kv_index import KVEventStream, PrefixIndex  # noqa: E402
 from coordinator.ray_client import RayEngineClient  # noqa: E402
 from coordinator.server import bound_port, build_app, start_server  # noqa: E402
 from coordinator.supervisor import Supervisor  # noqa: E402
 from coordinator.token_stream import TokenStream  # noqa: E402
 from coordinator.worker_host import WorkerHost  # noqa: E402
 from coordinator.worker_pool import WorkerPool  # noqa: E402
-from coordinator.worker_specs import WorkerPlan, total_cpus, worker_plans  # noqa: E402
+from coordinator.worker_specs import (  # noqa: E402
+    WorkerPlan,
+    total_cpus,
+    worker_plan,
+    worker_plans,
+)
 from core.config import ConfigError, TandemConfig, load_config  # noqa: E402
 from core.tokenizer import Tokenizer, TokenizerFiles  # noqa: E402
 
@@ -62,6 +68,7 @@ class Deployment:
     tokenizer: Tokenizer
     stream: TokenStream
     supervisor: Supervisor
+    events: KVEventStream
 
     async def shutdown(self) -> None:
         await self.client.aclose()
@@ -75,6 +82,7 @@ class Deployment:
         for actor in self.supervisor.every_actor():
             kill_actor(actor)
         await self.stream.aclose()
+        await self.events.aclose()
 
 
 def init_ray(config: TandemConfig, address: str | None, num_cpus: int | None) -> bool:
@@ -116,28 +124,36 @@ def actor_spawner(config: TandemConfig) -> Callable[[WorkerPlan, int], object]:
 
 async def deploy(config: TandemConfig, stream_host: str) -> Deployment:
     stream = TokenStream(stream_host)
+    events = KVEventStream(PrefixIndex(), stream_host)
     tokenizer_files = collect_tokenizer_files.remote(config.model.source)
     pool = WorkerPool()
+
+    def make_plan(role: str, index: int) -> WorkerPlan:
+        return worker_plan(config, role, index, stream.address, events.address)
+
     supervisor = Supervisor(
-        worker_plans(config, stream.address),
+        worker_plans(config, stream.address, events.address),
         pool,
         actor_spawner(config),
         kill_actor,
         restart=config.coordinator.workers.restart,
         ready_timeout_s=READY_TIMEOUT_S,
+        make_plan=make_plan,
+        drain_timeout_s=config.coordinator.workers.drain_timeout_s,
     )
     try:
         await supervisor.start()
         tokenizer = Tokenizer(TokenizerFiles.from_dict(await tokenizer_files))
-        client = RayEngineClient(config, pool, supervisor, stream, tokenizer)
+        client = RayEngineClient(config, pool, supervisor, stream, tokenizer, events)
         await client.start()
     except BaseException:
         await supervisor.aclose()
         for actor in supervisor.every_actor():
             kill_actor(actor)
         await stream.aclose()
+        await events.aclose()
         raise
-    return Deployment(client, tokenizer, stream, supervisor)
+    return Deployment(client, tokenizer, stream, supervisor, events)
 
 
 async def serve_topology(

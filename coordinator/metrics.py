@@ -141,8 +141,35 @@ class _EngineStatsCollector:
         waiting.add_metric([], stats.num_waiting)
         yield from (used, total, moved, spent, running, waiting)
         yield from _fault_metrics(stats)
+        yield from _routing_metrics(stats)
         if stats.spec is not None:
             yield from _spec_metrics(stats.spec)
+
+
+def _routing_metrics(stats: EngineStats) -> Iterator[Metric]:
+    routing = stats.routing
+    where = CounterMetricFamily(
+        "tandem_prefill_location",
+        "Placements by where the prompt was prefilled: remote (a prefill worker, KV transferred) "
+        "or local (on its decode worker: short, prefill_busy, no_prefill_worker, recompute).",
+        labels=["where", "reason"],
+    )
+    for place, reason, count in routing.prefill_locations:
+        where.add_metric([place, reason], count)
+    decisions = CounterMetricFamily(
+        "tandem_routing_decisions",
+        "Workers chosen, by pool and why: prefix (it held part of the prompt), load, round_robin.",
+        labels=["pool", "reason"],
+    )
+    for pool, reason, count in routing.decisions:
+        decisions.add_metric([pool, reason], count)
+    hits = CounterMetricFamily(
+        "tandem_prefix_hit_tokens", "Prompt tokens found in a worker's prefix cache.",
+        labels=["pool"],
+    )
+    for pool, count in routing.prefix_hit_tokens:
+        hits.add_metric([pool], count)
+    yield from (where, decisions, hits)
 
 
 def _fault_metrics(stats: EngineStats) -> Iterator[Metric]:

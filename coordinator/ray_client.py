@@ -23,13 +23,12 @@ revoked: no request the coordinator has let go of keeps KV blocks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
-from coordinator.engine_client import EngineStats, FaultStats, PoolHealth
+from coordinator.engine_client import EngineStats, FaultStats, PoolHealth, RoutingStats
+from coordinator.kv_index import KVEventStream, PrefixIndex
 from coordinator.output_assembler import OutputAssembler
 from coordinator.placement import NoLiveWorker, Placer
 from coordinator.request_state import Attempt, Phase, RequestRecord
@@ -38,13 +37,12 @@ from coordinator.supervisor import Supervisor
 from coordinator.token_stream import TokenStream
 from coordinator.trace import TraceRecorder, TraceSummary, trace_json
 from coordinator.worker_pool import WorkerPool, WorkerRef, WorkerUnavailable
+from coordinator.worker_watch import WorkerWatch
 from core.config import TandemConfig
 from core.outputs import (
     FAULT_PLACEMENT,
     FAULT_TRANSFER_TIMEOUT,
     FAULT_WORKER_DIED,
-    FAULT_WORKER_HUNG,
-    FAULT_WORKER_UNHEALTHY,
     FINISH_ABORT,
     FINISH_ERROR,
     FINISH_LENGTH,
@@ -57,10 +55,7 @@ from core.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-STATS_INTERVAL_S = 0.25
-MIN_REFRESH_GAP_S = 0.05  # admissions and ends ask for fresh stats; a burst shares one refresh
 CALL_TIMEOUT_S = 30.0  # waiting for an in-flight call before ending what it started
-AUDIT_INTERVAL_S = 5.0
 HANDOFF_SLACK_S = 5.0  # on top of kv_transfer.timeout_s: decode's first step after the KV lands
 
 
@@ -72,38 +67,36 @@ class RayEngineClient:
         supervisor: Supervisor,
         stream: TokenStream,
         tokenizer: Tokenizer,
+        events: KVEventStream | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
         self.supervisor = supervisor
         self.stream = stream
+        self.events = events  # KV events into the prefix index (None: routing without it)
         self.tokenizer = tokenizer
-        self.placer = Placer(config, pool, supervisor.recovering)
+        self.index = events.index if events is not None else PrefixIndex()
+        self.placer = Placer(config, pool, supervisor.recovering, self.index)
+        supervisor.in_use = self._in_use
         tracing = config.coordinator.tracing
         self.traces = TraceRecorder(tracing.keep, tracing.log, tracing.otel)
         self.retries: Counter[tuple[str, str]] = Counter()  # (stage, reason) -> new attempts
         self.migrations = 0
-        self.leases_revoked = 0
-        self._ended: dict[str, float] = {}  # wire id -> when its cleanup began (for the audit)
-        self._kick = asyncio.Event()  # asks the stats loop for a refresh now
+        self.watch = WorkerWatch(pool, supervisor, config.coordinator.workers.hang_timeout_s,
+                                 self._held, self.placer.room.set)  # fmt: skip
         self._tasks: set[asyncio.Task] = set()
-        self._loops: list[asyncio.Task] = []
         pool.on_death.append(self._on_death)
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         self.stream.start()
+        if self.events is not None:
+            self.events.start()
         await self.pool.refresh()
-        loop = asyncio.get_running_loop()
-        self._loops = [loop.create_task(self._refresh_loop(), name="stats"),
-                       loop.create_task(self._audit_loop(), name="audit")]  # fmt: skip
+        self.watch.start()
 
     async def aclose(self) -> None:
-        for task in self._loops:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._loops = []
+        await self.watch.aclose()
         for rec in list(self.records.values()):
             if rec.attempts:
                 self.stream.fail(rec.attempt.wire_id, "the server is shutting down")
@@ -217,13 +210,23 @@ class RayEngineClient:
             spec=self.pool.spec_totals(),
             health=self.supervisor.health(),
             workers=self.pool.worker_status(),
+            routing=RoutingStats(
+                prefill_locations=_rows(self.placer.locations),
+                decisions=_rows(self.placer.decisions),
+                prefix_hit_tokens=tuple(sorted(self.pool.prefix_hit_tokens().items())),
+            ),
             faults=FaultStats(
                 retries=tuple((s, r, n) for (s, r), n in sorted(self.retries.items())),
                 migrations=self.migrations,
                 restarts=tuple(sorted(self.supervisor.restarts.items())),
-                leases_revoked=self.leases_revoked,
+                leases_revoked=self.watch.leases_revoked,
             ),
         )
+
+    async def scale(self, pool: str, replicas: int) -> PoolHealth:
+        """Set a pool's target number of workers (they start or drain in the background)."""
+        self.supervisor.scale(pool, replicas)
+        return self.supervisor.health()[pool]
 
     async def arm_fault(self, target: str, fault: dict) -> list[str]:
         """Test-only: arm a fault (engine/faults.py) on a worker, or on every live worker of a
@@ -246,7 +249,7 @@ class RayEngineClient:
             cause = getattr(exc, "cause", None) or exc
             log.warning("placing %s failed: %r", attempt.wire_id, cause)
             return Failure(_short(exc), None if isinstance(cause, ValueError) else FAULT_PLACEMENT)
-        self._kick.set()
+        self.watch.kick()
         return None
 
     async def _next_delta(self, attempt: Attempt, queue: asyncio.Queue) -> OutputDelta:
@@ -266,7 +269,7 @@ class RayEngineClient:
     def _end_attempt(self, attempt: Attempt, finished_by: WorkerRef | None) -> asyncio.Task:
         """End ``attempt`` on its holders (once; later calls join the same task)."""
         if attempt.cleanup is None:
-            self._ended[attempt.wire_id] = time.monotonic()
+            self.watch.ending(attempt.wire_id)
             attempt.cleanup = asyncio.ensure_future(self._cleanup(attempt, finished_by))
             self._tasks.add(attempt.cleanup)
             attempt.cleanup.add_done_callback(self._tasks.discard)
@@ -290,10 +293,19 @@ class RayEngineClient:
             except Exception as exc:  # the lease audit frees whatever this left behind
                 log.warning("%s of %s on %s failed: %r", method, attempt.wire_id, worker.name, exc)
         self.placer.room.set()
-        self._kick.set()
+        self.watch.kick()
 
     # ---- workers -------------------------------------------------------------------------
+    def _in_use(self, worker: WorkerRef) -> bool:
+        return bool(self._held(worker))
+
+    def _held(self, worker: WorkerRef) -> set[str]:
+        """Wire ids of the attempts holding state on ``worker`` now."""
+        return {rec.attempt.wire_id for rec in self.records.values()
+                if rec.attempts and rec.attempt.holds(worker)}  # fmt: skip
+
     def _on_death(self, worker: WorkerRef) -> None:
+        self.index.forget(worker.name)
         for rec in self.records.values():
             attempt = rec.attempts[-1] if rec.attempts else None
             if attempt is not None and attempt.holds(worker):
@@ -301,52 +313,9 @@ class RayEngineClient:
                                  worker.death or FAULT_WORKER_DIED)  # fmt: skip
         self.placer.room.set()
 
-    async def _refresh_loop(self) -> None:
-        timeout = self.config.coordinator.workers.hang_timeout_s
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), STATS_INTERVAL_S)
-            self._kick.clear()
-            try:
-                await self.pool.refresh(timeout_s=STATS_INTERVAL_S)
-                now = time.monotonic()
-                for worker in self.pool.hung(now, timeout):
-                    self.supervisor.kill(worker, FAULT_WORKER_HUNG)
-                for worker in self.pool.unhealthy():
-                    self.supervisor.kill(worker, FAULT_WORKER_UNHEALTHY)
-                self.placer.room.set()
-            except Exception:  # the loop must outlive any one bad answer
-                log.exception("stats refresh failed")
-            await asyncio.sleep(MIN_REFRESH_GAP_S)
 
-    async def _audit_loop(self) -> None:
-        while True:
-            await asyncio.sleep(AUDIT_INTERVAL_S)
-            for worker in [w for w in self.pool.workers.values() if w.alive]:
-                try:
-                    await self._audit(worker)
-                except Exception as exc:  # a dead or slow worker is the stats loop's business
-                    log.debug("lease audit of %s skipped: %r", worker.name, exc)
-
-    async def _audit(self, worker: WorkerRef) -> None:
-        """Revoke the blocks ``worker`` holds for attempts that no longer hold it and whose end
-        is not just under way (an end races the snapshot; revoking twice is harmless, but the
-        count would lie)."""
-        now = time.monotonic()
-        for wire_id in [w for w, t in self._ended.items() if now - t > 3 * AUDIT_INTERVAL_S]:
-            del self._ended[wire_id]
-        leases = await asyncio.wait_for(self.pool.call(worker, "leases"), CALL_TIMEOUT_S)
-        held = {rec.attempt.wire_id for rec in self.records.values()
-                if rec.attempts and rec.attempt.holds(worker)}  # fmt: skip
-        # SENDING and QUARANTINED leases end on their own (transfer done / deadline)
-        orphans = {rid: n for rid, (state, n) in leases.items()
-                   if state in ("reserved", "active") and rid not in held
-                   and rid not in self._ended}  # fmt: skip
-        if orphans:
-            log.warning("revoking %d blocks on %s held for ended requests: %s",
-                        sum(orphans.values()), worker.name, sorted(orphans))  # fmt: skip
-            self.leases_revoked += sum(orphans.values())
-            await self.pool.call(worker, "abort", sorted(orphans))
+def _rows(counter: Counter) -> tuple[tuple[str, str, int], ...]:
+    return tuple((a, b, n) for (a, b), n in sorted(counter.items()))
 
 
 def _short(exc: BaseException) -> str:

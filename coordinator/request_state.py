@@ -52,11 +52,15 @@ class Attempt:
     decode: WorkerRef | None = None  # the serving worker (decode or colocated)
     prefill: WorkerRef | None = None  # remote prefill only
     prefill_asked: bool = False  # the prefill call went out: KV may be written into decode
+    # prefill sends layer groups while it computes: KV may be in flight even when prefill's
+    # token ended the request (its last group then tells decode to discard)
+    overlapped: bool = False
     num_tokens: int = 0  # tokens of this attempt handed on
     num_queued_tokens: int = 0  # counted in its prefill worker's queue estimate until token 1
     pending: list[asyncio.Future] = field(default_factory=list)  # actor calls not answered yet
     cleanup: asyncio.Task | None = None  # the one end-of-attempt task
     num_blocks: int = 0  # KV blocks reserved on decode for it (remote)
+    num_cached_blocks: int = 0  # of those, already holding their KV there (not transferred)
     # seconds since the request arrived (the trace): placement began / done, its first token,
     # decode's first token (remote), its end; and why it failed, if it did
     started_s: float = 0.0
@@ -113,9 +117,9 @@ class Attempt:
         worker that ended it itself; None when the coordinator or a failure ended it).
 
         A decode reservation is ``release``d (freed at once) when no KV is or will be in flight
-        into it: prefill never asked, ended by prefill at its token, or its prefill worker's
-        process is gone. Otherwise ``abort``, which quarantines a reservation until its WRITE
-        lands or times out.
+        into it: prefill never asked, ended by prefill at its token (unless it sends layer
+        groups while computing), or its prefill worker's process is gone. Otherwise ``abort``,
+        which quarantines a reservation until its WRITE lands or times out.
         """
         calls = []
         p, d = self.prefill, self.decode
@@ -123,7 +127,8 @@ class Attempt:
         if prefill_holds and p.alive and p is not finished_by:
             calls.append((p, "abort"))
         if d is not None and d.alive and d is not finished_by:
-            writer_gone = p is None or not self.prefill_asked or p is finished_by
+            ended_by_prefill = p is finished_by and not self.overlapped
+            writer_gone = p is None or not self.prefill_asked or ended_by_prefill
             writer_gone = writer_gone or (not p.alive and p.death == "worker_died")
             in_flight = prefill_holds and not writer_gone
             calls.append((d, "abort" if in_flight else "release"))

@@ -6,6 +6,7 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id},
 GET /v1/requests/{id}/trace, POST /tokenize, POST /detokenize, GET /version, GET /health,
+POST /admin/pools/{pool}/replicas (live scaling),
 GET /metrics, the status page (``coordinator.status``: GET / and /status, polling
 GET /v1/status), and with TANDEM_FAULT_INJECTION=1 only (tests) POST /admin/faults. /v1/*,
 /admin/*, /tokenize and /detokenize require the API key (probes, scrapers, /version and the
@@ -128,6 +129,7 @@ def build_app(
     app.router.add_get("/v1/requests/{request_id}/trace", _trace)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_post("/admin/pools/{pool}/replicas", _scale)
     if os.environ.get(FAULT_INJECTION_ENV) == "1":  # tests only: refused in normal serving
         log.warning("fault injection is enabled (%s=1): POST /admin/faults", FAULT_INJECTION_ENV)
         app.router.add_post("/admin/faults", _arm_fault)
@@ -286,6 +288,27 @@ async def _trace(request: web.Request) -> web.Response:
         raise ApiError(404, f"no trace of request {request_id!r} (unknown, or no longer kept)",
                        NOT_FOUND, param="request_id", code="trace_not_found")  # fmt: skip
     return web.json_response(found)
+
+
+async def _scale(request: web.Request) -> web.Response:
+    """``{"replicas": N}``: the pool's new target; workers start (and join their peers) or drain
+    (running requests finish, then they are shut down) in the background. 202 with the pool's
+    live and target counts; GET /health follows the change."""
+    state = request.app[STATE]
+    pool = request.match_info["pool"]
+    body = await _json_body(request)
+    replicas = body.get("replicas")
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise bad_request(f"replicas must be an integer >= 1, got {replicas!r}", param="replicas")
+    if pool not in state.config.pool_names:
+        raise ApiError(404, f"no pool {pool!r} (pools: {', '.join(state.config.pool_names)})",
+                       NOT_FOUND, param="pool")  # fmt: skip
+    scale = getattr(state.engine, "scale", None)
+    if scale is None:
+        raise ApiError(404, "this engine cannot scale", NOT_FOUND, code="not_supported")
+    health = await scale(pool, replicas)
+    return web.json_response({"pool": pool, "target": health.target, "live": health.live},
+                             status=202)  # fmt: skip
 
 
 async def _arm_fault(request: web.Request) -> web.Response:

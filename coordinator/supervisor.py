@@ -11,6 +11,11 @@ and replaces the ones that die, hang or keep failing (``coordinator.workers``).
 Joining: every live prefill worker handshakes a new decode worker, a new prefill worker
 handshakes every live decode worker, and only then does the newcomer enter the pool (routable).
 Joins are serialised, so two workers replaced at once still find each other.
+
+Scaling (``scale(role, replicas)``, while serving): new workers start and join as above; extra
+ones (the highest-numbered first) are drained: no new requests, the running ones finish (or, past
+``workers.drain_timeout_s``, move elsewhere), then the worker is shut down and forgotten by its
+peers, its plan dropped so that nothing replaces it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ MAX_RETRY_S = 30.0
 
 Spawn = Callable[[WorkerPlan, int], Any]  # (plan, incarnation) -> an actor handle
 Kill = Callable[[Any], None]
+MakePlan = Callable[[str, int], WorkerPlan]  # (role, index) -> the plan of "<role>-<index>"
+DRAIN_POLL_S = 0.1
+SHUTDOWN_TIMEOUT_S = 15.0
+RETIRED = "worker_retired"  # the death of a worker scaled away
 
 
 class Supervisor:
@@ -44,6 +53,8 @@ class Supervisor:
         kill: Kill,
         restart: bool,
         ready_timeout_s: float,
+        make_plan: MakePlan | None = None,
+        drain_timeout_s: float = 120.0,
     ) -> None:
         self.plans = {plan.name: plan for plan in plans}
         self.targets = Counter(plan.role for plan in plans)
@@ -57,6 +68,11 @@ class Supervisor:
         self._join_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
+        self._make_plan = make_plan
+        self._drain_timeout_s = drain_timeout_s
+        self._scaling: dict[str, asyncio.Lock] = {}
+        # whether any request still uses a worker (the client sets it): draining waits on it
+        self.in_use: Callable[[WorkerRef], bool] = lambda worker: False
         pool.on_death.append(self._on_death)
 
     # ------------------------------------------------------------------ lifecycle
@@ -99,6 +115,72 @@ class Supervisor:
         """Take a live worker out (hung, unhealthy): its requests move, a new one replaces it."""
         self.pool.mark_dead(worker, reason)
 
+    # ------------------------------------------------------------------ scaling
+    def scale(self, role: str, replicas: int) -> None:
+        """Set a pool's target while serving; workers start or drain in the background."""
+        if role not in self.targets:
+            raise KeyError(f"no pool {role!r} (pools: {', '.join(sorted(self.targets))})")
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+            raise ValueError(f"replicas must be an integer >= 1, got {replicas!r}")
+        if self._make_plan is None:
+            raise RuntimeError("this deployment cannot make new workers")
+        self.targets[role] = replicas
+        self._background(self._reconcile(role))
+
+    async def _reconcile(self, role: str) -> None:
+        async with self._scaling.setdefault(role, asyncio.Lock()):
+            mine = sorted((p for p in self.plans.values() if p.role == role), key=_index)
+            extra = len(mine) - self.targets[role]
+            for plan in mine[len(mine) - extra:] if extra > 0 else []:
+                del self.plans[plan.name]  # from now on nothing replaces it
+                worker = self.pool.workers.get(plan.name)
+                if worker is not None and worker.alive:
+                    self._background(self._retire(worker))
+                elif worker is not None:  # dead, and now not to be replaced
+                    self.pool.remove(worker.name)
+            starts = []
+            used = {_index(p) for p in mine}
+            for _ in range(-extra if extra < 0 else 0):
+                index = next(i for i in range(len(used) + 1) if i not in used)
+                used.add(index)
+                plan = self._make_plan(role, index)
+                self.plans[plan.name] = plan
+                starts.append(self._add(plan))
+            await asyncio.gather(*starts)
+
+    async def _add(self, plan: WorkerPlan) -> None:
+        delay = FIRST_RETRY_S
+        while not self._closing and plan.name in self.plans:
+            try:
+                worker = await self._start(plan, self._incarnations[plan.name] + 1
+                                           if plan.name in self._incarnations else 0)  # fmt: skip
+                try:
+                    await self._join(worker)
+                except BaseException:
+                    self._kill(worker.actor)
+                    raise
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("starting %s failed (%r); next try in %.1f s", plan.name, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, MAX_RETRY_S)
+
+    async def _retire(self, worker: WorkerRef) -> None:
+        worker.draining = True
+        self.pool.changed.set()
+        deadline = asyncio.get_running_loop().time() + self._drain_timeout_s
+        while self.in_use(worker) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if worker.alive:
+            with contextlib.suppress(Exception):  # closes its NIXL agent and sockets cleanly
+                await asyncio.wait_for(self.pool.call(worker, "shutdown"), SHUTDOWN_TIMEOUT_S)
+        # what still runs there (past the drain timeout) moves elsewhere, peers forget it
+        self.pool.mark_dead(worker, RETIRED)
+        self.pool.remove(worker.name)
+        log.info("worker %s retired", worker.name)
+
     # ------------------------------------------------------------------ internals
     async def _start(self, plan: WorkerPlan, incarnation: int) -> WorkerRef:
         self._incarnations[plan.name] = incarnation
@@ -134,7 +216,7 @@ class Supervisor:
         if worker.role == "decode":
             for prefill in self.pool.live("prefill"):
                 self._background(self._forget(prefill, worker.name))
-        if self.restart and not self._closing:
+        if self.restart and not self._closing and worker.name in self.plans:
             self._background(self._replace(worker))
 
     async def _forget(self, prefill: WorkerRef, decode_name: str) -> None:
@@ -144,7 +226,8 @@ class Supervisor:
     async def _replace(self, dead: WorkerRef) -> None:
         plan = self.plans[dead.name]
         delay = FIRST_RETRY_S
-        while not self._closing and self.pool.workers.get(dead.name) is dead:
+        while (not self._closing and dead.name in self.plans
+               and self.pool.workers.get(dead.name) is dead):  # fmt: skip
             try:
                 worker = await self._start(plan, self._incarnations[plan.name] + 1)
                 try:
@@ -165,3 +248,7 @@ class Supervisor:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _index(plan: WorkerPlan) -> int:
+    return int(plan.name.rsplit("-", 1)[1])

@@ -116,7 +116,9 @@ def trace_json(rec: RequestRecord) -> dict:
             "where": "remote" if a.remote else "local",
             "resumed_after_tokens": len(a.resume_token_ids),
             "kv_blocks": a.num_blocks,
-            "transfer_bytes": a.num_blocks * per_block if a.decode_s is not None else 0,
+            "cached_blocks": a.num_cached_blocks,
+            "transfer_bytes": ((a.num_blocks - a.num_cached_blocks) * per_block
+                               if a.decode_s is not None else 0),
             "tokens": a.num_tokens,
             "started_s": a.started_s, "placed_s": a.placed_s, "first_token_s": a.first_token_s,
             "decode_s": a.decode_s, "ended_s": a.ended_s,

@@ -45,6 +45,7 @@ class WorkerRef:
     pid: int | None = None
     alive: bool = True
     death: str | None = None  # why it is dead: a core.outputs FAULT_* reason
+    draining: bool = False  # being scaled away: no new requests, running ones finish
     stats: dict = field(default_factory=dict)
     num_reserved_since_stats: int = 0  # blocks this coordinator took since ``stats`` was read
     num_placed_since_stats: int = 0  # requests placed here since ``stats`` was read
@@ -94,8 +95,19 @@ class WorkerPool:
         self.workers[worker.name] = worker
         self.changed.set()
 
+    def remove(self, name: str) -> None:
+        """A dead worker that will not come back (scaled away): only its counters remain."""
+        worker = self.workers.pop(name)
+        assert not worker.alive, f"{name} is alive"
+        self.retired.append(worker)
+        self.changed.set()
+
     def live(self, role: str) -> list[WorkerRef]:
         return [w for w in self.workers.values() if w.role == role and w.alive]
+
+    def routable(self, role: str) -> list[WorkerRef]:
+        """Live workers that take new requests (a draining one does not)."""
+        return [w for w in self.live(role) if not w.draining]
 
     async def call(self, worker: WorkerRef, method: str, *args: Any) -> Any:
         if not worker.alive:
@@ -199,6 +211,13 @@ class WorkerPool:
             accepted_per_position=per_position("accepted_per_position"),
             proposed_per_position=per_position("proposed_per_position"),
         )
+
+    def prefix_hit_tokens(self) -> dict[str, int]:
+        """Prompt tokens found in a prefix cache, per pool, every incarnation included."""
+        totals: dict[str, int] = {}
+        for w in self._every_incarnation():
+            totals[w.role] = totals.get(w.role, 0) + int(w.stats.get("prefix_hit_tokens", 0))
+        return totals
 
     def transfer_totals(self) -> tuple[TransferStats, ...]:
         """Per backend, summed over the sending side (prefill), which counts each transfer

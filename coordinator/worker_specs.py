@@ -60,40 +60,49 @@ def engine_fields(config: TandemConfig, pool: PoolSection) -> dict:
     return fields
 
 
-def worker_plans(config: TandemConfig, output_address: str) -> list[WorkerPlan]:
-    """Every actor of the topology, decode before prefill (prefill connects to decode)."""
+def worker_plan(
+    config: TandemConfig, role: str, index: int, output_address: str, events_address: str | None
+) -> WorkerPlan:
+    """The actor ``<role>-<index>``: its pool's engine and resources, the coordinator's token
+    stream and KV-event addresses."""
     transfer = config.kv_transfer
-    kv_transfer = {
-        "backend": transfer.backend,
-        "host": transfer.side_channel_host,
-        "port_range": list(transfer.side_channel_port_range),
-        "timeout_s": transfer.timeout_s,
+    pool = config.pool(role)
+    name = f"{role}-{index}"
+    spec = {
+        "name": name,
+        "role": role,
+        "engine": {
+            **engine_fields(config, pool),
+            "record_kv_events": events_address is not None,
+            # a decode worker prefilling a request itself (local prefill, recompute) keeps
+            # decoding between the prompt's chunks
+            "interleave_prefill": role == "decode",
+        },
+        "kv_transfer": {
+            "backend": transfer.backend,
+            "host": transfer.side_channel_host,
+            "port_range": list(transfer.side_channel_port_range),
+            "timeout_s": transfer.timeout_s,
+            "layer_groups": transfer.layer_groups,
+        },
+        "output_address": output_address,
+        "events_address": events_address,
+        "max_step_failures": config.coordinator.workers.max_step_failures,
     }
+    return WorkerPlan(name, role, WORKER_CLASSES[role], pool.resources.num_cpus,
+                      pool.resources.num_gpus, spec)  # fmt: skip
+
+
+def worker_plans(
+    config: TandemConfig, output_address: str, events_address: str | None = None
+) -> list[WorkerPlan]:
+    """Every actor of the topology, decode before prefill (prefill connects to decode)."""
     order = ("colocated",) if config.mode == "colocated" else ("decode", "prefill")
-    plans = []
-    for role in order:
-        pool = config.pool(role)
-        for i in range(pool.replicas):
-            name = f"{role}-{i}"
-            spec = {
-                "name": name,
-                "role": role,
-                "engine": engine_fields(config, pool),
-                "kv_transfer": kv_transfer,
-                "output_address": output_address,
-                "max_step_failures": config.coordinator.workers.max_step_failures,
-            }
-            plans.append(
-                WorkerPlan(
-                    name,
-                    role,
-                    WORKER_CLASSES[role],
-                    pool.resources.num_cpus,
-                    pool.resources.num_gpus,
-                    spec,
-                )
-            )
-    return plans
+    return [
+        worker_plan(config, role, i, output_address, events_address)
+        for role in order
+        for i in range(config.pool(role).replicas)
+    ]
 
 
 def total_cpus(config: TandemConfig) -> float:

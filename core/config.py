@@ -8,10 +8,13 @@ Layout of a file (every key but ``model.name`` and ``pools`` has a default)::
       prefill:  {replicas, resources, scheduler, kv_cache}               # disaggregated only
       decode:   {replicas, resources, scheduler, kv_cache, speculative}  # disaggregated only
       colocated: {same keys as decode}                                   # colocated only
-    kv_transfer: {backend, side_channel_host, side_channel_port_range, timeout_s, on_failure}
+    kv_transfer: {backend, side_channel_host, side_channel_port_range, timeout_s, on_failure,
+                  layer_groups}
     coordinator: {host, port, api_key, max_queued_requests, max_prompt_tokens,
-                  request_timeout_s, routing, retry: {max_attempts, worker_wait_s},
-                  workers: {restart, hang_timeout_s, max_step_failures},
+                  request_timeout_s, routing, kv_routing: {overlap_weight, load_weight},
+                  local_prefill: {max_tokens, prefill_queue_tokens},
+                  retry: {max_attempts, worker_wait_s},
+                  workers: {restart, hang_timeout_s, max_step_failures, drain_timeout_s},
                   slo: {ttft_ms, tpot_ms}, tracing: {keep, log, otel}}
 
 Colocated mode uses its own ``pools.colocated`` section rather than reusing ``pools.decode``: a
@@ -53,7 +56,8 @@ SpecMethod = Literal["none", "ngram", "draft"]
 TransferBackend = Literal["nixl", "tcp"]
 TransferFailurePolicy = Literal["retry", "recompute", "fail"]
 TraceExporter = Literal["none", "console", "otlp"]
-RoutingPolicy = Literal["least_loaded", "round_robin"]  # mirrors coordinator.router.POLICIES
+# mirrors coordinator.router.POLICIES
+RoutingPolicy = Literal["least_loaded", "round_robin", "kv_aware"]
 Mode = Literal["disaggregated", "colocated"]
 
 
@@ -192,6 +196,9 @@ class KVTransferSection(_Section):
     # retry:     a new prefill + transfer, routed afresh (maybe over another link)
     # fail:      the request ends with an error
     on_failure: TransferFailurePolicy = "recompute"
+    # a prompt's KV leaves prefill in this many layer groups, each sent as soon as the forward
+    # of the prompt's last chunk has computed it (the copy overlaps the rest); 1: after it
+    layer_groups: PositiveInt = 1
 
     @model_validator(mode="after")
     def _ports(self) -> KVTransferSection:
@@ -211,12 +218,34 @@ class RetrySection(_Section):
     worker_wait_s: PositiveFloat = 60.0  # a request waits this long for a pool with no worker
 
 
+class KVRoutingSection(_Section):
+    """Weights of ``routing: kv_aware``: a worker's cost is ``overlap_weight`` x the prompt blocks
+    it would have to compute (or receive) + ``load_weight`` x the blocks of work it already has
+    (decode: KV blocks in use; prefill: queued prompt blocks). Lowest cost wins."""
+
+    overlap_weight: float = Field(1.0, ge=0)
+    load_weight: float = Field(1.0, ge=0)
+
+
+class LocalPrefillSection(_Section):
+    """Conditional disaggregation: when a decode worker prefills a request itself (no transfer)
+    instead of handing it to the prefill pool."""
+
+    # the part of the prompt the decode worker does not have cached is at most this long (0:
+    # never: a disaggregated topology disaggregates unless asked otherwise)
+    max_tokens: int = Field(0, ge=0)
+    # ... or every prefill worker has more than this many prompt tokens queued (0: never)
+    prefill_queue_tokens: int = Field(0, ge=0)
+    # (with no live prefill worker at all, decode workers always prefill themselves)
+
+
 class WorkersSection(_Section):
     """Supervision of the worker actors: ``replicas`` of each pool is the target."""
 
     restart: bool = True  # replace a worker that died, hung or kept failing
     hang_timeout_s: PositiveFloat = 30.0  # no answer, or busy without progress, this long: hung
     max_step_failures: PositiveInt = 3  # failed engine steps in a row before it is replaced
+    drain_timeout_s: PositiveFloat = 120.0  # scaling down: running requests get this long
 
 
 class TracingSection(_Section):
@@ -250,6 +279,8 @@ class CoordinatorSection(_Section):
     max_prompt_tokens: PositiveInt | None = None  # None: model.max_model_len - 1
     request_timeout_s: PositiveFloat = 600.0
     routing: RoutingPolicy = "least_loaded"
+    kv_routing: KVRoutingSection = KVRoutingSection()
+    local_prefill: LocalPrefillSection = LocalPrefillSection()
     retry: RetrySection = RetrySection()
     workers: WorkersSection = WorkersSection()
     slo: SloSection | None = None  # None: every finished request counts as goodput

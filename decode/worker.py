@@ -2,7 +2,7 @@
 
 Request life on this side::
 
-    reserve()      -> blocks reserved (lease RESERVED)            (coordinator, before prefill)
+    reserve()      -> blocks reserved (lease RESERVED; a cached prefix is reused, not written)
     KV landed      -> the tag carries the token prefill sampled   (kvtransfer notification)
                       -> joins the decode batch (lease ACTIVE)
     step()...      -> tokens streamed; finish frees the blocks
@@ -35,6 +35,11 @@ class Reservation:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # generated before (a resumed request); usually empty
     params: SamplingParams
+
+
+# the tag of a request's last layer group when prefill's token ended it: its KV will never be
+# used, and decode can free the reservation as soon as every group has landed
+DISCARD_TAG = msgpack.packb({"discard": True}).hex()
 
 
 def encode_first_token(token_id: int) -> str:
@@ -70,9 +75,11 @@ class DecodeWorker(WorkerBase):
         prompt_token_ids: list[int],
         params: dict,
         output_token_ids: list[int] | None = None,
-    ) -> list[int] | None:
-        """Blocks for the KV of the prompt (and of ``output_token_ids``, for a resumed request),
-        or None when this worker has no room now."""
+    ) -> dict | None:
+        """Blocks for the KV of the prompt (and of ``output_token_ids``, for a resumed request):
+        ``{"block_ids", "num_cached"}``, where the first ``num_cached`` blocks already hold
+        their KV here (this worker's prefix cache: the prefill worker sends only the rest), or
+        None when this worker has no room now."""
         params = self.params_of(params)
         outputs = list(output_token_ids or ())
         with self.lock:
@@ -88,12 +95,14 @@ class DecodeWorker(WorkerBase):
             # does not force the next decode step to preempt someone (recompute is costly)
             if need + eng.scheduler.num_running > self.kv.num_free_blocks:
                 return None
-            block_ids = self.kv.reserve(request_id, need)
-            if block_ids is None:
+            tokens = [*prompt_token_ids, *outputs]
+            reserved = self.kv.reserve(request_id, need, tokens)
+            if reserved is None:
                 return None
             self.pending[request_id] = Reservation(list(prompt_token_ids), outputs, params)
             eng.structured.prepare(params)  # compile while prefill runs, not after
-            return block_ids
+            block_ids, num_cached = reserved
+            return {"block_ids": block_ids, "num_cached": num_cached}
 
     def release(self, request_ids: list[str]) -> None:
         """End requests whose KV is not and will not be in flight: blocks freed at once."""
@@ -116,7 +125,12 @@ class DecodeWorker(WorkerBase):
     def _iteration(self) -> bool:
         for rid, tag in self.receiver.poll_landed():
             res = self.pending.pop(rid, None)
-            if res is not None:
+            if tag == DISCARD_TAG:  # prefill's token ended it: nothing to decode
+                if res is None:
+                    self.kv.settle(rid)  # the coordinator gave it up already
+                else:
+                    self.kv.free(rid)
+            elif res is not None:
                 outputs = [*res.output_token_ids, decode_first_token(tag)]
                 self.engine.add_prefilled(rid, res.prompt_token_ids, outputs, res.params)
             else:

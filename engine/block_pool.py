@@ -17,14 +17,21 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from core.block_hash import hash_block
 
-def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
-    """Chain hash: a block's identity is its tokens and everything before them."""
-    return hash((parent_hash, tuple(token_ids)))
+STORED, REMOVED = "stored", "removed"  # KV events: a full block became findable / stopped being
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        record_events: bool = False,
+    ):
+        """``record_events``: keep (STORED | REMOVED, hash) for every block hash that becomes
+        findable or is evicted, for ``take_events`` (workers publish them to the router)."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1: {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
@@ -34,6 +41,7 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._hash_of: dict[int, int] = {}  # block id -> hash of its (full) content
         self._block_of: dict[int, int] = {}  # hash -> block id
+        self._events: list[tuple[str, int]] | None = [] if record_events else None
 
     # ------------------------------------------------------------------ queries
     @property
@@ -119,12 +127,25 @@ class BlockPool:
                 continue  # this content is cached already (first copy wins)
             self._hash_of[block_id] = h
             self._block_of[h] = block_id
+            if self._events is not None:
+                self._events.append((STORED, h))
 
     def reset_prefix_cache(self) -> None:
+        if self._events is not None:
+            self._events.extend((REMOVED, h) for h in self._block_of)
         self._hash_of.clear()
         self._block_of.clear()
+
+    def take_events(self) -> list[tuple[str, int]]:
+        """The KV events since the last call, in order (empty unless ``record_events``)."""
+        if not self._events:
+            return []
+        events, self._events = self._events, []
+        return events
 
     def _evict_hash(self, block_id: int) -> None:
         h = self._hash_of.pop(block_id, None)
         if h is not None:
             del self._block_of[h]
+            if self._events is not None:
+                self._events.append((REMOVED, h))

@@ -60,6 +60,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     chunk_size: int = 512
     enable_prefix_caching: bool = True
+    record_kv_events: bool = False  # keep block-hash events for a router (workers publish them)
+    # decode and colocated workers: a decode step between two chunks of a prompt they prefill
+    # themselves, so a local prefill does not stall the running batch for its whole length
+    interleave_prefill: bool = False
     num_threads: int | None = None  # CPU intra-op threads; None: torch's default
     speculative: SpeculativeConfig = SpeculativeConfig()
 

@@ -94,7 +94,8 @@ class EngineCore:
         self.kv_cache = build_kv_cache(config, self.model_config, self.device)
         # the one owner of the cache's blocks (scheduler, speculator and workers go through it)
         self.kv = KVManager(
-            BlockPool(self.kv_cache.num_blocks, config.block_size, config.enable_prefix_caching)
+            BlockPool(self.kv_cache.num_blocks, config.block_size, config.enable_prefix_caching,
+                      record_events=config.record_kv_events)  # fmt: skip
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -103,6 +104,7 @@ class EngineCore:
                 chunk_size=config.chunk_size,
                 block_size=config.block_size,
                 enable_prefix_caching=config.enable_prefix_caching,
+                interleave_prefill=config.interleave_prefill,
             ),
             self.kv,
         )

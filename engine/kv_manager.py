@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -45,6 +46,7 @@ class KVManager:
     def __init__(self, pool: BlockPool):
         self._pool = pool
         self._leases: dict[str, Lease] = {}
+        self.num_hit_blocks = 0  # blocks found in the prefix cache (cumulative)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -89,15 +91,23 @@ class KVManager:
             raise AssertionError(f"block -> (ref count, leases holding it): {wrong}")
 
     # ------------------------------------------------------------------ decode reservations
-    def reserve(self, request_id: str, num_blocks: int) -> list[int] | None:
-        """Fresh blocks for a KV that another worker will write; None if too few are free."""
+    def reserve(
+        self, request_id: str, num_blocks: int, token_ids: Seq[int] = ()
+    ) -> tuple[list[int], int] | None:
+        """Blocks for a KV that another worker will write: first the cached blocks that prefix
+        ``token_ids`` (their KV is here already: nothing is written into them), then fresh ones,
+        ``num_blocks`` in all. (block ids, how many were cached), or None if too few are free.
+        """
         if request_id in self._leases:
             raise ValueError(f"duplicate request id {request_id!r}")
-        block_ids = self._pool.allocate(num_blocks)
-        if block_ids is None:
+        hits = self._pool.lookup_prefix(token_ids) if token_ids else []
+        fresh = self._pool.allocate(num_blocks - len(hits))
+        if fresh is None:
+            self._pool.free(hits)
             return None
-        self._leases[request_id] = Lease(LeaseState.RESERVED, block_ids)
-        return block_ids
+        self.num_hit_blocks += len(hits)
+        self._leases[request_id] = Lease(LeaseState.RESERVED, hits + fresh)
+        return hits + fresh, len(hits)
 
     def activate(self, request_id: str) -> list[int]:
         """A reservation whose KV landed becomes a sequence's block table (returned)."""
@@ -142,11 +152,16 @@ class KVManager:
         hits = self._pool.lookup_prefix(seq.token_ids)
         if hits:
             self._table(seq).extend(hits)
+            self.num_hit_blocks += len(hits)
         return len(hits)
 
     def cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Register the full blocks among ``seq``'s first ``num_tokens`` (KV computed) for reuse."""
         self._pool.cache_full_blocks(seq.token_ids[:num_tokens], seq.block_ids, seq.block_hashes)
+
+    def take_events(self) -> list[tuple[str, int]]:
+        """KV events (block hashes cached / evicted) since the last call (block_pool.py)."""
+        return self._pool.take_events()
 
     def trim(self, seq: Sequence, num_blocks: int) -> None:
         """Give back the blocks of ``seq``'s table past its first ``num_blocks``."""

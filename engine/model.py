@@ -9,6 +9,7 @@ CPU tensors run the torch references and CUDA tensors run the Triton kernels.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -177,11 +178,16 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # [N]
         md: AttentionMetadata,
         kv_cache: KVCache,
+        after_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """Returns the final hidden states [N, hidden] (normed); see ``compute_logits``."""
+        """Returns the final hidden states [N, hidden] (normed); see ``compute_logits``.
+        ``after_layer(i)`` runs once layer i's work is issued (its KV stored, on CPU; launched,
+        on CUDA): a prefill worker sends finished layers' KV while the rest compute."""
         x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, positions, self.rope, md, kv_cache)
+            if after_layer is not None:
+                after_layer(i)
         return self.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,9 +35,12 @@ class ModelRunner:
         self.sampler = Sampler()
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> StepOutput:
+    def execute(
+        self, batch: ScheduledBatch, after_layer: Callable[[int], None] | None = None
+    ) -> StepOutput:
+        """``after_layer``: see ``LlamaModel.forward``."""
         input_ids, positions, md, sample_rows, prompt_rows = self.prepare(batch)
-        hidden = self.model(input_ids, positions, md, self.kv_cache)  # [N, hidden]
+        hidden = self.model(input_ids, positions, md, self.kv_cache, after_layer)  # [N, hidden]
         seqs = batch.seqs
         sample_idx = [r for r in sample_rows if r is not None]
         sampled_seqs = [s for s, r in zip(seqs, sample_rows, strict=True) if r is not None]

@@ -26,6 +26,7 @@ class SchedulerConfig:
     chunk_size: int = 512  # most prompt tokens of one sequence per step
     block_size: int = 16
     enable_prefix_caching: bool = True
+    interleave_prefill: bool = False  # alternate prefill chunks with decode steps (see schedule)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "chunk_size", "block_size"):
@@ -59,6 +60,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._last_was_prefill = False
 
     # ------------------------------------------------------------------ admission
     def add(self, seq: Sequence) -> None:
@@ -85,7 +87,15 @@ class Scheduler:
     def schedule(self, num_lookahead_tokens: int = 0) -> ScheduledBatch:
         """Pick the next step. ``num_lookahead_tokens``: extra slots per decoding sequence
         (speculative tokens to verify)."""
+        if self.config.interleave_prefill and self._last_was_prefill:
+            # a decode step between two prefill chunks: prompts this worker prefills itself
+            # (decode workers) delay its running sequences by a chunk at most, not a prompt
+            batch = self._schedule_decode(num_lookahead_tokens)
+            if batch:
+                self._last_was_prefill = False
+                return batch
         batch = self._schedule_prefill()
+        self._last_was_prefill = bool(batch)
         if batch:
             return batch
         return self._schedule_decode(num_lookahead_tokens)
@@ -130,9 +140,8 @@ class Scheduler:
     def _schedule_decode(self, num_lookahead_tokens: int) -> ScheduledBatch:
         seqs: list[Sequence] = []
         for seq in list(self.running):
-            if seq.status != SequenceStatus.RUNNING:
-                continue  # preempted while making room for an earlier sequence
-            assert not seq.is_prefilling, f"{seq.request_id} reached decode unprefilled"
+            if seq.status != SequenceStatus.RUNNING or seq.is_prefilling:
+                continue  # preempted to make room for an earlier one / a prompt between chunks
             if self._grow_or_preempt(seq, seq.num_tokens + num_lookahead_tokens):
                 seqs.append(seq)
         return ScheduledBatch(False, tuple(seqs), tuple(1 for _ in seqs))

@@ -18,11 +18,14 @@ import os
 import threading
 import traceback
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
+import torch
 import zmq
 
 from core.delta_codec import encode_deltas
+from core.kv_events import encode_events
 from core.outputs import FAULT_STEP_FAILED, FINISH_ERROR, OutputDelta
 from core.sampling_params import SamplingParams
 from engine.engine_config import EngineConfig
@@ -36,6 +39,16 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.002  # loop nap when there is nothing to compute (transfers still get polled)
 MAX_STEP_FAILURES = 3  # failed iterations in a row before the worker calls itself unhealthy
+
+
+def layer_done(device: torch.device) -> Callable[[], None] | None:
+    """What a transfer of the layers issued so far must wait for before reading them: on CUDA
+    their kernels may still run (an event recorded now); on CPU they are done (None)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event.synchronize
 
 
 class WorkerBase(ABC):
@@ -60,6 +73,11 @@ class WorkerBase(ABC):
         self._out = self._zmq.socket(zmq.PUSH)
         self._out.setsockopt(zmq.LINGER, 0)
         self._out.connect(spec["output_address"])
+        self._events: zmq.Socket | None = None  # KV events for the router (core/kv_events.py)
+        if spec.get("events_address"):
+            self._events = self._zmq.socket(zmq.PUSH)
+            self._events.setsockopt(zmq.LINGER, 0)
+            self._events.connect(spec["events_address"])
         self._setup()
         self._thread = threading.Thread(target=self._loop, name=f"{self.name}-loop", daemon=True)
         self._thread.start()
@@ -88,6 +106,7 @@ class WorkerBase(ABC):
             "waiting": sched.num_waiting,
             "busy": sched.has_unfinished(),
             "iterations": self.num_iterations,
+            "prefix_hit_tokens": self.kv.num_hit_blocks * self.engine.config.block_size,
             "unhealthy": self.num_step_failures >= self.max_step_failures,
             "transfer_bytes": 0,
             "transfer_seconds": 0.0,
@@ -118,6 +137,8 @@ class WorkerBase(ABC):
         self._thread.join(timeout=10)
         self._close()
         self._out.close()
+        if self._events is not None:
+            self._events.close()
         self._zmq.term()
 
     # ------------------------------------------------------------------ the loop
@@ -135,11 +156,20 @@ class WorkerBase(ABC):
                 with self.lock:
                     self._fail_step(exc)
                 busy = False
+            self._publish_kv_events()
             if busy:
                 self.num_iterations += 1
             else:
                 self._wake.wait(IDLE_WAIT_S)
                 self._wake.clear()
+
+    def _publish_kv_events(self) -> None:
+        if self._events is None:
+            return
+        with self.lock:
+            events = self.kv.take_events()
+        if events:
+            self._events.send(encode_events(self.name, self.incarnation, events))
 
     def run_step(self) -> bool:
         """One engine step (decode and colocated workers); False if there was nothing to do."""

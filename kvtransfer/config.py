@@ -13,6 +13,9 @@ class KVTransferConfig:
     timeout_s: float = 30.0  # a transfer not done by then fails and releases its handles
     connect_timeout_s: float = 10.0  # handshake answer
     staging_blocks: int = 256  # FP8 staging capacity (sender, only for a non-FP8 -> FP8 pair)
+    # prefill sends a prompt's KV in this many layer groups, each as soon as the prompt's last
+    # chunk has computed it, so the copy overlaps the rest of the forward (1: all after it)
+    layer_groups: int = 1
     # NIXL's progress thread spins a whole core even when idle. On host memory UCX copies with
     # CMA (process_vm_writev) inside transfer() anyway, so the thread buys nothing there and costs
     # one of this machine's two cores; enable it where UCX progresses RDMA asynchronously.
@@ -28,3 +31,5 @@ class KVTransferConfig:
             raise ValueError("timeouts must be positive")
         if self.staging_blocks < 1:
             raise ValueError("staging_blocks must be >= 1")
+        if self.layer_groups < 1:
+            raise ValueError("layer_groups must be >= 1")

@@ -81,7 +81,7 @@ class NixlSender(KVSender):
             self._remote_names[t.peer.handshake.agent_name],
             notif,
         )
-        return self._poster.submit(handle)
+        return self._poster.submit(handle, t.ready)
 
     def _state(self, t: InFlight) -> str:
         job: PostJob = t.handle

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class PostJob:
     xfer: Any  # nixl_xfer_handle, created (initialize_xfer) by the caller
+    ready: Callable[[], None] | None = None  # waited for before posting (source computed)
     lock: threading.Lock = field(default_factory=threading.Lock)
     done: threading.Event = field(default_factory=threading.Event)
     started: bool = False
@@ -38,8 +40,8 @@ class Poster:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, xfer: Any) -> PostJob:
-        job = PostJob(xfer)
+    def submit(self, xfer: Any, ready: Callable[[], None] | None = None) -> PostJob:
+        job = PostJob(xfer, ready)
         self._jobs.put(job)
         return job
 
@@ -60,6 +62,8 @@ class Poster:
                     continue
                 job.started = True
             try:
+                if job.ready is not None:  # e.g. a CUDA event: the layers it copies are done
+                    job.ready()
                 if self._agent.transfer(job.xfer) == "ERR":
                     job.error = "NIXL refused to post the WRITE"
             except Exception as e:  # e.g. nixlRemoteDisconnectError: reported through poll()

@@ -52,6 +52,7 @@ class KVReceiver(ABC):
         self._lock = threading.Lock()
         self._landed: list[KVLanded] = []  # appended by the side-channel thread / backend
         self._layers: dict[str, set[int]] = {}  # request id -> layers landed so far
+        self._tags: dict[str, str] = {}  # request id -> the non-empty tag of one of its groups
         self._server = SideChannelServer(config.host, config.port_range, self._on_frames)
         self.address = self._server.address
         self.port = self._server.port
@@ -79,9 +80,10 @@ class KVReceiver(ABC):
     def poll_landed(self) -> list[tuple[str, str]]:
         """(request id, tag) of each request whose KV has fully landed since the last call.
 
-        The tag is the sender's ``TransferSpec.tag`` (the tag of the group that completed the
-        request): a prefill worker uses it to hand over what decode needs to start, e.g. the
-        first sampled token. Non-blocking."""
+        The tag is the sender's ``TransferSpec.tag``; of a request sent in layer groups, the one
+        non-empty tag among its groups (a prefill worker puts what decode needs to start, the
+        token it sampled, on the group it sends last, and groups may land in any order).
+        Non-blocking."""
         self._collect()
         with self._lock:
             landed, self._landed = self._landed, []
@@ -90,14 +92,17 @@ class KVReceiver(ABC):
         for n in landed:
             layers = self._layers.setdefault(n.request_id, set())
             layers.update(range(n.layer_start, n.layer_end))
+            if n.tag:  # groups may land in any order: the one tag sent is kept
+                self._tags[n.request_id] = n.tag
             if len(layers) == num_layers:
                 del self._layers[n.request_id]
-                ready.append((n.request_id, n.tag))
+                ready.append((n.request_id, self._tags.pop(n.request_id, "")))
         return ready
 
     def discard(self, request_id: str) -> None:
         """Forget a partially landed request (aborted / to be retried elsewhere)."""
         self._layers.pop(request_id, None)
+        self._tags.pop(request_id, None)
 
     def close(self) -> None:
         self._server.close()

@@ -32,6 +32,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,9 @@ class InFlight:
     num_bytes: int = 0
     slots: list[int] = field(default_factory=list)  # FP8 staging slots held
     handle: Any = None  # backend's
+    # blocks until the source data is computed (a CUDA event of the layer that wrote it, for a
+    # group sent while prefill still runs); None: it is already
+    ready: Callable[[], None] | None = None
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -184,9 +188,12 @@ class KVSender(ABC):
     def peers(self) -> list[str]:
         return list(self._peers)
 
-    def send(self, spec: TransferSpec, peer: str) -> None:
+    def send(
+        self, spec: TransferSpec, peer: str, ready: Callable[[], None] | None = None
+    ) -> None:
         """Start moving ``spec``'s blocks to ``peer``. Non-blocking; the outcome comes from
-        ``poll``. Raises (a caller bug) on an unknown peer or out-of-range block ids."""
+        ``poll``. ``ready`` blocks until the source data is computed (the copy waits for it).
+        Raises (a caller bug) on an unknown peer or out-of-range block ids."""
         p = self._peers.get(peer)
         if p is None:
             raise KeyError(f"not connected to {peer!r}; call connect() first")
@@ -194,7 +201,7 @@ class KVSender(ABC):
         spec = dataclasses.replace(spec, layer_end=spec.layer_end or num_layers)
         _check_ids(spec.src_block_ids, self.cache.num_blocks, "source")
         _check_ids(spec.dst_block_ids, p.handshake.num_blocks, "destination")
-        t = InFlight(spec, p, time.monotonic())
+        t = InFlight(spec, p, time.monotonic(), ready=ready)
         if t.key in self._inflight or any(w.key == t.key for w in self._waiting):
             raise ValueError(f"transfer {t.key} is already in flight")
         if p.fp8_staging and len(spec.src_block_ids) > self.config.staging_blocks:
@@ -252,6 +259,9 @@ class KVSender(ABC):
             if slots is None:
                 return False
             t.slots = slots
+            if t.ready is not None:  # staging reads the source now
+                t.ready()
+                t.ready = None
             self._staging.stage(self.cache, list(spec.src_block_ids), slots,
                                 spec.layer_start, spec.layer_end)  # fmt: skip
             src_ids, src_regions = slots, self._staging.regions

@@ -53,6 +53,8 @@ class TcpSender(KVSender):
             del self._acks[key]
 
     def _post(self, t: InFlight, pairs: DescPairs, notif: bytes) -> Any:
+        if t.ready is not None:  # the gather below reads the source now
+            t.ready()
         views = self._staging_views if t.slots else self._views
         regions = self._staging.regions if t.slots and self._staging else self._regions
         frames: list[Any] = [encode(t.spec)]

@@ -21,12 +21,16 @@ a dead incarnation's metadata.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from core.outputs import FAULT_TRANSFER_FAILED, FINISH_ERROR, OutputDelta
-from decode.worker import encode_first_token
-from engine.worker_base import WorkerBase
+from decode.worker import DISCARD_TAG, encode_first_token
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+from engine.worker_base import WorkerBase, layer_done
 from kvtransfer import make_sender
 from kvtransfer.protocol import TransferDone, TransferSpec
 
@@ -35,14 +39,20 @@ from kvtransfer.protocol import TransferDone, TransferSpec
 class Destination:
     peer: str
     block_ids: tuple[int, ...]
+    num_cached: int  # leading destination blocks that hold their KV already: not sent
 
 
-@dataclass(frozen=True)
+@dataclass
 class Outgoing:
-    spec: TransferSpec
+    """One request's KV on its way out: one transfer, or one per layer group."""
+
+    request_id: str
     peer_key: str
     num_prompt_tokens: int
     num_output_tokens: int
+    num_pending: int = 0  # transfers posted whose outcome is not in yet
+    failure: str | None = None  # the first failed transfer's reason
+    report: bool = True  # tell the coordinator if it fails (not for a discarded request)
 
 
 class PrefillWorker(WorkerBase):
@@ -58,9 +68,15 @@ class PrefillWorker(WorkerBase):
         self.peers: dict[str, str] = {}  # decode worker name -> sender peer key (incarnation)
         self.destinations: dict[str, Destination] = {}
         self.in_flight: dict[str, Outgoing] = {}
-        self.delayed: list[tuple[float, Outgoing]] = []  # fault injection: posted late
+        self.delayed: list[tuple[float, TransferSpec, Outgoing]] = []  # fault injection
+        # [lo, hi) layer ranges sent while the forward runs; the last one goes after sampling
+        num_layers = self.engine.model_config.num_layers
+        groups = min(self.kv_config.layer_groups, num_layers)
+        bounds = [g * num_layers // groups for g in range(groups + 1)]
+        self.layer_groups = list(zip(bounds, bounds[1:], strict=False))
         self.transfer_bytes = 0
         self.transfer_seconds = 0.0
+        self.num_transfers = 0  # posted (a request in layer groups posts one per group)
 
     def stats(self) -> dict:
         return {
@@ -69,6 +85,7 @@ class PrefillWorker(WorkerBase):
             "transfer_seconds": self.transfer_seconds,
             "transfer_backend": self.kv_config.backend,
             "in_flight": len(self.in_flight),
+            "transfers": self.num_transfers,
         }
 
     def connect(self, peer_name: str, kv_address: str) -> None:
@@ -96,7 +113,11 @@ class PrefillWorker(WorkerBase):
         peer_name: str,
         dst_block_ids: list[int],
         output_token_ids: list[int] | None = None,
+        num_cached: int = 0,
     ) -> None:
+        """Queue a prompt (and ``output_token_ids``) whose KV goes to ``dst_block_ids`` on
+        decode worker ``peer_name``, but for the first ``num_cached`` blocks, which that worker
+        has cached already."""
         outputs = list(output_token_ids or ())
         with self.lock:
             if peer_name not in self.peers:  # a decode worker that died or is rejoining
@@ -112,12 +133,22 @@ class PrefillWorker(WorkerBase):
             self.engine.add_request(
                 request_id, list(prompt_token_ids), self.params_of(params), outputs
             )
-            self.destinations[request_id] = Destination(peer_name, tuple(dst_block_ids))
+            if not 0 <= num_cached < need:
+                raise ValueError(f"{request_id}: {num_cached} cached of {need} blocks")
+            self.destinations[request_id] = Destination(
+                peer_name, tuple(dst_block_ids), num_cached
+            )
         self.wake()
 
     def _abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self.destinations.pop(rid, None)  # still queued or computing: never sent
+            seq = self.engine.seqs.get(rid)
+            if rid in self.in_flight and seq is not None:  # early layer groups read its blocks
+                self.engine.scheduler.finish(seq)  # (blocks kept: free_on_finish is off)
+                self.engine.seqs.pop(rid, None)
+                self.kv.hand_over(rid)  # freed when its transfers end
+                self.in_flight[rid].report = False
         super()._abort(request_ids)  # frees what the scheduler holds; in-flight ones free later
 
     def _iteration(self) -> bool:
@@ -132,24 +163,34 @@ class PrefillWorker(WorkerBase):
             return failed or bool(rejected)
         self._step_seqs = list(batch.seqs)
         self.faults.reach("step", [s.request_id for s in batch.seqs])
-        out = eng.runner.execute(batch)
+        out = eng.runner.execute(batch, self._early_sender(batch))
         deltas = eng.postprocess(batch, out)  # the next token of every prompt that is done
         self.emit(deltas)  # first: TTFT does not wait for the transfers to be posted
         by_id = {s.request_id: s for s in batch.seqs}
+        lo = self.layer_groups[-1][0]  # the group not sent yet
         for d in deltas:
             seq = by_id[d.request_id]
-            dest = self.destinations.pop(d.request_id, None)
-            if d.finished or dest is None:  # the token ends it (or aborted): nothing to send
-                self.kv.free(seq.request_id)
+            rid = d.request_id
+            dest = self.destinations.pop(rid, None)
+            going = self.in_flight.get(rid)  # early layer groups posted in this step
+            if d.finished or dest is None:  # the token ends it (or aborted): no decode
+                if going is None:
+                    self.kv.free(rid)
+                else:  # the last group, tagged discard, lets decode free its blocks at once
+                    self.kv.hand_over(rid)
+                    going.report = False
+                    if dest is not None:
+                        self._post(self._spec(seq, dest, DISCARD_TAG, lo), going)
             else:  # prefill's part ends here whatever max_tokens says; decode takes over
                 eng.scheduler.finish(seq)
-                eng.seqs.pop(d.request_id, None)
-                self.faults.reach("after_first_token", [d.request_id])
-                self.kv.hand_over(seq.request_id)
-                spec = TransferSpec(d.request_id, tuple(seq.block_ids), dest.block_ids,
-                                    tag=encode_first_token(d.token_ids[-1]))  # fmt: skip
-                self._send(Outgoing(spec, self.peers[dest.peer], seq.num_prompt_tokens,
-                                    seq.num_output_tokens))  # fmt: skip
+                eng.seqs.pop(rid, None)
+                self.faults.reach("after_first_token", [rid])
+                self.kv.hand_over(rid)
+                going = going or Outgoing(rid, self.peers[dest.peer], seq.num_prompt_tokens,
+                                          seq.num_output_tokens)  # fmt: skip
+                going.num_output_tokens = seq.num_output_tokens
+                tag = encode_first_token(d.token_ids[-1])
+                self._send(self._spec(seq, dest, tag, lo), going)
             self._step_seqs.remove(seq)  # done with: a later failure of the step is not its own
         if self._step_seqs:  # prompts with chunks still to compute
             self.faults.reach("mid_prefill", [s.request_id for s in self._step_seqs])
@@ -157,50 +198,105 @@ class PrefillWorker(WorkerBase):
         return True
 
     # ------------------------------------------------------------------ transfers
-    def _send(self, t: Outgoing) -> None:
-        rid = t.spec.request_id
+    def _spec(self, seq: Sequence, dest: Destination, tag: str, layer_start: int) -> TransferSpec:
+        """The request's blocks (but those decode has cached), layers ``layer_start`` on."""
+        skip = dest.num_cached
+        return TransferSpec(seq.request_id, tuple(seq.block_ids[skip:]), dest.block_ids[skip:],
+                            tag=tag, layer_start=layer_start)  # fmt: skip
+
+    def _early_sender(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
+        """With layer groups: a hook that, as the forward finishes each group but the last,
+        sends that group of every prompt whose last chunk this step computes."""
+        if len(self.layer_groups) == 1:
+            return None
+        finishing = [
+            (seq, self.destinations[seq.request_id])
+            for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
+            if seq.num_computed_tokens + n == seq.num_tokens and seq.request_id in self.destinations
+        ]  # fmt: skip
+        if not finishing:
+            return None
+        ends = {hi - 1: (lo, hi) for lo, hi in self.layer_groups[:-1]}
+
+        def after_layer(i: int) -> None:
+            if i not in ends:
+                return
+            lo, hi = ends[i]
+            ready = layer_done(self.engine.device)
+            for seq, dest in finishing:
+                rid = seq.request_id
+                going = self.in_flight.get(rid) or Outgoing(
+                    rid, self.peers[dest.peer], seq.num_prompt_tokens, seq.num_output_tokens
+                )
+                spec = dataclasses.replace(self._spec(seq, dest, "", lo), layer_end=hi)
+                self._post(spec, going, ready)
+
+        return after_layer
+
+    def _post(
+        self, spec: TransferSpec, going: Outgoing, ready: Callable[[], None] | None = None
+    ) -> None:
+        self.sender.send(spec, going.peer_key, ready)
+        self.num_transfers += 1
+        going.num_pending += 1
+        self.in_flight[spec.request_id] = going
+
+    def _send(self, spec: TransferSpec, going: Outgoing) -> None:
+        """The request's last transfer (with its token in the tag): a fault-injection point."""
+        rid = spec.request_id
         fault = self.faults.reach("transfer", [rid])
         if fault is None:
-            self.sender.send(t.spec, t.peer_key)
-            self.in_flight[rid] = t
+            self._post(spec, going)
         elif fault.action == "delay":
-            self.delayed.append((time.monotonic() + fault.delay_s, t))
+            self.delayed.append((time.monotonic() + fault.delay_s, spec, going))
         elif fault.action == "drop":  # lost without a word: the coordinator's deadline notices
-            self.kv.free(rid)
+            self._settle(going, None)
         else:  # "fail": as a WRITE the backend refused at once
-            self.kv.free(rid)
-            self.emit([self._transfer_error(t, "injected transfer failure")])
+            self._settle(going, "injected transfer failure")
 
     def _poll_transfers(self) -> bool:
         """Post delayed sends that are due and collect finished transfers; True if any failed."""
         now = time.monotonic()
-        due = [t for when, t in self.delayed if when <= now]
-        self.delayed = [(when, t) for when, t in self.delayed if when > now]
-        for t in due:
-            if t.peer_key in self.sender.peers:
-                self.sender.send(t.spec, t.peer_key)
-                self.in_flight[t.spec.request_id] = t
+        due = [(spec, going) for when, spec, going in self.delayed if when <= now]
+        self.delayed = [entry for entry in self.delayed if entry[0] > now]
+        for spec, going in due:
+            if going.peer_key in self.sender.peers:
+                self._post(spec, going)
             else:  # its decode worker went away meanwhile
-                self.kv.free(t.spec.request_id)
-        errors = []
+                self._settle(going, None)
+        failed = False
         for ev in self.sender.poll():
-            t = self.in_flight.pop(ev.request_id, None)
-            self.kv.free(ev.request_id)
+            going = self.in_flight.get(ev.request_id)
+            if going is None:
+                continue
+            going.num_pending -= 1
             if isinstance(ev, TransferDone):
                 self.transfer_bytes += ev.num_bytes
                 self.transfer_seconds += ev.seconds
-            elif t is not None:
-                errors.append(self._transfer_error(t, ev.reason))
-        self.emit(errors)
-        return bool(errors)
+            else:
+                going.failure = going.failure or ev.reason
+            if going.num_pending == 0:
+                failed |= self._ended(going, going.failure)
+        return failed
 
-    @staticmethod
-    def _transfer_error(t: Outgoing, reason: str) -> OutputDelta:
-        return OutputDelta(
-            t.spec.request_id, (), finish_reason=FINISH_ERROR,
-            error=f"KV transfer failed: {reason}", num_prompt_tokens=t.num_prompt_tokens,
-            num_output_tokens=t.num_output_tokens, fault=FAULT_TRANSFER_FAILED,
-        )  # fmt: skip
+    def _settle(self, going: Outgoing, failure: str | None) -> None:
+        """A transfer that will not be posted: the request ends once its posted ones have."""
+        going.failure = going.failure or failure
+        if going.num_pending == 0:
+            self._ended(going, going.failure)
+
+    def _ended(self, going: Outgoing, failure: str | None) -> bool:
+        """Every transfer of the request is over: free its blocks, report a failure (True)."""
+        self.in_flight.pop(going.request_id, None)
+        self.kv.free(going.request_id)
+        if failure is None or not going.report:
+            return False
+        self.emit([OutputDelta(
+            going.request_id, (), finish_reason=FINISH_ERROR,
+            error=f"KV transfer failed: {failure}", num_prompt_tokens=going.num_prompt_tokens,
+            num_output_tokens=going.num_output_tokens, fault=FAULT_TRANSFER_FAILED,
+        )])  # fmt: skip
+        return True
 
     def _close(self) -> None:
         self.sender.close()

@@ -155,7 +155,8 @@ def test_worker_plans_for_local_yaml_build_engine_configs():
     decode, prefill = (p.spec for p in plans)
     assert decode["output_address"] == "tcp://127.0.0.1:9"
     assert decode["kv_transfer"] == {
-        "backend": "nixl", "host": "127.0.0.1", "port_range": [5600, 5699], "timeout_s": 30.0}
+        "backend": "nixl", "host": "127.0.0.1", "port_range": [5600, 5699], "timeout_s": 30.0,
+        "layer_groups": 1}
     assert decode["max_step_failures"] == 3
     engine = EngineConfig(**decode["engine"])
     assert (engine.num_blocks, engine.max_num_seqs, engine.num_threads) == (1024, 32, 1)

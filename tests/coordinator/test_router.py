@@ -11,9 +11,12 @@ from coordinator.router import (
     DecodeLoad,
     PrefillLoad,
     Route,
+    Weights,
     blocks_for,
+    decode_kv_aware,
     decode_least_loaded,
     decode_round_robin,
+    prefill_kv_aware,
     prefill_least_loaded,
     prefill_round_robin,
     route,
@@ -90,3 +93,23 @@ def test_route():
     # No decode room, or no live prefill worker: the caller must queue.
     assert route("least_loaded", DECODE, PREFILL, 16 * 31, 16) is None
     assert route("least_loaded", DECODE, (), 40, 16) is None
+
+
+def test_kv_aware_weighs_cached_blocks_against_load():
+    loads = (
+        DecodeLoad("d0", num_free_kv_blocks=20, num_running_seqs=1, num_used_kv_blocks=10,
+                   num_cached_blocks=8),
+        DecodeLoad("d1", num_free_kv_blocks=28, num_running_seqs=1, num_used_kv_blocks=2),
+    )  # fmt: skip
+    # 10 blocks: d0 receives 2 and has 10 in use (12); d1 receives 10 and has 2 (12): a tie on
+    # cost and running sequences, broken by id
+    assert decode_kv_aware(loads, 10, 0) == "d0"
+    assert decode_kv_aware(loads, 10, 0, Weights(overlap=2.0, load=1.0)) == "d0"  # 14 < 22
+    assert decode_kv_aware(loads, 10, 0, Weights(overlap=0.5, load=1.0)) == "d1"  # 7 < 11
+    # room counts only the blocks a worker lacks: d0 fits 27 (20 free + 8 cached), d1 does not
+    tight = (loads[0], DecodeLoad("d1", 5, 0, 25))
+    assert decode_kv_aware(tight, 27, 0) == "d0" and decode_kv_aware(tight, 29, 0) is None
+    prefills = (PrefillLoad("p0", 100, num_cached_prefix_tokens=64), PrefillLoad("p1", 0))
+    assert prefill_kv_aware(prefills, 80, 0) == "p1"  # 16 + 100 > 80 + 0
+    assert prefill_kv_aware(prefills, 80, 0, Weights(overlap=4.0, load=1.0)) == "p0"  # 164 < 320
+    assert route("kv_aware", loads, prefills, 160, 16) == Route("p1", "d0")

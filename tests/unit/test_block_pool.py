@@ -180,3 +180,20 @@ def test_reallocated_block_loses_its_hash():
     pool.reset_prefix_cache()
     pool.free([0, 1])
     assert pool.num_free_blocks == 2
+
+
+def test_kv_events_record_cached_and_evicted_hashes_in_order():
+    from core.block_hash import prefix_hashes
+
+    pool = BlockPool(3, 2, record_events=True)
+    ids = pool.allocate(2)
+    tokens = [5, 6, 7, 8]
+    hashes: list[int] = []
+    pool.cache_full_blocks(tokens, ids, hashes)
+    assert hashes == prefix_hashes(tokens, 2)  # the coordinator computes the same chain
+    assert pool.take_events() == [("stored", hashes[0]), ("stored", hashes[1])]
+    assert pool.take_events() == []
+    pool.free(ids)  # still cached: no event
+    pool.allocate(3)  # every block handed out again: both hashes evicted
+    assert sorted(pool.take_events()) == sorted([("removed", h) for h in hashes])
+    assert BlockPool(2, 2).take_events() == []  # not recording

@@ -96,7 +96,8 @@ def test_typo_key_names_path_and_allowed_keys():
         "pools.decode.kv_cache.blok_size: unknown key "
         "(allowed: num_blocks, memory_gib, block_size, dtype)",
         "coordinator.prot: unknown key (allowed: host, port, api_key, max_queued_requests, "
-        "max_prompt_tokens, request_timeout_s, routing, retry, workers, slo, tracing)",
+        "max_prompt_tokens, request_timeout_s, routing, kv_routing, local_prefill, retry, "
+        "workers, slo, tracing)",
     )
 
 
@@ -117,7 +118,7 @@ def test_speculative_only_on_decode():
         ),
         (("coordinator", "port"), "8000", "coordinator.port: "),
         (("coordinator", "port"), 70000, "coordinator.port: "),
-        (("coordinator", "routing"), "random", "(allowed: least_loaded, round_robin)"),
+        (("coordinator", "routing"), "random", "(allowed: least_loaded, round_robin, kv_aware)"),
         (
             ("kv_transfer", "backend"),
             "rdma",

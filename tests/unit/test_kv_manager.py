@@ -23,7 +23,7 @@ def seq(rid: str, n: int, base: int = 100) -> Sequence:
 
 def test_reservation_lands_becomes_a_table_and_frees():
     kv = manager()
-    assert kv.reserve("a", 3) == [0, 1, 2]
+    assert kv.reserve("a", 3) == ([0, 1, 2], 0)
     assert kv.leases() == {"a": ("reserved", 3)}
     with pytest.raises(ValueError, match="duplicate"):
         kv.reserve("a", 1)
@@ -38,6 +38,19 @@ def test_reservation_lands_becomes_a_table_and_frees():
     assert kv.free("a") == 4
     assert s.block_ids == [] and kv.num_used_blocks == 0 and kv.leases() == {}
     assert kv.free("a") == 0  # idempotent
+    kv.check()
+
+
+def test_a_reservation_reuses_a_cached_prefix():
+    kv = manager()
+    a = seq("a", 9)
+    kv.allocate(a, 3)
+    kv.cache_full_blocks(a, 9)  # blocks 0 and 1 hold full, hashed prefix blocks
+    kv.free("a")  # free, but still findable by their hashes
+    assert kv.reserve("b", 3, a.token_ids) == ([0, 1, 3], 2)  # 2 cached, 1 fresh
+    assert kv.num_hit_blocks == 2
+    assert kv.reserve("c", 8, a.token_ids) is None  # not enough: the hits are given back
+    assert kv.ref_counts[:4] == [1, 1, 0, 1]
     kv.check()
 
 

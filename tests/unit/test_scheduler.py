@@ -269,3 +269,24 @@ def test_engine_request_longer_than_the_cache_ends_at_its_capacity(tiny_model):
     assert [len(d.token_ids) for d in deltas] == [1] * 6
     assert deltas[-1].finish_reason == "length"
     assert engine.kv.num_free_blocks == 4
+
+
+def test_interleaved_prefill_alternates_chunks_with_decode_steps():
+    sched = make(32, chunk_size=4, interleave_prefill=True)
+    a = seq("A", 3)
+    sched.add(a)
+    assert shape(step(sched)) == (True, [("A", 3)])  # A prefilled, token 1 sampled
+    b = seq("B", 10)  # 3 chunks of a prompt this worker prefills itself
+    sched.add(b)
+    assert shape(step(sched)) == (False, [("A", 1)])  # a decode step first: A waited a chunk
+    assert shape(step(sched)) == (True, [("B", 4)])
+    assert shape(step(sched)) == (False, [("A", 1)])  # B is between chunks: not decoded
+    assert shape(step(sched)) == (True, [("B", 4)])
+    assert shape(step(sched)) == (False, [("A", 1)])
+    assert shape(step(sched)) == (True, [("B", 2)])
+    assert shape(step(sched)) == (False, [("A", 1), ("B", 1)])
+    plain = make(32, chunk_size=4)  # without it, prefill chunks run back to back
+    plain.add(seq("A", 3))
+    step(plain)
+    plain.add(seq("B", 10))
+    assert [shape(step(plain))[0] for _ in range(4)] == [True, True, True, False]

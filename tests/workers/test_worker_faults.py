@@ -4,17 +4,13 @@ come late, and a restarted decode worker that replaces its dead incarnation at t
 
 from __future__ import annotations
 
-import socket
-
 import pytest
-from worker_harness import collect, spec, tokens_of, wait_until
+from worker_harness import collect, hand_off, spec, tokens_of, wait_until
 
 from core.delta_codec import decode_deltas
 from core.outputs import FAULT_STEP_FAILED, FAULT_TRANSFER_FAILED
 from core.sampling_params import SamplingParams
 from decode.worker import DecodeWorker
-from engine.colocated_worker import ColocatedWorker
-from prefill.worker import PrefillWorker
 
 PROMPT = [5, 17, 3, 42, 8, 23, 11, 2, 31]  # 9 tokens: 3 blocks of 4
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -25,33 +21,6 @@ CUT = 5  # tokens streamed before the worker "failed"
 def next_frame(pull, timeout_ms: int = 30_000) -> list:
     assert pull.poll(timeout_ms), "no frame"
     return decode_deltas(pull.recv())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture()
-def colocated(tiny_model, sink):
-    worker = ColocatedWorker(spec("colo", tiny_model, sink[1]))
-    yield worker
-    worker.shutdown()
-
-
-@pytest.fixture()
-def pair(tiny_model, sink):
-    """decode-0 on a fixed side-channel port, and a prefill worker connected to it."""
-    port = free_port()
-    transfer = {"port_range": [port, port], "timeout_s": 2.0}
-    decode = DecodeWorker(spec("decode-0", tiny_model, sink[1], transfer=transfer))
-    prefill = PrefillWorker(spec("prefill-0", tiny_model, sink[1], transfer=transfer))
-    prefill.connect("decode-0", decode.ready()["kv_address"])
-    workers = {"decode": decode, "prefill": prefill, "transfer": transfer}
-    yield workers
-    workers["prefill"].shutdown()
-    workers["decode"].shutdown()
 
 
 def test_resumed_requests_continue_as_undisturbed_ones(colocated, pair, sink):
@@ -65,9 +34,8 @@ def test_resumed_requests_continue_as_undisturbed_ones(colocated, pair, sink):
         head = ref[:CUT]
         colocated.add_request("colo", PROMPT, params.to_dict(), head)
         decode.add_request("local", PROMPT, params.to_dict(), head)  # recompute on decode
-        blocks = decode.reserve("remote", PROMPT, params.to_dict(), head)
-        assert len(blocks) == -(-(len(PROMPT) + CUT) // 4)
-        prefill.prefill("remote", PROMPT, params.to_dict(), "decode-0", blocks, head)
+        res = hand_off(decode, prefill, "remote", PROMPT, params.to_dict(), head)
+        assert len(res["block_ids"]) == -(-(len(PROMPT) + CUT) // 4)
         got = collect(pull, {"colo", "local", "remote"})
         for rid in ("colo", "local", "remote"):
             assert tokens_of(got[rid]) == ref[CUT:], (rid, params.temperature)
@@ -108,9 +76,7 @@ def test_transfers_lost_failed_or_late(pair, sink):
     params = GREEDY.to_dict()
 
     def start(rid: str) -> list[int]:
-        blocks = decode.reserve(rid, PROMPT, params)
-        prefill.prefill(rid, PROMPT, params, "decode-0", blocks)
-        return blocks
+        return hand_off(decode, prefill, rid, PROMPT, params)["block_ids"]
 
     prefill.arm_fault({"point": "transfer", "action": "drop"})
     blocks = start("lost")
@@ -148,8 +114,7 @@ def test_a_restarted_decode_worker_replaces_its_dead_incarnation(pair, tiny_mode
     assert new.ready()["kv_address"] == old_address
     prefill.connect("decode-0", new.ready()["kv_address"])
     assert len(prefill.sender.peers) == 1  # the old incarnation is gone
-    blocks = new.reserve("r", PROMPT, GREEDY.to_dict())
-    prefill.prefill("r", PROMPT, GREEDY.to_dict(), "decode-0", blocks)
+    blocks = hand_off(new, prefill, "r", PROMPT, GREEDY.to_dict())["block_ids"]
     assert collect(pull, {"r"})["r"][-1].finish_reason == "length"
     assert prefill.stats()["transfer_bytes"] > 0
     prefill.forget("decode-0")

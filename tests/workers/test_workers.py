@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from worker_harness import BLOCK, collect, spec, wait_until
+from worker_harness import BLOCK, collect, hand_off, spec, wait_until
 
 from core.sampling_params import SamplingParams
 from decode.worker import DecodeWorker
@@ -40,9 +40,8 @@ def test_disaggregated_equals_colocated(tiny_model, sink, backend):
         prefill.connect("decode-0", decode.ready()["kv_address"])
         for tag, p_ in (("g", params), ("s", sampled)):
             for i, prompt in enumerate(PROMPTS):
-                blocks = decode.reserve(f"{tag}{i}", prompt, p_.to_dict())
-                assert len(blocks) == -(-len(prompt) // BLOCK)
-                prefill.prefill(f"{tag}{i}", prompt, p_.to_dict(), "decode-0", blocks)
+                res = hand_off(decode, prefill, f"{tag}{i}", prompt, p_.to_dict())
+                assert len(res["block_ids"]) == -(-len(prompt) // BLOCK)
         ids = {f"{t}{i}" for t in "gs" for i in range(len(PROMPTS))}
         got = collect(pull, ids)
         for i in range(len(PROMPTS)):
@@ -65,8 +64,7 @@ def test_first_token_finishing_sends_no_kv_and_aborts_free_everything(tiny_model
     try:
         prefill.connect("decode-0", decode.ready()["kv_address"])
         one = SamplingParams(max_tokens=1, temperature=0).to_dict()
-        blocks = decode.reserve("one", PROMPTS[3], one)
-        prefill.prefill("one", PROMPTS[3], one, "decode-0", blocks)
+        blocks = hand_off(decode, prefill, "one", PROMPTS[3], one)["block_ids"]
         (d,) = collect(pull, {"one"})["one"]
         assert d.finish_reason == "length" and len(d.token_ids) == 1
         assert prefill.stats()["transfer_bytes"] == 0
@@ -75,13 +73,12 @@ def test_first_token_finishing_sends_no_kv_and_aborts_free_everything(tiny_model
         assert decode.stats()["kv_blocks_used"] == 0
         # A long request aborted while decoding frees both sides.
         long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True).to_dict()
-        blocks = decode.reserve("long", PROMPTS[4], long)
-        prefill.prefill("long", PROMPTS[4], long, "decode-0", blocks)
+        hand_off(decode, prefill, "long", PROMPTS[4], long)
         wait_until(lambda: decode.stats()["running"] == 1)
         decode.abort(["long"])
         prefill.abort(["long"])
         # Aborted before prefill ran: nothing is sent, nothing is held.
-        blocks = decode.reserve("early", PROMPTS[2], long)
+        blocks = decode.reserve("early", PROMPTS[2], long)["block_ids"]
         decode.abort(["early"])
         wait_until(lambda: prefill.stats()["kv_blocks_used"] == 0)
         # the early reservation is quarantined until the transfer timeout: not reusable yet
@@ -96,9 +93,10 @@ def test_reserve_refuses_when_full_and_rejects_bad_input(tiny_model, sink):
     decode = DecodeWorker(spec("decode-0", tiny_model, out, num_blocks=4, max_num_seqs=2))
     try:
         p = SamplingParams(max_tokens=4).to_dict()
-        assert decode.reserve("a", list(range(3, 15)), p) == [0, 1, 2]
+        assert decode.reserve("a", list(range(3, 15)), p) == {"block_ids": [0, 1, 2],
+                                                               "num_cached": 0}  # fmt: skip
         assert decode.reserve("b", list(range(3, 15)), p) is None  # 3 more blocks: none
-        assert decode.reserve("c", [5], p) == [3]
+        assert decode.reserve("c", [5], p) == {"block_ids": [3], "num_cached": 0}
         assert decode.reserve("d", [5], p) is None  # max_num_seqs
         with pytest.raises(ValueError, match="duplicate"):
             decode.reserve("a", [5], p)
@@ -126,8 +124,7 @@ def test_fp8_decode_pool_gets_fp8_on_the_wire_and_matches_colocated_fp8(tiny_mod
     try:
         prefill.connect("decode-0", decode.ready()["kv_address"])
         for i, prompt in enumerate(PROMPTS):
-            blocks = decode.reserve(f"r{i}", prompt, params.to_dict())
-            prefill.prefill(f"r{i}", prompt, params.to_dict(), "decode-0", blocks)
+            hand_off(decode, prefill, f"r{i}", prompt, params.to_dict())
         got = collect(pull, {f"r{i}" for i in range(len(PROMPTS))})
         for i in range(len(PROMPTS)):
             assert [t for d in got[f"r{i}"] for t in d.token_ids] == [

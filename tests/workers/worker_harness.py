@@ -1,7 +1,9 @@
-"""Helpers for workers run in this process: their specs, and collecting what they stream."""
+"""Helpers for workers run in this process: their specs, the coordinator's hand-off, and
+collecting what they stream."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 from core.delta_codec import decode_deltas
@@ -11,12 +13,24 @@ BLOCK = 4
 
 def spec(
     name: str, model: str, out: str, backend: str = "nixl", transfer: dict | None = None,
-    **engine,
+    events: str | None = None, **engine,
 ) -> dict:  # fmt: skip
-    eng = dict(model=model, num_blocks=64, block_size=BLOCK, max_model_len=256, num_threads=1)
+    """``events``: where the worker publishes its KV events (they are recorded only then)."""
+    eng = dict(model=model, num_blocks=64, block_size=BLOCK, max_model_len=256, num_threads=1,
+               record_kv_events=events is not None)  # fmt: skip
     return {"name": name, "engine": {**eng, **engine},
             "kv_transfer": {"backend": backend, **(transfer or {})},
-            "output_address": out}  # fmt: skip
+            "output_address": out, "events_address": events}  # fmt: skip
+
+
+def hand_off(decode, prefill, rid: str, prompt: list[int], params: dict,
+             outputs: list[int] | None = None, peer: str = "decode-0") -> dict:  # fmt: skip
+    """Reserve on the decode worker, then prefill into that reservation (what the coordinator
+    does); the reservation ``{"block_ids", "num_cached"}``."""
+    res = decode.reserve(rid, prompt, params, outputs)
+    assert res is not None, f"no room for {rid}"
+    prefill.prefill(rid, prompt, params, peer, res["block_ids"], outputs, res["num_cached"])
+    return res
 
 
 def tokens_of(deltas: list) -> list[int]:
@@ -44,3 +58,9 @@ def wait_until(cond, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
