@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import kernels
@@ -18,6 +19,9 @@ from engine.attention_metadata import AttentionMetadata
 from engine.kv_cache import KVCache
 from engine.linear import Linear
 from engine.model_config import ModelConfig, RopeScaling
+from engine.quantized_weight import QuantizedWeight
+
+Weight = torch.Tensor | QuantizedWeight
 
 
 class RMSNorm(nn.Module):
@@ -123,6 +127,21 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(n, self.q_size))
 
 
+class Embedding(nn.Module):
+    """Token embeddings looked up in a [vocab, hidden] table kept as a ``Linear``'s weight, dense
+    or quantized, so that a tied LM head IS this table (one copy, in whatever form it has)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.table = Linear(hidden_size, vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        t = self.table
+        if t.quantized is None:
+            return F.embedding(input_ids, t.weight)  # [N, hidden]
+        return t.quantized.rows(input_ids).dequantize(dtype)  # only the N rows looked up
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -165,10 +184,11 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        tied = cfg.tie_word_embeddings
+        self.lm_head = self.embed_tokens.table if tied else Linear(cfg.hidden_size, cfg.vocab_size)
         self.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings)
 
     def forward(
@@ -179,7 +199,7 @@ class LlamaForCausalLM(nn.Module):
         kv_cache: KVCache,
     ) -> torch.Tensor:
         """Returns the final hidden states [N, hidden] (normed); see ``compute_logits``."""
-        x, residual = self.embed_tokens(input_ids), None
+        x, residual = self.embed_tokens(input_ids, self.norm.weight.dtype), None
         for layer in self.layers:
             x, residual = layer(x, residual, positions, self.rope, md, kv_cache)
         return self.norm.add_forward(x, residual)[0]
@@ -187,37 +207,75 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [M, vocab], float32 for sampling
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights a decode step reads: every linear (the LM head in full) and every
+        norm; the embedding only as the LM head when tied (a lookup reads a few rows)."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        norms = [m.weight for m in self.modules() if isinstance(m, RMSNorm)]
+        total = sum(m.weight_bytes for m in linears) + sum(w.nbytes for w in norms)
+        untied = not self.config.tie_word_embeddings
+        return total - (self.embed_tokens.table.weight_bytes if untied else 0)
+
     @torch.no_grad()
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Copy HF-named weights in, fusing q/k/v and gate/up. Every parameter must be covered."""
+    def load_weights(
+        self, weights: dict[str, Weight], quantization: str = "none", keep_dense: bool = False
+    ) -> None:
+        """Copy HF-named weights in, fusing q/k/v and gate/up. Every parameter must be covered.
+
+        ``quantization`` int8 / int4 quantizes the layers' linears (int4 in groups of 32, int8
+        per channel) and the LM head (int8 per channel in both modes: it is the largest single
+        matrix and the most sensitive); weights already quantized by the loader stay as they are.
+        A tied embedding shares the head's table; an untied one stays dense (a lookup reads only
+        the tokens' rows). ``keep_dense``: quantized linears also keep a dense copy for large
+        steps (engine/linear.py)."""
         cfg = self.config
         w = dict(weights)
+        head_q = "none" if quantization == "none" else "int8"
 
-        def take(name: str) -> torch.Tensor:
+        def take(name: str) -> Weight:
             if name not in w:
                 raise KeyError(f"missing weight {name!r}")
             return w.pop(name)
 
-        self.embed_tokens.weight.copy_(take("model.embed_tokens.weight"))
+        tied = cfg.tie_word_embeddings
+        # tied: the table is the LM head (packed for oneDNN too when dense: engine/linear.py)
+        self.embed_tokens.table.load(
+            take("model.embed_tokens.weight"), head_q if tied else "none", pack=tied,
+            keep_dense=keep_dense,
+        )  # fmt: skip
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             attn = layer.self_attn
-            attn.qkv_proj.weight.copy_(
-                torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"], dim=0)
-            )
-            attn.o_proj.weight.copy_(take(p + "self_attn.o_proj.weight"))
-            layer.mlp.gate_up_proj.weight.copy_(
-                torch.cat([take(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")], dim=0)
-            )
-            layer.mlp.down_proj.weight.copy_(take(p + "mlp.down_proj.weight"))
+            linears = {
+                attn.qkv_proj: cat_rows([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
+                attn.o_proj: take(p + "self_attn.o_proj.weight"),
+                layer.mlp.gate_up_proj: cat_rows(
+                    [take(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]
+                ),
+                layer.mlp.down_proj: take(p + "mlp.down_proj.weight"),
+            }
+            for module, weight in linears.items():
+                module.load(weight, quantization, keep_dense=keep_dense)
             layer.input_layernorm.weight.copy_(take(p + "input_layernorm.weight"))
             layer.post_attention_layernorm.weight.copy_(take(p + "post_attention_layernorm.weight"))
         self.norm.weight.copy_(take("model.norm.weight"))
-        if cfg.tie_word_embeddings:
+        if tied:
             w.pop("lm_head.weight", None)
-            self.lm_head.weight = self.embed_tokens.weight
         else:
-            self.lm_head.weight.copy_(take("lm_head.weight"))
+            self.lm_head.load(take("lm_head.weight"), head_q, pack=True, keep_dense=keep_dense)
         if w:
             raise KeyError(f"unexpected weights: {sorted(w)[:8]}")
-        self.lm_head.pack_onednn()  # CPU float32 only; see engine/linear.py
+
+
+def cat_rows(parts: list[Weight]) -> Weight:
+    """Concatenate weights along the output rows, staying quantized if every part is (same
+    format); a mix is dequantized first (the layer then quantizes the whole again)."""
+    if all(isinstance(p, QuantizedWeight) for p in parts):
+        try:
+            return QuantizedWeight.cat(parts)
+        except ValueError:
+            pass
+    dense = [p.dequantize() if isinstance(p, QuantizedWeight) else p for p in parts]
+    dtype = next((p.dtype for p in parts if isinstance(p, torch.Tensor)), torch.float32)
+    return torch.cat([d.to(dtype) for d in dense], dim=0)
