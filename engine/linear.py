@@ -51,6 +51,12 @@ class Linear(nn.Module):
         self.weight: nn.Parameter | None = nn.Parameter(torch.empty(out_features, in_features))
         self.quantized: QuantizedWeight | None = None
         self.packed: torch.Tensor | None = None  # oneDNN-blocked copy of weight, see load
+        self._quant_kernel = None  # set with the quantized weight, see bind
+
+    def bind(self, device_type: str, dtype: torch.dtype) -> None:
+        """The quantized kernel for ``dtype`` activations, bound once (``kernels.bind``)."""
+        if self.quantized is not None:
+            self._quant_kernel = kernels.bind(f"{self.quantized.fmt}_linear", device_type, dtype)
 
     @torch.no_grad()
     def load(
@@ -77,6 +83,7 @@ class Linear(nn.Module):
         self.quantized = None
         if isinstance(w, QuantizedWeight):
             self.quantized = w.to(device)
+            self.bind(device.type, dtype)
             if not keep_dense:
                 self.weight = None  # the quantized copy is the only one
                 return
@@ -100,8 +107,7 @@ class Linear(nn.Module):
         q = self.quantized
         if q is not None and (x2.shape[0] <= QUANT_MAX_ROWS or self.weight is None):
             if x2.shape[0] <= QUANT_MAX_ROWS:
-                impl = kernels.int4_linear if q.fmt == "int4" else kernels.int8_linear
-                y = impl(x2, *q.tensors())
+                y = self._quant_kernel(x2, *q.tensors())
             else:  # a large step without a dense copy: dequantize once for all its rows
                 y = linear(x2, q.dequantize(x.dtype))
         elif self.packed is not None and x.device.type == "cpu":

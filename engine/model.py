@@ -32,15 +32,20 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self._norm, self._add_norm = kernels.rms_norm, kernels.add_rms_norm
+
+    def bind(self, device_type: str, dtype: torch.dtype) -> None:
+        self._norm = kernels.bind("rms_norm", device_type, dtype)
+        self._add_norm = kernels.bind("add_rms_norm", device_type, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
+        return self._norm(x, self.weight, self.eps)
 
     def add_forward(
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the residual stream and this sublayer's input."""
-        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
+        return self._add_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -70,12 +75,16 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        self._rotary = kernels.rotary
+
+    def bind(self, device_type: str, dtype: torch.dtype) -> None:
+        self._rotary = kernels.bind("rotary", device_type, dtype)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotated copies of q [N, Hq, D] and k [N, Hkv, D] at positions [N] (rotate-half form)."""
-        return kernels.rotary(q, k, positions, self.cos, self.sin)
+        return self._rotary(q, k, positions, self.cos, self.sin)
 
 
 class Attention(nn.Module):
@@ -93,6 +102,12 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size)
         self.o_proj = Linear(self.q_size, cfg.hidden_size)
         self.scale = cfg.head_dim**-0.5
+        self._decode_attention, self._store_kv = kernels.decode_attention, None
+
+    def bind(self, device_type: str, dtype: torch.dtype) -> None:
+        self._decode_attention = kernels.bind("decode_attention", device_type, dtype)
+        store = kernels.bind("store_kv", device_type, dtype)
+        self._store_kv = None if store is kernels.store_kv else store  # the C++ op: no scales
 
     def forward(
         self,
@@ -103,7 +118,7 @@ class Attention(nn.Module):
         kv_cache: KVCache,
     ) -> torch.Tensor:
         n = x.shape[0]
-        qkv = self.qkv_proj(x)  # [N, q_size + 2 * kv_size]: strided views below, no copies
+        qkv = self.qkv_proj.forward(x)  # [N, q_size + 2 * kv_size]: strided views, no copies
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = rope(
             q.view(n, self.num_heads, self.head_dim),  # [N, Hq, D]
@@ -112,7 +127,10 @@ class Attention(nn.Module):
         )
         v = v.view(n, self.num_kv_heads, self.head_dim)
         k_cache, v_cache, k_scale, v_scale = kv_cache.layer(self.layer_idx)
-        kernels.store_kv(k, v, k_cache, v_cache, md.slot_mapping, k_scale, v_scale)
+        if self._store_kv is not None and k_scale is None and k_cache.dtype == k.dtype:
+            self._store_kv(k, v, k_cache, v_cache, md.slot_mapping)
+        else:  # FP8 (quantized on store) or a cache of another dtype
+            kernels.store_kv(k, v, k_cache, v_cache, md.slot_mapping, k_scale, v_scale)
         if md.is_prefill:
             o = kernels.prefill_attention(
                 q, k, v, md.cu_seqlens, md.max_seqlen, self.scale,
@@ -120,11 +138,11 @@ class Attention(nn.Module):
                 context_lens=md.context_lens, k_scale=k_scale, v_scale=v_scale,
             )  # fmt: skip
         else:
-            o = kernels.decode_attention(
+            o = self._decode_attention(
                 q, k_cache, v_cache, md.block_tables, md.seq_lens, md.cu_seqlens,
-                md.max_seqlen, self.scale, k_scale=k_scale, v_scale=v_scale,
+                md.max_seqlen, self.scale, k_scale, v_scale,
             )  # fmt: skip
-        return self.o_proj(o.reshape(n, self.q_size))
+        return self.o_proj.forward(o.reshape(n, self.q_size))
 
 
 class Embedding(nn.Module):
@@ -147,9 +165,14 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self._silu_mul = kernels.silu_mul
+
+    def bind(self, device_type: str, dtype: torch.dtype) -> None:
+        self._silu_mul = kernels.bind("silu_mul", device_type, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))  # [N, 2I] -> [N, I] -> [N, H]
+        # [N, 2I] -> [N, I] -> [N, H]
+        return self.down_proj.forward(self._silu_mul(self.gate_up_proj.forward(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -175,9 +198,9 @@ class DecoderLayer(nn.Module):
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm.add_forward(x, residual)
-        x = self.self_attn(h, positions, rope, md, kv_cache)
+        x = self.self_attn.forward(h, positions, rope, md, kv_cache)  # (.forward: no hooks used)
         h, residual = self.post_attention_layernorm.add_forward(x, residual)
-        return self.mlp(h), residual
+        return self.mlp.forward(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -201,7 +224,9 @@ class LlamaForCausalLM(nn.Module):
         """Returns the final hidden states [N, hidden] (normed); see ``compute_logits``."""
         x, residual = self.embed_tokens(input_ids, self.norm.weight.dtype), None
         for layer in self.layers:
-            x, residual = layer(x, residual, positions, self.rope, md, kv_cache)
+            # .forward, not __call__: no hooks are used, and Module.__call__ costs ~2 us per call
+            # (~300 module calls in a decode step)
+            x, residual = layer.forward(x, residual, positions, self.rope, md, kv_cache)
         return self.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -266,6 +291,15 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.load(take("lm_head.weight"), head_q, pack=True, keep_dense=keep_dense)
         if w:
             raise KeyError(f"unexpected weights: {sorted(w)[:8]}")
+        self.bind_kernels()
+
+    def bind_kernels(self) -> None:
+        """Point every module at the kernels for this model's device and dtype once
+        (``kernels.bind``), instead of dispatching and checking inputs on every call."""
+        device_type, dtype = self.norm.weight.device.type, self.norm.weight.dtype
+        for module in self.modules():
+            if module is not self and hasattr(module, "bind"):
+                module.bind(device_type, dtype)
 
 
 def cat_rows(parts: list[Weight]) -> Weight:

@@ -19,6 +19,7 @@ import importlib
 from collections.abc import Callable
 from functools import cache
 
+import torch
 from torch import Tensor
 
 from kernels.reference import dequantize_fp8, quantize_fp8
@@ -61,6 +62,19 @@ KERNELS: dict[str, dict[str, str]] = {
         for name in ("int4_linear", "int8_linear")
     },
 }
+
+
+def bind(name: str, device_type: str, dtype: torch.dtype) -> Callable[..., object]:
+    """``name`` for inputs that always come in the engine model's layouts, on ``device_type`` with
+    ``dtype`` activations: on CPU the C++ op itself (``cpu_ext.direct``: no per-call checks),
+    else the dispatch function below (same arguments)."""
+    if device_type == "cpu":
+        from kernels import cpu_ext
+
+        op = cpu_ext.direct(name, dtype)
+        if op is not None:
+            return op
+    return globals()[name]
 
 
 @cache
