@@ -16,6 +16,8 @@ down; so they stream from DRAM as in a real step, not from cache), and separatel
     int8-g32     ours, int8 group 32 (llama.cpp Q8_0: the GGUF's LM head)
     int4         ours, int4 group 32 (llama.cpp Q4_1: the GGUF's layers), float32 activations
     int4-bf16    ours, int4 with bfloat16 activations
+    int4-deq-*   int4 dequantized for the call (C++) to float32 / bfloat16, then ``F.linear``:
+                 what a large step costs without a dense copy (``keep_dense_weights: false``)
 
 It also prints the weight bytes each format reads per model-worth and the copy bandwidth
 measured in the same run: "floor" = bytes / bandwidth, the batch-1 bound.
@@ -101,11 +103,17 @@ def prepare(fmt: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.T
         if fmt == "int4":
             return (lambda x: ops.int4_linear(x, q, d, m)), q.numel() + 4 * d.numel()
         return (lambda x: ops.int4_linear(x.bfloat16(), q, d, m)), q.numel() + 4 * d.numel()
+    if fmt in ("int4-deq-f32", "int4-deq-bf16"):  # large steps without a dense copy
+        q, d, m = qr.quantize_int4(w)
+        dt = torch.float32 if fmt == "int4-deq-f32" else torch.bfloat16
+        return (lambda x: F.linear(x.to(dt), cpu_ext.int4_dequantize(q, d, m, dt))
+                ), q.numel() + 4 * d.numel()  # fmt: skip
     raise ValueError(f"unknown format {fmt!r}")
 
 
 FORMATS = (
-    "f32-mkl f32-split bf16-onednn int8-torch int4-torch int8 int8-g32 int4 int4-bf16".split()
+    "f32-mkl f32-split bf16-onednn int8-torch int4-torch int8 int8-g32 int4 int4-bf16"
+    " int4-deq-f32 int4-deq-bf16".split()
 )
 
 

@@ -19,10 +19,9 @@ Storage and kernel, by device and format (``Linear.load`` picks; ``forward`` fol
 - int8 / int4 (``engine.quantized_weight``): ``kernels.int8_linear`` / ``kernels.int4_linear``,
   the C++ CPU kernels or the Triton ones on CUDA; activations stay in the model dtype. They read
   4-8x fewer bytes than float32 but do the multiply-adds on dequantized floats, so they win only
-  while the weight read dominates: up to ``QUANT_MAX_ROWS`` rows (decode steps of small
-  batches). Larger steps (prefill chunks, big decode batches) take the dense path: the dense copy
-  when ``load(keep_dense=True)`` kept one (more memory), else the weight dequantized for the
-  call (C++ on CPU).
+  while the weight read dominates. Steps of more rows take the dense path: the dense copy when
+  ``load(keep_dense=True)`` kept one (above ``QUANT_MAX_ROWS``: decode batches of 9+, prefill),
+  else the weight dequantized for the call (above ``QUANT_MAX_ROWS_NO_DENSE``: prefill chunks).
 - dense on CUDA: ``F.linear`` (cuBLAS).
 
 Figures: docs/benchmarks.md "Weight-only quantization" (``python -m bench.linear``).
@@ -39,7 +38,11 @@ from engine.quantized_weight import QuantizedWeight
 
 SPLIT_MAX_ROWS = 512
 BLOCKS_PER_THREAD = 3
-QUANT_MAX_ROWS = 8  # rows up to which the quantized kernels beat dense ones (bench.linear)
+# Rows up to which a step uses the quantized kernel: against a kept dense copy (bfloat16 oneDNN
+# / float32 MKL) the crossover is between 8 and 16 rows; against dequantizing the whole weight
+# for the call, near 128 (bench.linear: int4 vs int4-deq-*).
+QUANT_MAX_ROWS = 8
+QUANT_MAX_ROWS_NO_DENSE = 128
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -106,7 +109,8 @@ class Linear(nn.Module):
         x2 = x.reshape(-1, k)  # [M, K]
         q = self.quantized
         if q is not None and (x2.shape[0] <= QUANT_MAX_ROWS or self.weight is None):
-            if x2.shape[0] <= QUANT_MAX_ROWS:
+            limit = QUANT_MAX_ROWS if self.weight is not None else QUANT_MAX_ROWS_NO_DENSE
+            if x2.shape[0] <= limit:
                 y = self._quant_kernel(x2, *q.tensors())
             else:  # a large step without a dense copy: dequantize once for all its rows
                 y = linear(x2, q.dequantize(x.dtype))

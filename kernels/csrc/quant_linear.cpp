@@ -45,6 +45,7 @@ constexpr int kMaxTile = 16;
 using vec = __m512;
 inline vec vzero() { return _mm512_setzero_ps(); }
 inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vec a) { _mm512_storeu_ps(p, a); }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
@@ -67,6 +68,7 @@ constexpr int kMaxTile = 8;
 using vec = __m256;
 inline vec vzero() { return _mm256_setzero_ps(); }
 inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vec a) { _mm256_storeu_ps(p, a); }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
 inline float vsum(vec a) {
@@ -189,13 +191,13 @@ inline void row_tile(const Rows& rows, int64_t n, const float* x, int64_t K, con
 #endif
 }
 
-template <typename Rows>
-void rows_all_m(const Rows& rows, int64_t n, const float* x, int64_t M, int64_t K, const float* buf, float* y,
+template <typename Rows, typename T>
+void rows_all_m(const Rows& rows, int64_t n, const float* x, int64_t M, int64_t K, const float* buf, T* y,
                 int64_t N) {
   float out[kMaxTile];
   int64_t m0 = 0;
   auto emit = [&](int mt) {
-    for (int i = 0; i < mt; ++i) y[(m0 + i) * N + n] = out[i];
+    for (int i = 0; i < mt; ++i) y[(m0 + i) * N + n] = static_cast<T>(out[i]);
     m0 += mt;
   };
   while (m0 + kMaxTile <= M) {
@@ -210,27 +212,39 @@ void rows_all_m(const Rows& rows, int64_t n, const float* x, int64_t M, int64_t 
   if (M - m0 >= 1) { row_tile<1>(rows, n, x + m0 * K, K, buf, out); emit(1); }
 }
 
-// x (any float dtype, [M, K] rows contiguous) -> float32 contiguous [M, K]
-at::Tensor float_rows(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1, "x must be CPU [M, K] with contiguous rows");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
-  return x.scalar_type() == at::kFloat && x.is_contiguous() ? x : x.to(at::kFloat).contiguous();
-}
-
-// y [M, N] float32 = x [M, K] float32 contiguous @ rows^T
+// y [M, N] = x [M, K] @ rows^T in x's dtype (float32 / bfloat16; bfloat16 x is converted once to
+// a float32 buffer here and y rounded as it is stored: no extra torch ops per call)
 template <typename Rows>
 at::Tensor run(const at::Tensor& x, const Rows& rows, int64_t N) {
-  const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1, "x must be CPU [M, K] with contiguous rows");
+  const bool bf = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf || x.scalar_type() == at::kFloat, "x must be float32 or bfloat16");
+  const int64_t M = x.size(0), K = x.size(1), xs = x.stride(0);
+  std::vector<float> xbuf;
+  const float* xp = nullptr;
+  if (!bf && xs == K) {
+    xp = x.data_ptr<float>();
+  } else {
+    xbuf.resize(M * K);
+    if (bf) {
+      const c10::BFloat16* src = x.data_ptr<c10::BFloat16>();
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; ++k) xbuf[m * K + k] = static_cast<float>(src[m * xs + k]);
+    } else {
+      const float* src = x.data_ptr<float>();
+      for (int64_t m = 0; m < M; ++m) std::copy(src + m * xs, src + m * xs + K, xbuf.data() + m * K);
+    }
+    xp = xbuf.data();
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t grain = std::max<int64_t>(1, (N + threads - 1) / threads);  // one range per thread
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(2 * rows.num_scales());
     for (int64_t n = begin; n < end; ++n) {
       rows.load_row_scales(n, buf.data());
-      rows_all_m(rows, n, xp, M, K, buf.data(), yp, N);
+      if (bf) rows_all_m(rows, n, xp, M, K, buf.data(), y.data_ptr<c10::BFloat16>(), N);
+      else rows_all_m(rows, n, xp, M, K, buf.data(), y.data_ptr<float>(), N);
     }
   });
   return y;
@@ -250,8 +264,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
                     t->size(1) == K / kUnit,
                 "int4: scales / mins must be contiguous float16 [N, K / 32]");
   Int4Rows rows{qweight.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), mins.data_ptr<c10::Half>(), K};
-  at::Tensor y = run(float_rows(x), rows, N);
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return run(x, rows, N);
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
@@ -267,31 +280,40 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   const int64_t G = K / scales.size(1);
   TORCH_CHECK(G % kUnit == 0, "int8: the group size must be a multiple of 32");
   Int8Rows rows{qweight.data_ptr<int8_t>(), scales.data_ptr<c10::Half>(), K, G};
-  at::Tensor y = run(float_rows(x), rows, N);
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return run(x, rows, N);
 }
+
+template <typename T>
+inline T* w_out(at::Tensor& w, int64_t offset) { return w.data_ptr<T>() + offset; }
 
 // The whole [N, K] weight in float32 or bfloat16 (for large M: dequantize once, then a dense GEMM)
 template <typename Rows>
 at::Tensor dequantize_rows(const Rows& rows, int64_t N, int64_t K, at::ScalarType dtype) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize to float32 or bfloat16");
-  at::Tensor w = at::empty({N, K}, at::TensorOptions().dtype(dtype));
+  at::Tensor out = at::empty({N, K}, at::TensorOptions().dtype(dtype));
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(2 * rows.num_scales()), row(kUnit);
+    std::vector<float> buf(2 * rows.num_scales());
+    alignas(64) float row[kUnit];
     for (int64_t n = begin; n < end; ++n) {
       rows.load_row_scales(n, buf.data());
       for (int64_t u = 0; u < K / kUnit; ++u) {
-        rows.unit_scalar(n, u, buf.data(), row.data());
+#if defined(__AVX2__) && defined(__FMA__)
+        vec w[kUnit / kLanes];
+        rows.unit(n, u, buf.data(), w);
+        for (int i = 0; i < kUnit / kLanes; ++i) vstore(row + i * kLanes, w[i]);
+#else
+        rows.unit_scalar(n, u, buf.data(), row);
+#endif
         if (dtype == at::kFloat) {
-          std::copy(row.begin(), row.end(), w.data_ptr<float>() + n * K + u * kUnit);
+          std::copy(row, row + kUnit, w_out<float>(out, n * K + u * kUnit));
         } else {
-          c10::BFloat16* o = w.data_ptr<c10::BFloat16>() + n * K + u * kUnit;
+          c10::BFloat16* o = w_out<c10::BFloat16>(out, n * K + u * kUnit);
           for (int64_t j = 0; j < kUnit; ++j) o[j] = static_cast<c10::BFloat16>(row[j]);
         }
       }
     }
   });
-  return w;
+  return out;
 }
 
 at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,

@@ -93,3 +93,19 @@ def test_triton_kernel_matches_reference(fmt, dtype, m, n, k):
     ref = ref_fn(x, *packed)
     # bf16 under the interpreter: computed in float32 (triton_common.dot_dtype), output rounded
     assert rel_err(out, ref) < TOL[dtype] * 4
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "int8-g32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dequantize_is_exact(fmt, dtype):
+    """The whole-weight dequantization (steps too large for the quantized kernels): the
+    reference's float32 weights bit for bit, rounded once to bfloat16."""
+    assert cpu_ext.load_ops() is not None
+    _, packed, _ = _inputs(fmt, 1, 72, 160, dtype, seed=9)
+    if fmt == "int4":
+        got = cpu_ext.int4_dequantize(*packed, dtype)
+        want = quant_reference.dequantize_int4(*packed)
+    else:
+        got = cpu_ext.int8_dequantize(*packed, dtype)
+        want = quant_reference.dequantize_int8(*packed)
+    assert torch.equal(got, want.to(dtype))
