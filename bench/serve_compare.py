@@ -86,7 +86,9 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str, prom
 
 
 async def run_load(url: str, model: str, prompts: list[list[int]], concurrency: int,
-                   num_requests: int, output_len: int) -> dict:  # fmt: skip
+                   num_requests: int, output_len: int, deadline_s: float | None = None) -> dict:
+    """``num_requests`` requests over ``concurrency`` closed-loop clients (no new request after
+    ``deadline_s`` seconds, if given)."""
     queue = list(range(num_requests))
     samples: list[Sample] = []
     timeout = aiohttp.ClientTimeout(total=1800)
@@ -94,12 +96,12 @@ async def run_load(url: str, model: str, prompts: list[list[int]], concurrency: 
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
 
         async def client() -> None:
-            while queue:
+            while queue and (deadline_s is None or time.perf_counter() - start < deadline_s):
                 i = queue.pop()
                 samples.append(await one_request(session, url, model, prompts[i % len(prompts)],
                                                  output_len))  # fmt: skip
 
-        start = time.perf_counter()
+        start = time.perf_counter()  # (read by the clients: set before they run)
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - start
     ok = [s for s in samples if s.error is None]

@@ -191,6 +191,31 @@ inline void row_tile(const Rows& rows, int64_t n, const float* x, int64_t K, con
 #endif
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// M == 1 (a batch-1 decode step), two weight rows at once: the x loads are shared and the fixed
+// cost of a row (scales, reduction, store) overlaps with the other row's work
+template <typename Rows>
+inline void row_pair_m1(const Rows& rows, int64_t n, const float* x, int64_t K, const float* buf0,
+                        const float* buf1, float* out) {
+  constexpr int W = kUnit / kLanes;
+  vec a0[W], a1[W];
+  for (int i = 0; i < W; ++i) a0[i] = a1[i] = vzero();
+  for (int64_t u = 0; u < K / kUnit; ++u) {
+    vec w0[W], w1[W];
+    rows.unit(n, u, buf0, w0);
+    rows.unit(n + 1, u, buf1, w1);
+    for (int i = 0; i < W; ++i) {
+      const vec xv = vload(x + u * kUnit + i * kLanes);
+      a0[i] = vfma(w0[i], xv, a0[i]);
+      a1[i] = vfma(w1[i], xv, a1[i]);
+    }
+  }
+  for (int i = 1; i < W; ++i) a0[0] = vadd(a0[0], a0[i]), a1[0] = vadd(a1[0], a1[i]);
+  out[0] = vsum(a0[0]);
+  out[1] = vsum(a1[0]);
+}
+#endif
+
 template <typename Rows, typename T>
 void rows_all_m(const Rows& rows, int64_t n, const float* x, int64_t M, int64_t K, const float* buf, T* y,
                 int64_t N) {
@@ -239,12 +264,28 @@ at::Tensor run(const at::Tensor& x, const Rows& rows, int64_t N) {
   at::Tensor y = at::empty({M, N}, x.options());
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t grain = std::max<int64_t>(1, (N + threads - 1) / threads);  // one range per thread
+  float* yf = bf ? nullptr : y.data_ptr<float>();
+  c10::BFloat16* yb = bf ? y.data_ptr<c10::BFloat16>() : nullptr;
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(2 * rows.num_scales());
-    for (int64_t n = begin; n < end; ++n) {
+    const int64_t ns = 2 * rows.num_scales();
+    std::vector<float> buf(2 * ns);
+    int64_t n = begin;
+#if defined(__AVX2__) && defined(__FMA__)
+    for (; M == 1 && n + 2 <= end; n += 2) {
+      float out[2];
       rows.load_row_scales(n, buf.data());
-      if (bf) rows_all_m(rows, n, xp, M, K, buf.data(), y.data_ptr<c10::BFloat16>(), N);
-      else rows_all_m(rows, n, xp, M, K, buf.data(), y.data_ptr<float>(), N);
+      rows.load_row_scales(n + 1, buf.data() + ns);
+      row_pair_m1(rows, n, xp, K, buf.data(), buf.data() + ns, out);
+      for (int i = 0; i < 2; ++i) {
+        if (bf) yb[n + i] = static_cast<c10::BFloat16>(out[i]);
+        else yf[n + i] = out[i];
+      }
+    }
+#endif
+    for (; n < end; ++n) {
+      rows.load_row_scales(n, buf.data());
+      if (bf) rows_all_m(rows, n, xp, M, K, buf.data(), yb, N);
+      else rows_all_m(rows, n, xp, M, K, buf.data(), yf, N);
     }
   });
   return y;

@@ -47,6 +47,7 @@ CASES = [  # (M, N, K): decode and prefill-like M, N not a multiple of anything,
     (3, 96, 576),
     (9, 24, 96),
     (33, 48, 160),
+    (1, 37, 96),  # batch 1 (rows in pairs) with an odd row left over
 ]
 
 

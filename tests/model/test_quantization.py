@@ -19,15 +19,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.chat_prompts import CHAT_PROMPTS
-from bench.quant_quality import HELDOUT, compare, greedy, perplexity
+from bench.quant_quality import HELDOUT, MODEL, compare, greedy, make_runner, perplexity
 from core.sampling_params import SamplingParams
+from core.tokenizer import Tokenizer
 from engine import engine_config
 from engine.engine_config import EngineConfig, auto_dtype
 from engine.engine_core import EngineCore
-from engine.llm import LLM
 from engine.loader import load_model
 from engine.loader.gguf_loader import KEPT_BLOCKS, hf_name, unpermute_rows
 from engine.quantized_weight import QuantizedWeight
+from engine.tokenizer_files import load_tokenizer_files
 from tests.model.test_engine_vs_hf import run_engine
 
 
@@ -122,27 +123,25 @@ def test_auto_dtype_follows_the_cpu(monkeypatch):
         EngineConfig(quantization="int3")
 
 
-# The real model, against float32: 8 chat prompts x 32 greedy tokens and the held-out text.
-# Measured (2026-12-01, bench.quant_quality --prompts 8 --new-tokens 32): see the bounds' notes.
+# The real model, against float32: 8 chat prompts x 32 greedy tokens and the held-out text, in
+# batches of 8 (decode steps on the quantized kernels). Measured with the same sizes (``python -m
+# bench.quant_quality --prompts 8 --new-tokens 32 --configs float32:int4,float32:int8``):
+# int4 8/8 identical, |dlp| 0 (to 4 places), ppl ratio 1.0000; int8 see the bounds below.
 @pytest.mark.slow
 def test_real_model_quality_bounded():
-    def llm(quantization: str) -> LLM:
-        return LLM(EngineConfig(quantization=quantization, num_blocks=256, num_threads=2))
-
-    ref_llm = llm("none")
-    prompts = [ref_llm.encode_chat(p) for p in CHAT_PROMPTS[:8]]
-    text = ref_llm.tokenizer.encode(HELDOUT.read_text())
-    ref = greedy(ref_llm, prompts, 32)
-    ppl_ref = perplexity(ref_llm, text)
-    del ref_llm
+    tokenizer = Tokenizer(load_tokenizer_files(MODEL))
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}])
+               for p in CHAT_PROMPTS[:8]]  # fmt: skip
+    text = tokenizer.encode(HELDOUT.read_text())
+    runner = make_runner("float32:none", tokenizer, 2, 8)
+    ref, ppl_ref = greedy(runner, prompts, 32), perplexity(runner, text)
     # int4 from the GGUF: the very same weights (Q4_1 layers, Q8_0 head): float32 rounding only
-    int4 = llm("int4")
-    a = compare(*ref, *greedy(int4, prompts, 32))
+    runner = make_runner("float32:int4", tokenizer, 2, 8)
+    a = compare(*ref, *greedy(runner, prompts, 32))
     assert a.num_identical >= 7 and a.mean_abs_dlogprob < 1e-3, a
-    assert abs(perplexity(int4, text) / ppl_ref - 1) < 1e-3
-    del int4
+    assert abs(perplexity(runner, text) / ppl_ref - 1) < 1e-3
     # int8: the Q4_1 layers requantized per channel (a second rounding of every weight)
-    int8 = llm("int8")
-    a = compare(*ref, *greedy(int8, prompts, 32))
-    assert a.num_identical >= 3 and a.mean_common_prefix >= 16 and a.mean_abs_dlogprob < 0.05, a
-    assert 0 < a.max_abs_dlogprob and abs(perplexity(int8, text) / ppl_ref - 1) < 0.02
+    runner = make_runner("float32:int8", tokenizer, 2, 8)
+    a = compare(*ref, *greedy(runner, prompts, 32))
+    assert a.num_identical >= 2 and a.mean_common_prefix >= 14 and a.mean_abs_dlogprob < 0.06, a
+    assert 0 < a.max_abs_dlogprob and abs(perplexity(runner, text) / ppl_ref - 1) < 0.02
