@@ -92,7 +92,9 @@ async def run_load(url: str, model: str, prompts: list[list[int]], concurrency: 
     queue = list(range(num_requests))
     samples: list[Sample] = []
     timeout = aiohttp.ClientTimeout(total=1800)
-    connector = aiohttp.TCPConnector(limit=0)
+    # a new connection per request: llama-server drops idle keep-alive connections, which
+    # aiohttp would otherwise reuse and fail on ("Can not write request body")
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
 
         async def client() -> None:

@@ -158,9 +158,10 @@ inline void row_tile(const Rows& rows, int64_t n, const float* x, int64_t K, con
   const int64_t units = K / kUnit;
 #if defined(__AVX2__) && defined(__FMA__)
   constexpr int W = kUnit / kLanes;
-  // independent accumulators per row: an FMA's 4-cycle latency would otherwise bound a unit to
-  // W chained FMAs (a single row has nothing else to overlap them with)
-  constexpr int A = MT == 1 ? W : (W < 2 ? W : 2);
+  // two accumulators per row (lane i of a unit goes to i % 2), the same for every MT and for
+  // row_pair_m1, so a row's result does not depend on the batch it is in (batch invariance:
+  // speculative verification of k + 1 rows reproduces plain decoding bit for bit)
+  constexpr int A = W < 2 ? W : 2;
   vec acc[MT][A];
   for (int m = 0; m < MT; ++m)
     for (int a = 0; a < A; ++a) acc[m][a] = vzero();
@@ -197,20 +198,20 @@ inline void row_tile(const Rows& rows, int64_t n, const float* x, int64_t K, con
 template <typename Rows>
 inline void row_pair_m1(const Rows& rows, int64_t n, const float* x, int64_t K, const float* buf0,
                         const float* buf1, float* out) {
-  constexpr int W = kUnit / kLanes;
-  vec a0[W], a1[W];
-  for (int i = 0; i < W; ++i) a0[i] = a1[i] = vzero();
+  constexpr int W = kUnit / kLanes, A = W < 2 ? W : 2;  // accumulators as in row_tile
+  vec a0[A], a1[A];
+  for (int i = 0; i < A; ++i) a0[i] = a1[i] = vzero();
   for (int64_t u = 0; u < K / kUnit; ++u) {
     vec w0[W], w1[W];
     rows.unit(n, u, buf0, w0);
     rows.unit(n + 1, u, buf1, w1);
     for (int i = 0; i < W; ++i) {
       const vec xv = vload(x + u * kUnit + i * kLanes);
-      a0[i] = vfma(w0[i], xv, a0[i]);
-      a1[i] = vfma(w1[i], xv, a1[i]);
+      a0[i % A] = vfma(w0[i], xv, a0[i % A]);
+      a1[i % A] = vfma(w1[i], xv, a1[i % A]);
     }
   }
-  for (int i = 1; i < W; ++i) a0[0] = vadd(a0[0], a0[i]), a1[0] = vadd(a1[0], a1[i]);
+  for (int i = 1; i < A; ++i) a0[0] = vadd(a0[0], a0[i]), a1[0] = vadd(a1[0], a1[i]);
   out[0] = vsum(a0[0]);
   out[1] = vsum(a1[0]);
 }

@@ -110,3 +110,16 @@ def test_cpu_dequantize_is_exact(fmt, dtype):
         got = cpu_ext.int8_dequantize(*packed, dtype)
         want = quant_reference.dequantize_int8(*packed)
     assert torch.equal(got, want.to(dtype))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_cpu_kernel_is_batch_invariant(fmt):
+    """A row's output does not depend on how many rows share the call (tiles of 16 / 8 / 4 / 2 /
+    1, batch-1 row pairs): speculative verification (k + 1 rows) reproduces plain decoding."""
+    ops = cpu_ext.load_ops()
+    x, packed, _ = _inputs(fmt, 23, 38, 160, torch.float32, seed=4)
+    op = ops.int4_linear if fmt == "int4" else ops.int8_linear
+    full = op(x, *packed)
+    for m in (1, 2, 5, 9):
+        assert torch.equal(op(x[:m].contiguous(), *packed), full[:m])
+    assert torch.equal(op(x[7:8].contiguous(), *packed), full[7:8])
