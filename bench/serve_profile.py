@@ -49,9 +49,9 @@ COORD_MARKERS = [
 
 def record(pid: int, seconds: float, out: Path) -> subprocess.Popen:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    return subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "200",
-                             "--format", "raw", "--idle", "--nonblocking", "-o", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    args = [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "200", "--format",
+            "raw", "--idle", "--threads", "--nonblocking", "-o", str(out)]  # fmt: skip
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def breakdown(raw: Path, markers: list[tuple[str, str]]) -> dict[str, collections.Counter]:
@@ -61,7 +61,7 @@ def breakdown(raw: Path, markers: list[tuple[str, str]]) -> dict[str, collection
         stack, _, count = line.rpartition(" ")
         if not stack:
             continue
-        thread = stack.split(";", 1)[0]
+        thread = stack.split(";", 2)[1] if stack.startswith("process") else stack.split(";", 1)[0]
         label = next((name for name, key in markers if key in stack), "other")
         threads[thread][label] += int(count)
     return threads

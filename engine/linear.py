@@ -38,11 +38,13 @@ from engine.quantized_weight import QuantizedWeight
 
 SPLIT_MAX_ROWS = 512
 BLOCKS_PER_THREAD = 3
-# Rows up to which a step uses the quantized kernel: against a kept dense copy (bfloat16 oneDNN
-# / float32 MKL) the crossover is between 8 and 16 rows; against dequantizing the whole weight
-# for the call, near 128 (bench.linear: int4 vs int4-deq-*).
+# Rows up to which a step uses the quantized kernel (CPU, 2 threads, SmolLM2's 30 layers,
+# ``python -m bench.linear``): against a kept dense copy (bfloat16 oneDNN / float32 MKL) the
+# crossover is between 8 and 16 rows; against dequantizing the whole weight for the call, near 16
+# rows for bfloat16 (int4 43.8 vs 60.7 ms at 16, 167.6 vs 75.3 at 64) and between 32 and 64 for
+# float32 (int4 vs int4-deq-f32: 43.8 vs 91.6 ms at 16, 167.6 vs 154.4 at 64).
 QUANT_MAX_ROWS = 8
-QUANT_MAX_ROWS_NO_DENSE = 128
+QUANT_MAX_ROWS_NO_DENSE = {torch.float32: 48, torch.bfloat16: 16, torch.float16: 16}
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -109,7 +111,7 @@ class Linear(nn.Module):
         x2 = x.reshape(-1, k)  # [M, K]
         q = self.quantized
         if q is not None and (x2.shape[0] <= QUANT_MAX_ROWS or self.weight is None):
-            limit = QUANT_MAX_ROWS if self.weight is not None else QUANT_MAX_ROWS_NO_DENSE
+            limit = QUANT_MAX_ROWS if self.weight is not None else QUANT_MAX_ROWS_NO_DENSE[x.dtype]
             if x2.shape[0] <= limit:
                 y = self._quant_kernel(x2, *q.tensors())
             else:  # a large step without a dense copy: dequantize once for all its rows
