@@ -11,7 +11,8 @@ down; so they stream from DRAM as in a real step, not from cache), and separatel
     f32-split    float32, the engine's split bmm (``engine.linear.linear``, bit-identical to MKL)
     bf16-onednn  bfloat16 weights packed for oneDNN (``torch.ops.mkldnn._linear_pointwise``)
     int8-torch   ``torch._weight_int8pack_mm`` (int8 per channel; float32 activations)
-    int4-torch   ``torch._weight_int4pack_mm_for_cpu`` (int4, group 32; bfloat16 activations)
+    int4-torch   ``torch._weight_int4pack_mm_for_cpu`` (int4, group 32; bfloat16 activations,
+                 bfloat16 scale / zero point); int4-torch-f32: the same with float32 ones
     int8         ours (kernels/csrc/quant_linear.cpp), int8 per channel, float32 activations
     int8-g32     ours, int8 group 32 (llama.cpp Q8_0: the GGUF's LM head)
     int4         ours, int4 group 32 (llama.cpp Q4_1: the GGUF's layers), float32 activations
@@ -83,7 +84,8 @@ def prepare(fmt: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.T
         q, s = qr.quantize_int8(w)
         sf = s.float()[:, 0].contiguous()
         return (lambda x: torch.ops.aten._weight_int8pack_mm(x, q, sf)), q.numel() + sf.numel() * 4
-    if fmt == "int4-torch":
+    if fmt in ("int4-torch", "int4-torch-f32"):
+        dt = torch.float32 if fmt == "int4-torch-f32" else torch.bfloat16
         n, k = w.shape
         g = w.reshape(n, k // 32, 32)
         lo, hi = g.amin(-1), g.amax(-1)
@@ -92,9 +94,9 @@ def prepare(fmt: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.T
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(n, k), 1)
         # torch's zero point is the value of q = 8: w = (q - 8) * scale + zero
         zero = lo + 8 * scale
-        sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16()  # [K/32, N, 2]
-        return (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, 32, sz)
-                ), n * k // 2 + sz.numel() * 2  # fmt: skip
+        sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(dt)  # [K/32, N, 2]
+        return (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(dt), packed, 32, sz)
+                ), n * k // 2 + sz.numel() * sz.element_size()  # fmt: skip
     if fmt in ("int8", "int8-g32"):
         q, s = qr.quantize_int8(w, 32 if fmt == "int8-g32" else None)
         return (lambda x: ops.int8_linear(x, q, s)), q.numel() + s.numel() * 2
@@ -112,8 +114,8 @@ def prepare(fmt: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.T
 
 
 FORMATS = (
-    "f32-mkl f32-split bf16-onednn int8-torch int4-torch int8 int8-g32 int4 int4-bf16"
-    " int4-deq-f32 int4-deq-bf16".split()
+    "f32-mkl f32-split bf16-onednn int8-torch int4-torch int4-torch-f32 int8 int8-g32 int4"
+    " int4-bf16 int4-deq-f32 int4-deq-bf16".split()
 )
 
 
