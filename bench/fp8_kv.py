@@ -7,12 +7,13 @@ Capacity (exact, from ``KVCacheSpec``): blocks, tokens of KV and how many ``--se
 sequences fit in ``--budget-mib``, for float32 (our CPU default), bfloat16 (arithmetic only: a
 16-bit cache is what a GPU deployment compares against) and fp8_e4m3 (+ its float32 scales).
 
-Throughput: the same engine (builtin SmolLM2-135M, float32 weights) with ``kv_cache_bytes`` =
-the budget, for each cache dtype in one process, on the same requests: ``--num-requests``
-random-token prompts of ``--seq-len - --max-new`` tokens, ``--max-new`` greedy tokens each
-(ignore_eos), all submitted at once, so the running batch is limited by the KV budget (not by
-``max_num_seqs``). Reported: output tokens / wall time (prefill included), decode tokens /
-decode-step time, the mean and max running batch in decode steps, and preemptions (a sequence
+Throughput: the same engine (builtin SmolLM2-135M; ``--dtype`` / ``--quantization`` weights,
+float32 unquantized by default) with ``kv_cache_bytes`` = the budget, for the model dtype's
+cache and FP8 in one process, on the same requests: ``--num-requests`` random-token prompts
+of ``--seq-len - --max-new`` tokens, ``--max-new`` greedy tokens each (ignore_eos), all
+submitted at once, so the running batch is limited by the KV budget (not by ``max_num_seqs``).
+Reported: output tokens / wall time (prefill included), decode tokens / decode-step time, the
+mean and max running batch in decode steps, and preemptions (a sequence
 that cannot grow is evicted and recomputed later).
 """
 
@@ -104,13 +105,19 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", help="model.dtype (auto: per CPU)")
+    ap.add_argument("--quantization", default="none", help="none | int8 | int4 (+dense)")
     args = ap.parse_args()
+    quant = args.quantization.removesuffix("+dense")
     torch.set_num_threads(args.threads)
     budget = args.budget_mib << 20
     print(f"machine: {machine()}; torch threads {args.threads}; load avg {load_average()}")
 
     base = EngineConfig(block_size=args.block_size, kv_cache_bytes=budget, num_threads=args.threads,
-                        max_num_seqs=256, enable_prefix_caching=False)  # fmt: skip
+                        max_num_seqs=256, enable_prefix_caching=False, dtype=args.dtype,
+                        quantization=quant,
+                        keep_dense_weights=args.quantization != quant)  # fmt: skip
+    print(f"model {base.torch_dtype} weights, quantization {args.quantization}")
     model_config, model = build_model(base, torch.device("cpu"))
     mc = model_config
     caps = [capacity(name, KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim,
@@ -132,7 +139,8 @@ def main() -> None:
     prompts = [torch.randint(100, mc.vocab_size, (prompt_len,), generator=gen).tolist()
                for _ in range(args.num_requests)]  # fmt: skip
     results = []
-    for name, kv in (("float32", "auto"), ("fp8_e4m3", "fp8_e4m3")):
+    full = str(base.kv_torch_dtype).removeprefix("torch.")  # the model dtype's cache
+    for name, kv in ((full, "auto"), ("fp8_e4m3", "fp8_e4m3")):
         engine = EngineCore(EngineConfig(**{**base.__dict__, "kv_cache_dtype": kv}),
                             model=(model_config, model))  # fmt: skip
         run(engine, f"warm-{name}", prompts[:1], 4)  # allocator, thread pool
@@ -147,7 +155,7 @@ def main() -> None:
         print(f"{r.name:>9} {r.seconds:8.1f} {r.tokens_per_s:7.1f} {r.decode_tokens_per_s:13.1f} "
               f"{r.mean_batch:11.2f} {r.max_batch:10d} {r.num_preemptions:8d}")  # fmt: skip
     f32, q8 = results
-    print(f"fp8 / float32: tok/s {q8.tokens_per_s / f32.tokens_per_s:.2f}x, decode tok/s "
+    print(f"fp8 / {full}: tok/s {q8.tokens_per_s / f32.tokens_per_s:.2f}x, decode tok/s "
           f"{q8.decode_tokens_per_s / f32.decode_tokens_per_s:.2f}x")
 
 

@@ -3,7 +3,8 @@
     python -m bench.spec_decode                         # both workloads, batch 1 and 16
     python -m bench.spec_decode --max-new 32 --batch1-prompts 2   # a quick run
 
-Target: the builtin SmolLM2-135M (float32). Draft: there is no smaller model with SmolLM2's
+Target: the builtin SmolLM2-135M (``--dtype`` / ``--quantization``, float32 by default; intra-op
+threads ``--threads``, 1 by default). Draft: there is no smaller model with SmolLM2's
 tokenizer on this machine, so the draft is SmolLM2 itself cut to its first ``--draft-layers``
 layers (+ final norm and the tied embedding as head), saved as a HF directory in a temp dir:
 a self-speculative, early-exit draft, untrained as such.
@@ -175,9 +176,11 @@ def generate(engine: EngineCore, prompts: list[list[int]], max_new: int, tag: st
     return [out[r] for r in ids], decode_s, decode_tok, sum(s.spec_disabled for s in seqs)
 
 
-def run_config(model, tokenizer, spec: SpeculativeConfig, prompts, batch: int, max_new: int):
-    engine = EngineCore(EngineConfig(model=MODEL, num_threads=1, num_blocks=1024,
-                                     speculative=spec), tokenizer, model=model)  # fmt: skip
+def run_config(model, tokenizer, spec: SpeculativeConfig, prompts, batch: int, max_new: int,
+               base: EngineConfig | None = None):  # fmt: skip
+    base = base or EngineConfig(model=MODEL, num_threads=1)
+    engine = EngineCore(EngineConfig(**{**base.__dict__, "num_blocks": 1024, "speculative": spec}),
+                        tokenizer, model=model)  # fmt: skip
     groups = [prompts] if batch > 1 else [[p] for p in prompts]
     tokens, seconds, count, off = [], 0.0, 0, 0
     for i, group in enumerate(groups):
@@ -196,10 +199,18 @@ def main() -> None:
     ap.add_argument("--draft-k", type=int, default=3)
     ap.add_argument("--draft-layers", type=int, default=20)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", help="model.dtype of the target (auto: per CPU)")
+    ap.add_argument("--quantization", default="none", help="none | int8 | int4 (+dense: a dense "
+                    "copy for large steps, keep_dense_weights)")  # fmt: skip
     args = ap.parse_args()
-    print(f"machine: {machine()}; torch threads 1; load avg {load_average()}", flush=True)
+    quant = args.quantization.removesuffix("+dense")
+    base = EngineConfig(model=MODEL, num_threads=args.threads, dtype=args.dtype,
+                        quantization=quant, keep_dense_weights=args.quantization != quant)
+    print(f"machine: {machine()}; torch threads {args.threads}; target {base.torch_dtype} "
+          f"{args.quantization}; load avg {load_average()}", flush=True)  # fmt: skip
     tokenizer = Tokenizer(load_tokenizer_files(MODEL))
-    model = build_model(EngineConfig(model=MODEL), torch.device("cpu"))
+    model = build_model(base, torch.device("cpu"))
     workloads = {
         name: [tokenizer.apply_chat_template([{"role": "user", "content": m}]) for m in msgs]
         for name, msgs in (("grounded", grounded_messages()), ("chat", CHAT))
@@ -214,13 +225,13 @@ def main() -> None:
             f"draft {args.draft_layers}L k={args.draft_k}": SpeculativeConfig(
                 method="draft", num_speculative_tokens=args.draft_k, draft_model=str(draft_dir)),
         }  # fmt: skip
-        run_config(model, tokenizer, SpeculativeConfig(), workloads["chat"][:1], 1, 8)  # warm-up
+        run_config(model, tokenizer, SpeculativeConfig(), workloads["chat"][:1], 1, 8, base)
         for wname, prompts in workloads.items():
             for batch in (1, 16):
                 chosen = prompts[: args.batch1_prompts] if batch == 1 else prompts[:batch]
                 base = None
                 for cname, spec in configs.items():
-                    r = run_config(model, tokenizer, spec, chosen, batch, args.max_new)
+                    r = run_config(model, tokenizer, spec, chosen, batch, args.max_new, base)
                     if base is None:
                         base = r
                     assert r.tokens == base.tokens, f"{cname} changed the greedy output"

@@ -35,6 +35,8 @@ def engine_fields(config: TandemConfig, pool: PoolSection) -> dict:
     fields = {
         "model": config.model.source,
         "dtype": config.model.dtype,
+        "quantization": config.model.quantization,
+        "keep_dense_weights": config.model.keep_dense_weights,
         "max_model_len": config.model.max_model_len,
         "device": "cuda" if on_gpu else "cpu",
         "block_size": kv.block_size,

@@ -3,7 +3,7 @@
 Layout of a file (every key but ``model.name`` and ``pools`` has a default)::
 
     mode: disaggregated            # or colocated
-    model: {name, source, dtype, max_model_len}
+    model: {name, source, dtype, quantization, max_model_len}
     pools:
       prefill:  {replicas, resources, scheduler, kv_cache}               # disaggregated only
       decode:   {replicas, resources, scheduler, kv_cache, speculative}  # disaggregated only
@@ -49,7 +49,8 @@ __all__ = ["ConfigError", "TandemConfig", "load_config", "parse_config", "BUILTI
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
 
-ModelDtype = Literal["float32", "float16", "bfloat16"]
+ModelDtype = Literal["auto", "float32", "float16", "bfloat16"]  # auto: engine.engine_config
+Quantization = Literal["none", "int8", "int4"]  # weight-only: engine/quantized_weight.py
 KVDtype = Literal["auto", "fp8_e4m3"]  # auto: the model dtype
 BlockSize = Literal[1, 2, 4, 8, 16, 32, 64, 128, 256]
 SpecMethod = Literal["none", "ngram", "draft"]
@@ -68,7 +69,13 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     name: str = Field(min_length=1)  # the name clients pass as "model"
     source: str = BUILTIN_PREFIX + BUILTIN_MODELS[0]  # builtin:<name> | HF directory | .gguf path
+    # auto: bfloat16 on CUDA and on CPUs with native bf16 matmuls (AVX512-BF16 / AMX), else
+    # float32 (engine.engine_config.auto_dtype; each worker resolves it on its own device)
     dtype: ModelDtype = "float32"
+    quantization: Quantization = "none"  # weight-only int8 (per channel) / int4 (groups of 32)
+    # with quantization: also keep each weight dense (model dtype) for steps of more than 8 rows
+    # (prefill chunks, large decode batches), where dense kernels win; costs the dense memory
+    keep_dense_weights: bool = False
     max_model_len: PositiveInt = 2048
 
     @field_validator("source")

@@ -7,12 +7,34 @@ from dataclasses import dataclass
 import torch
 
 from engine.kv_cache import KV_DTYPES
+from engine.quantized_weight import QUANTIZATIONS
 
 MODEL_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+DTYPE_CHOICES = ("auto", *MODEL_DTYPES)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or usable AMX tiles), as
+    torch's cpuinfo and oneDNN see it. Without either, oneDNN emulates bf16 matmuls with float32
+    ones plus conversions (slower than float32), so ``auto`` stays on float32."""
+    cpu = torch.cpu
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return True
+    # AMX is listed on some VMs whose kernel does not grant the tile state: ask for it first
+    return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+                and torch._C._cpu._init_amx())  # fmt: skip
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """``dtype: auto``: bfloat16 on CUDA (float16 before Ampere) and on a CPU with native bf16
+    matmuls; float32 on other CPUs."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
 SPEC_METHODS = ("none", "ngram", "draft")
@@ -49,7 +71,9 @@ class SpeculativeConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     model: str = "builtin:smollm2-135m-instruct"
-    dtype: str = "float32"
+    dtype: str = "float32"  # or auto (see auto_dtype), bfloat16, float16
+    quantization: str = "none"  # none | int8 | int4: weight-only (engine/quantized_weight.py)
+    keep_dense_weights: bool = False  # quantized: also a dense copy for large steps (linear.py)
     max_model_len: int = 2048
     device: str = "auto"  # "auto": cuda if available, else cpu
     block_size: int = 16
@@ -70,8 +94,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if isinstance(self.speculative, dict):  # from a msgpack / Ray worker spec
             object.__setattr__(self, "speculative", SpeculativeConfig(**self.speculative))
-        if self.dtype not in MODEL_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(MODEL_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}"
+            )
         if self.kv_cache_dtype not in ("auto", "fp8_e4m3"):
             raise ValueError(
                 f"kv_cache_dtype must be 'auto' or 'fp8_e4m3', got {self.kv_cache_dtype!r}"
@@ -87,6 +115,8 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return auto_dtype(self.torch_device())
         return MODEL_DTYPES[self.dtype]
 
     @property

@@ -47,13 +47,13 @@ GRAMMAR_BROKEN = "structured output: a token outside the grammar was sampled"
 def build_model(
     config: EngineConfig, device: torch.device
 ) -> tuple[ModelConfig, LlamaForCausalLM]:
-    model_config, weights = load_model(config.model, config.torch_dtype)
+    model_config, weights = load_model(config.model, config.torch_dtype, config.quantization)
     with torch.device("meta"):
         model = LlamaForCausalLM(model_config, max_positions=config.max_model_len)
     model = model.to_empty(device=device).to(config.torch_dtype)
     model.rope.__init__(model_config, config.max_model_len)  # buffers were left on meta
     model.rope.to(device)
-    model.load_weights(weights)
+    model.load_weights(weights, config.quantization, config.keep_dense_weights)
     return model_config, model.eval()
 
 

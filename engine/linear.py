@@ -1,16 +1,30 @@
-"""Bias-free linear layer whose CPU matmul keeps every intra-op thread busy at decode sizes.
+"""Bias-free linear layer whose weight is dense or weight-only quantized, chosen at load time.
 
-On CPU, ``F.linear`` with few rows (a decode step: M = batch size) goes to MKL's GEMV/small-GEMM
-path, which runs on ONE thread and reads the weights at ~15 GB/s on this machine, half the copy
-bandwidth. Viewing the weight as P row blocks ``[P, N/P, K]`` (no copy) and calling one ``bmm``
-hands MKL P independent problems, which it spreads over the threads; three blocks per thread
-(smaller blocks stay in L2) beat one per thread by another ~10 % from M=32 up. The outputs are
-bit-identical to ``F.linear`` (each output element is the same dot product, accumulated in the
-same order; checked by ``python -m bench.linear``, which also measures the gain: see
-docs/benchmarks.md "Offline throughput"). CUDA tensors, one thread, N not divisible by the
-thread count, and prefill-sized inputs (above
-``SPLIT_MAX_ROWS`` rows, where MKL's GEMM already uses every thread and the split's output
-transpose costs a few %: M=2048 88 vs 92 ms) take plain ``F.linear``.
+Storage and kernel, by device and format (``Linear.load`` picks; ``forward`` follows):
+
+- dense float32 on CPU: MKL ``F.linear`` with few rows (a decode step: M = batch size) runs on ONE
+  thread and reads the weights at ~15 GB/s, half the copy bandwidth. Viewing the weight as P
+  row blocks ``[P, N/P, K]`` (no copy) and calling one ``bmm`` hands MKL P independent problems,
+  which it spreads over the threads; three blocks per thread (smaller blocks stay in L2) beat one
+  per thread by another ~10 % from M=32 up. The outputs are bit-identical to ``F.linear`` (each
+  output element is the same dot product, accumulated in the same order; ``python -m
+  bench.linear`` checks it). Prefill-sized inputs (above ``SPLIT_MAX_ROWS`` rows, where MKL's
+  GEMM already uses every thread and the split's output transpose costs a few %: M=2048 88 vs 92
+  ms), one thread and N not divisible by the thread count take plain ``F.linear``.
+- dense on CPU, ``pack=True`` (the LM head in float32; every layer in bfloat16 / float16): oneDNN
+  on a weight reordered once into its blocked layout. For the LM head (N = vocab >> K) that beats
+  MKL and the split at every decode size (SmolLM2's [49152, 576] head, 2 threads, split ->
+  packed: M=1 3.8 -> 3.8 ms, M=8 12.7 -> 5.9, M=64 32.7 -> 25.1); for 16-bit weights it is
+  the only fast kernel torch has on CPU (AVX512-BF16 / AMX when the CPU has them).
+- int8 / int4 (``engine.quantized_weight``): ``kernels.int8_linear`` / ``kernels.int4_linear``,
+  the C++ CPU kernels or the Triton ones on CUDA; activations stay in the model dtype. They read
+  4-8x fewer bytes than float32 but do the multiply-adds on dequantized floats, so they win only
+  while the weight read dominates. Steps of more rows take the dense path: the dense copy when
+  ``load(keep_dense=True)`` kept one (above ``QUANT_MAX_ROWS``: decode batches of 9+, prefill),
+  else the weight dequantized for the call (above ``QUANT_MAX_ROWS_NO_DENSE``: prefill chunks).
+- dense on CUDA: ``F.linear`` (cuBLAS).
+
+Figures: docs/benchmarks.md "Weight-only quantization" (``python -m bench.linear``).
 """
 
 from __future__ import annotations
@@ -19,42 +33,94 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+from engine.quantized_weight import QuantizedWeight
+
 SPLIT_MAX_ROWS = 512
 BLOCKS_PER_THREAD = 3
+# Rows up to which a step uses the quantized kernel (CPU, 2 threads, SmolLM2's 30 layers,
+# ``python -m bench.linear``): against a kept dense copy (bfloat16 oneDNN / float32 MKL) the
+# crossover is between 8 and 16 rows; against dequantizing the whole weight for the call, near 16
+# rows for bfloat16 (int4 43.8 vs 60.7 ms at 16, 167.6 vs 75.3 at 64) and between 32 and 64 for
+# float32 (int4 vs int4-deq-f32: 43.8 vs 91.6 ms at 16, 167.6 vs 154.4 at 64).
+QUANT_MAX_ROWS = 8
+QUANT_MAX_ROWS_NO_DENSE = {torch.float32: 48, torch.bfloat16: 16, torch.float16: 16}
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-class Linear(nn.Linear):
+class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
-        self.packed: torch.Tensor | None = None  # oneDNN-blocked copy of weight, see pack_onednn
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        # dense until ``load`` quantizes it (then None: the quantized copy is the only one)
+        self.weight: nn.Parameter | None = nn.Parameter(torch.empty(out_features, in_features))
+        self.quantized: QuantizedWeight | None = None
+        self.packed: torch.Tensor | None = None  # oneDNN-blocked copy of weight, see load
+        self._quant_kernel = None  # set with the quantized weight, see bind
 
-    def pack_onednn(self) -> bool:
-        """Keep a oneDNN-packed copy of the (CPU, float32) weight and multiply with it from now on;
-        False if oneDNN is unavailable or the weight is not CPU float32. Call after loading.
+    def bind(self, device_type: str, dtype: torch.dtype) -> None:
+        """The quantized kernel for ``dtype`` activations, bound once (``kernels.bind``)."""
+        if self.quantized is not None:
+            self._quant_kernel = kernels.bind(f"{self.quantized.fmt}_linear", device_type, dtype)
 
-        For the LM head (N = vocab >> K): oneDNN on a packed weight beats both MKL and the split
-        at every decode size. SmolLM2's [49152, 576] head, 2 threads, split bmm -> packed oneDNN:
-        M=1 3.8 -> 3.8 ms, M=8 12.7 -> 5.9, M=16 16.2 -> 8.8, M=32 23.4 -> 13.9, M=64 32.7 ->
-        25.1. It costs one more copy of the weight (the dense one stays: a tied head shares it
-        with the embedding). Not used for the per-layer weights: oneDNN is ~10 % slower than MKL
-        on prefill-sized inputs, and a second copy of every weight is too much memory. Results
-        differ from MKL's in the last bits only.
-        """
-        w = self.weight
-        if not _ONEDNN or w.device.type != "cpu" or w.dtype != torch.float32:
-            return False
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
-        return True
+    @torch.no_grad()
+    def load(
+        self,
+        w: torch.Tensor | QuantizedWeight,
+        quantization: str = "none",
+        pack: bool = False,
+        keep_dense: bool = False,
+    ) -> None:
+        """Set the weight. A dense ``w`` is quantized when ``quantization`` is int8 / int4 (int4
+        in groups of 32, int8 per channel); a ``QuantizedWeight`` (a loader kept the file's
+        blocks) is used as it is. ``keep_dense``: with a quantized weight, also keep it dense in
+        the model dtype for steps above QUANT_MAX_ROWS rows. ``pack``: keep a dense CPU weight in
+        oneDNN's layout too (16-bit dense weights on CPU always are)."""
+        if tuple(w.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight shape {tuple(w.shape)} != {(self.out_features, self.in_features)}"
+            )
+        if self.weight is None:
+            raise ValueError("load() sets a layer's weight once")
+        dtype, device = self.weight.dtype, self.weight.device
+        if isinstance(w, torch.Tensor) and quantization != "none":
+            w = QuantizedWeight.quantize(w, quantization)
+        self.quantized = None
+        if isinstance(w, QuantizedWeight):
+            self.quantized = w.to(device)
+            self.bind(device.type, dtype)
+            if not keep_dense:
+                self.weight = None  # the quantized copy is the only one
+                return
+            w = self.quantized.dequantize(dtype) if device.type == "cpu" else (
+                self.quantized.dequantize().to(dtype))  # fmt: skip
+        self.weight.copy_(w)
+        sixteen_bit = dtype in (torch.bfloat16, torch.float16)
+        if (pack or sixteen_bit) and _ONEDNN and device.type == "cpu":
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weight data a decode step (at most QUANT_MAX_ROWS rows) reads."""
+        if self.quantized is not None:
+            return self.quantized.nbytes
+        return self.weight.numel() * self.weight.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.device.type == "cpu":
-            k = x.shape[-1]
-            y = torch.ops.mkldnn._linear_pointwise(
-                x.reshape(-1, k), self.packed, None, "none", [], ""
-            )
-            return y.view(*x.shape[:-1], self.out_features)
-        return linear(x, self.weight)
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)  # [M, K]
+        q = self.quantized
+        if q is not None and (x2.shape[0] <= QUANT_MAX_ROWS or self.weight is None):
+            limit = QUANT_MAX_ROWS if self.weight is not None else QUANT_MAX_ROWS_NO_DENSE[x.dtype]
+            if x2.shape[0] <= limit:
+                y = self._quant_kernel(x2, *q.tensors())
+            else:  # a large step without a dense copy: dequantize once for all its rows
+                y = linear(x2, q.dequantize(x.dtype))
+        elif self.packed is not None and x.device.type == "cpu":
+            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, None, "none", [], "")
+        else:
+            y = linear(x2, self.weight)
+        return y.view(*lead, self.out_features)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -62,7 +128,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     threads = torch.get_num_threads()
     n, k = weight.shape
     m = x.numel() // k
-    if x.is_cuda or threads == 1 or n % threads or m > SPLIT_MAX_ROWS or not weight.is_contiguous():
+    if (x.is_cuda or threads == 1 or n % threads or m > SPLIT_MAX_ROWS
+            or not weight.is_contiguous() or weight.dtype != torch.float32):  # fmt: skip
         return F.linear(x, weight)
     parts = threads * BLOCKS_PER_THREAD if n % (threads * BLOCKS_PER_THREAD) == 0 else threads
     lead = x.shape[:-1]

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import kernels
@@ -19,6 +20,9 @@ from engine.attention_metadata import AttentionMetadata
 from engine.kv_cache import KVCache
 from engine.linear import Linear
 from engine.model_config import ModelConfig, RopeScaling
+from engine.quantized_weight import QuantizedWeight
+
+Weight = torch.Tensor | QuantizedWeight
 
 
 class RMSNorm(nn.Module):
@@ -29,15 +33,20 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self._norm, self._add_norm = kernels.rms_norm, kernels.add_rms_norm
+
+    def bind(self, device_type: str, dtype: torch.dtype) -> None:
+        self._norm = kernels.bind("rms_norm", device_type, dtype)
+        self._add_norm = kernels.bind("add_rms_norm", device_type, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
+        return self._norm(x, self.weight, self.eps)
 
     def add_forward(
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the residual stream and this sublayer's input."""
-        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
+        return self._add_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -67,12 +76,16 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        self._rotary = kernels.rotary
+
+    def bind(self, device_type: str, dtype: torch.dtype) -> None:
+        self._rotary = kernels.bind("rotary", device_type, dtype)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotated copies of q [N, Hq, D] and k [N, Hkv, D] at positions [N] (rotate-half form)."""
-        return kernels.rotary(q, k, positions, self.cos, self.sin)
+        return self._rotary(q, k, positions, self.cos, self.sin)
 
 
 class Attention(nn.Module):
@@ -90,6 +103,12 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size)
         self.o_proj = Linear(self.q_size, cfg.hidden_size)
         self.scale = cfg.head_dim**-0.5
+        self._decode_attention, self._store_kv = kernels.decode_attention, None
+
+    def bind(self, device_type: str, dtype: torch.dtype) -> None:
+        self._decode_attention = kernels.bind("decode_attention", device_type, dtype)
+        store = kernels.bind("store_kv", device_type, dtype)
+        self._store_kv = None if store is kernels.store_kv else store  # the C++ op: no scales
 
     def forward(
         self,
@@ -100,7 +119,7 @@ class Attention(nn.Module):
         kv_cache: KVCache,
     ) -> torch.Tensor:
         n = x.shape[0]
-        qkv = self.qkv_proj(x)  # [N, q_size + 2 * kv_size]: strided views below, no copies
+        qkv = self.qkv_proj.forward(x)  # [N, q_size + 2 * kv_size]: strided views, no copies
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = rope(
             q.view(n, self.num_heads, self.head_dim),  # [N, Hq, D]
@@ -109,7 +128,10 @@ class Attention(nn.Module):
         )
         v = v.view(n, self.num_kv_heads, self.head_dim)
         k_cache, v_cache, k_scale, v_scale = kv_cache.layer(self.layer_idx)
-        kernels.store_kv(k, v, k_cache, v_cache, md.slot_mapping, k_scale, v_scale)
+        if self._store_kv is not None and k_scale is None and k_cache.dtype == k.dtype:
+            self._store_kv(k, v, k_cache, v_cache, md.slot_mapping)
+        else:  # FP8 (quantized on store) or a cache of another dtype
+            kernels.store_kv(k, v, k_cache, v_cache, md.slot_mapping, k_scale, v_scale)
         if md.is_prefill:
             o = kernels.prefill_attention(
                 q, k, v, md.cu_seqlens, md.max_seqlen, self.scale,
@@ -117,11 +139,26 @@ class Attention(nn.Module):
                 context_lens=md.context_lens, k_scale=k_scale, v_scale=v_scale,
             )  # fmt: skip
         else:
-            o = kernels.decode_attention(
+            o = self._decode_attention(
                 q, k_cache, v_cache, md.block_tables, md.seq_lens, md.cu_seqlens,
-                md.max_seqlen, self.scale, k_scale=k_scale, v_scale=v_scale,
+                md.max_seqlen, self.scale, k_scale, v_scale,
             )  # fmt: skip
-        return self.o_proj(o.reshape(n, self.q_size))
+        return self.o_proj.forward(o.reshape(n, self.q_size))
+
+
+class Embedding(nn.Module):
+    """Token embeddings looked up in a [vocab, hidden] table kept as a ``Linear``'s weight, dense
+    or quantized, so that a tied LM head IS this table (one copy, in whatever form it has)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.table = Linear(hidden_size, vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        t = self.table
+        if t.quantized is None:
+            return F.embedding(input_ids, t.weight)  # [N, hidden]
+        return t.quantized.rows(input_ids).dequantize(dtype)  # only the N rows looked up
 
 
 class MLP(nn.Module):
@@ -129,9 +166,14 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self._silu_mul = kernels.silu_mul
+
+    def bind(self, device_type: str, dtype: torch.dtype) -> None:
+        self._silu_mul = kernels.bind("silu_mul", device_type, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))  # [N, 2I] -> [N, I] -> [N, H]
+        # [N, 2I] -> [N, I] -> [N, H]
+        return self.down_proj.forward(self._silu_mul(self.gate_up_proj.forward(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -157,19 +199,20 @@ class DecoderLayer(nn.Module):
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm.add_forward(x, residual)
-        x = self.self_attn(h, positions, rope, md, kv_cache)
+        x = self.self_attn.forward(h, positions, rope, md, kv_cache)  # (.forward: no hooks used)
         h, residual = self.post_attention_layernorm.add_forward(x, residual)
-        return self.mlp(h), residual
+        return self.mlp.forward(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        tied = cfg.tie_word_embeddings
+        self.lm_head = self.embed_tokens.table if tied else Linear(cfg.hidden_size, cfg.vocab_size)
         self.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings)
 
     def forward(
@@ -183,9 +226,11 @@ class LlamaForCausalLM(nn.Module):
         """Returns the final hidden states [N, hidden] (normed); see ``compute_logits``.
         ``after_layer(i)`` runs once layer i's work is issued (its KV stored, on CPU; launched,
         on CUDA): a prefill worker sends finished layers' KV while the rest compute."""
-        x, residual = self.embed_tokens(input_ids), None
+        x, residual = self.embed_tokens(input_ids, self.norm.weight.dtype), None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, positions, self.rope, md, kv_cache)
+            # .forward, not __call__: no hooks are used, and Module.__call__ costs ~2 us per call
+            # (~300 module calls in a decode step)
+            x, residual = layer.forward(x, residual, positions, self.rope, md, kv_cache)
             if after_layer is not None:
                 after_layer(i)
         return self.norm.add_forward(x, residual)[0]
@@ -193,37 +238,84 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [M, vocab], float32 for sampling
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights a decode step reads: every linear (the LM head in full) and every
+        norm; the embedding only as the LM head when tied (a lookup reads a few rows)."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        norms = [m.weight for m in self.modules() if isinstance(m, RMSNorm)]
+        total = sum(m.weight_bytes for m in linears) + sum(w.nbytes for w in norms)
+        untied = not self.config.tie_word_embeddings
+        return total - (self.embed_tokens.table.weight_bytes if untied else 0)
+
     @torch.no_grad()
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Copy HF-named weights in, fusing q/k/v and gate/up. Every parameter must be covered."""
+    def load_weights(
+        self, weights: dict[str, Weight], quantization: str = "none", keep_dense: bool = False
+    ) -> None:
+        """Copy HF-named weights in, fusing q/k/v and gate/up. Every parameter must be covered.
+
+        ``quantization`` int8 / int4 quantizes the layers' linears (int4 in groups of 32, int8
+        per channel) and the LM head (int8 per channel in both modes: it is the largest single
+        matrix and the most sensitive); weights already quantized by the loader stay as they are.
+        A tied embedding shares the head's table; an untied one stays dense (a lookup reads only
+        the tokens' rows). ``keep_dense``: quantized linears also keep a dense copy for large
+        steps (engine/linear.py)."""
         cfg = self.config
         w = dict(weights)
+        head_q = "none" if quantization == "none" else "int8"
 
-        def take(name: str) -> torch.Tensor:
+        def take(name: str) -> Weight:
             if name not in w:
                 raise KeyError(f"missing weight {name!r}")
             return w.pop(name)
 
-        self.embed_tokens.weight.copy_(take("model.embed_tokens.weight"))
+        tied = cfg.tie_word_embeddings
+        # tied: the table is the LM head (packed for oneDNN too when dense: engine/linear.py)
+        self.embed_tokens.table.load(
+            take("model.embed_tokens.weight"), head_q if tied else "none", pack=tied,
+            keep_dense=keep_dense,
+        )  # fmt: skip
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             attn = layer.self_attn
-            attn.qkv_proj.weight.copy_(
-                torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"], dim=0)
-            )
-            attn.o_proj.weight.copy_(take(p + "self_attn.o_proj.weight"))
-            layer.mlp.gate_up_proj.weight.copy_(
-                torch.cat([take(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")], dim=0)
-            )
-            layer.mlp.down_proj.weight.copy_(take(p + "mlp.down_proj.weight"))
+            linears = {
+                attn.qkv_proj: cat_rows([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
+                attn.o_proj: take(p + "self_attn.o_proj.weight"),
+                layer.mlp.gate_up_proj: cat_rows(
+                    [take(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]
+                ),
+                layer.mlp.down_proj: take(p + "mlp.down_proj.weight"),
+            }
+            for module, weight in linears.items():
+                module.load(weight, quantization, keep_dense=keep_dense)
             layer.input_layernorm.weight.copy_(take(p + "input_layernorm.weight"))
             layer.post_attention_layernorm.weight.copy_(take(p + "post_attention_layernorm.weight"))
         self.norm.weight.copy_(take("model.norm.weight"))
-        if cfg.tie_word_embeddings:
+        if tied:
             w.pop("lm_head.weight", None)
-            self.lm_head.weight = self.embed_tokens.weight
         else:
-            self.lm_head.weight.copy_(take("lm_head.weight"))
+            self.lm_head.load(take("lm_head.weight"), head_q, pack=True, keep_dense=keep_dense)
         if w:
             raise KeyError(f"unexpected weights: {sorted(w)[:8]}")
-        self.lm_head.pack_onednn()  # CPU float32 only; see engine/linear.py
+        self.bind_kernels()
+
+    def bind_kernels(self) -> None:
+        """Point every module at the kernels for this model's device and dtype once
+        (``kernels.bind``), instead of dispatching and checking inputs on every call."""
+        device_type, dtype = self.norm.weight.device.type, self.norm.weight.dtype
+        for module in self.modules():
+            if module is not self and hasattr(module, "bind"):
+                module.bind(device_type, dtype)
+
+
+def cat_rows(parts: list[Weight]) -> Weight:
+    """Concatenate weights along the output rows, staying quantized if every part is (same
+    format); a mix is dequantized first (the layer then quantizes the whole again)."""
+    if all(isinstance(p, QuantizedWeight) for p in parts):
+        try:
+            return QuantizedWeight.cat(parts)
+        except ValueError:
+            pass
+    dense = [p.dequantize() if isinstance(p, QuantizedWeight) else p for p in parts]
+    dtype = next((p.dtype for p in parts if isinstance(p, torch.Tensor)), torch.float32)
+    return torch.cat([d.to(dtype) for d in dense], dim=0)

@@ -10,7 +10,7 @@ import torch
 from core.outputs import TokenLogprob
 from engine.kv_cache import KVCache
 from engine.model import LlamaForCausalLM
-from engine.sampler import Sampler, token_logprob
+from engine.sampler import Sampler, token_logprobs
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 from engine.step_inputs import build_step_inputs
@@ -71,7 +71,7 @@ class ModelRunner:
         lp = torch.log_softmax(logits, dim=-1)
         targets = seq.prompt_token_ids[first_pos : first_pos + count]
         k = seq.params.prompt_logprobs or 0
-        return [token_logprob(lp[i], t, k) for i, t in enumerate(targets)]
+        return token_logprobs(lp, targets, [k] * len(targets))
 
     @torch.inference_mode()
     def verify_logits(

@@ -1,5 +1,11 @@
 """Next-token selection for a batch: penalties, min_tokens, greedy / temperature / top-k / top-p /
-min-p sampling with per-request seeded generators, and logprobs with top-k alternatives."""
+min-p sampling with per-request seeded generators, and logprobs with top-k alternatives.
+
+Batched: the filters run on all sampled rows at once, a draw is the "exponential race"
+``argmax(p / E)`` with ``E ~ Exp(1)`` (distributed exactly as ``p``; only seeded rows fill their
+``E`` from their own generator, made on the logits' device), and the whole step's tokens reach the
+host in one ``tolist()`` - no per-row ``.item()``, so a GPU step syncs once, not once per row.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from core.outputs import TokenLogprob
+from core.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from engine.structured.token_mask import mask_logits
 
@@ -45,18 +52,18 @@ class Sampler:
             if p.has_penalties:  # repetition also covers the prompt, even before token 1
                 _apply_penalties(row, seq)
             if ban:
-                row[torch.tensor(ban, dtype=torch.long)] = float("-inf")
+                row[torch.tensor(ban, dtype=torch.long, device=row.device)] = float("-inf")
         return logits if out is None else out
 
     def _pick(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
-        token_ids = logits.argmax(dim=-1).tolist()  # greedy for all; sampled rows overwrite
-        for i, seq in enumerate(seqs):
-            p = seq.params
-            if p.greedy:
-                continue
-            probs = _filtered_probs(logits[i], p.temperature, p.top_k, p.top_p, p.min_p)
-            token_ids[i] = int(torch.multinomial(probs, 1, generator=seq.generator()).item())
-        return token_ids
+        tokens = logits.argmax(dim=-1)  # [B]: greedy for all; sampled rows overwrite
+        rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if rows:
+            idx = torch.tensor(rows, device=logits.device)
+            probs = filtered_probs(logits[idx], [seqs[i].params for i in rows])  # [S, V]
+            gens = [seqs[i].generator(device=logits.device) for i in rows]
+            tokens[idx] = race(probs, gens)
+        return tokens.tolist()  # the step's one host sync
 
     # ------------------------------------------------------------------ logprobs
     @staticmethod
@@ -69,47 +76,84 @@ class Sampler:
         if not rows:
             return out
         lp = torch.log_softmax(logits[rows], dim=-1)  # [R, V]
-        for r, i in enumerate(rows):
-            out[i] = token_logprob(lp[r], token_ids[i], seqs[i].params.logprobs or 0)
+        chosen = [token_ids[i] for i in rows]
+        ks = [seqs[i].params.logprobs or 0 for i in rows]
+        for i, entry in zip(rows, token_logprobs(lp, chosen, ks), strict=True):
+            out[i] = entry
         return out
+
+
+def race(probs: torch.Tensor, gens: Seq[torch.Generator | None]) -> torch.Tensor:
+    """One draw per row of probs [R, V] (rows sum to 1): ``argmax(p / E)``, E ~ Exp(1) i.i.d.,
+    picks token v with probability p_v. Row r's E comes from ``gens[r]`` when given (a seeded
+    request: the same draw whatever batch it is in), else from the global RNG, all in one call.
+    Returns [R] int64 on probs' device."""
+    noise = torch.empty_like(probs).exponential_()  # [R, V]
+    for r, gen in enumerate(gens):
+        if gen is not None:
+            noise[r].exponential_(generator=gen)
+    return (probs / noise).argmax(dim=-1)
+
+
+def token_logprobs(
+    logprobs: torch.Tensor, token_ids: Seq[int], ks: Seq[int]
+) -> list[TokenLogprob]:
+    """Per row of logprobs [R, V]: the logprob of ``token_ids[r]`` plus the top ``ks[r]``
+    alternatives (best first), read back to the host in one transfer."""
+    idx = torch.tensor(token_ids, dtype=torch.long, device=logprobs.device)
+    chosen = logprobs.gather(1, idx[:, None])  # [R, 1]
+    kmax = max(ks, default=0)
+    top_ids: list[list[int]] = [[] for _ in ks]
+    if kmax > 0:
+        vals, ids = logprobs.topk(kmax, dim=-1)  # [R, kmax], best first
+        chosen = torch.cat([chosen, vals], dim=1)  # [R, 1 + kmax]
+        top_ids = ids.tolist()
+    table = chosen.tolist()
+    return [
+        TokenLogprob(t, table[r][0], tuple(zip(top_ids[r][:k], table[r][1 : 1 + k], strict=True)))
+        for r, (t, k) in enumerate(zip(token_ids, ks, strict=True))
+    ]
 
 
 def token_logprob(logprobs_row: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
     """One position's logprob of ``token_id`` plus the top-k alternatives (best first)."""
-    top: tuple[tuple[int, float], ...] = ()
-    if k > 0:
-        vals, ids = logprobs_row.topk(k)
-        top = tuple(zip(ids.tolist(), vals.tolist(), strict=True))
-    return TokenLogprob(token_id, float(logprobs_row[token_id]), top)
+    return token_logprobs(logprobs_row[None], [token_id], [k])[0]
 
 
 def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
     p = seq.params
-    out_ids = torch.tensor(seq.output_token_ids, dtype=torch.long)
+    out_ids = torch.tensor(seq.output_token_ids, dtype=torch.long, device=row.device)
     counts = torch.bincount(out_ids, minlength=row.shape[0]).to(row.dtype)  # [V] (zeros if none)
     if p.repetition_penalty != 1.0:  # applies to prompt and output tokens (HF / vLLM convention)
         seen = torch.zeros_like(row, dtype=torch.bool)
-        seen[torch.tensor(seq.token_ids, dtype=torch.long)] = True
+        seen[torch.tensor(seq.token_ids, dtype=torch.long, device=row.device)] = True
         penalised = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
         row.copy_(torch.where(seen, penalised, row))
     row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
 
-def _filtered_probs(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float
-) -> torch.Tensor:
-    """Probabilities after temperature, top-k, top-p and min-p cuts (renormalised)."""
-    logits = logits / temperature
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k).values[-1]
+def filtered_probs(logits: torch.Tensor, params: Seq[SamplingParams]) -> torch.Tensor:
+    """Probabilities [R, V] after each row's temperature, top-k, top-p and min-p cuts
+    (renormalised), for logits [R, V] and one (non-greedy) ``SamplingParams`` per row."""
+    dev, vocab = logits.device, logits.shape[-1]
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)
+    logits = logits / temps[:, None]
+    ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(ks):
+        vals = logits.topk(max(ks), dim=-1).values  # [R, kmax], best first
+        k_idx = torch.tensor([max(k, 1) - 1 for k in ks], device=dev)
+        kth = vals.gather(1, k_idx[:, None])  # [R, 1]
+        kth = kth.masked_fill(torch.tensor(ks, device=dev)[:, None] == 0, float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params],
+                             dtype=probs.dtype, device=dev)  # fmt: skip
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least the best token)
-        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    if min_p > 0.0:
-        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
-    return probs / probs.sum()
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p[:, None]
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    if any(p.min_p > 0.0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=dev)
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
+    return probs / probs.sum(-1, keepdim=True)

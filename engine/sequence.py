@@ -64,9 +64,12 @@ class Sequence:
     # RNG streams of a seeded request, so that each use draws independent numbers
     RNG_SAMPLE, RNG_VERIFY, RNG_DRAFT = 0, 1, 2
 
-    def generator(self, offset: int = 0, stream: int = RNG_SAMPLE) -> torch.Generator | None:
-        """RNG for output position ``num_output_tokens + offset`` of a seeded request (None if
-        unseeded), keyed by (seed, stream, position).
+    def generator(
+        self, offset: int = 0, stream: int = RNG_SAMPLE, device: torch.device | str = "cpu"
+    ) -> torch.Generator | None:
+        """RNG on ``device`` (that of the tensors it will fill: a CUDA kernel refuses a CPU
+        generator) for output position ``num_output_tokens + offset`` of a seeded request (None
+        if unseeded), keyed by (seed, stream, position).
 
         Keyed by position rather than carried along, so a seeded request samples the same
         tokens whatever batch it is in, after a preemption, and when its first token comes
@@ -75,8 +78,11 @@ class Sequence:
         """
         if self.params.seed is None:
             return None
-        if self._generator is None:
-            self._generator = torch.Generator()
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # what a CUDA tensor's .device says
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
         key = hash((self.params.seed, stream, self.num_output_tokens + offset))
         return self._generator.manual_seed(key)
 

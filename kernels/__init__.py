@@ -7,7 +7,8 @@ given as ``"module:function"``; Triton modules are imported on the first CUDA ca
 ``import kernels`` never imports triton (cheap on CPU, and TRITON_INTERPRET need not be set).
 
 Shapes and semantics are documented on the references: ``kernels/reference.py`` (attention,
-KV store, FP8) and ``kernels/fused_reference.py`` (RMSNorm, SiLU-mul, RoPE). Each Triton twin
+KV store, FP8), ``kernels/fused_reference.py`` (RMSNorm, SiLU-mul, RoPE) and
+``kernels/quant_reference.py`` (weight-only int4 / int8 linear layers). Each Triton twin
 (``kernels/triton_*.py``) takes the same arguments plus keyword-only extras (``out=``, tile or
 split overrides) and asserts shapes, strides and dtypes before launching.
 """
@@ -18,6 +19,7 @@ import importlib
 from collections.abc import Callable
 from functools import cache
 
+import torch
 from torch import Tensor
 
 from kernels.reference import dequantize_fp8, quantize_fp8
@@ -32,6 +34,8 @@ __all__ = [
     "add_rms_norm",
     "silu_mul",
     "rotary",
+    "int4_linear",
+    "int8_linear",
     "KERNELS",
 ]
 
@@ -53,7 +57,24 @@ KERNELS: dict[str, dict[str, str]] = {
         name: {"cpu": f"kernels.cpu_ext:{name}", "cuda": f"kernels.triton_fused:{name}"}
         for name in ("rms_norm", "add_rms_norm", "silu_mul", "rotary")
     },
+    **{
+        name: {"cpu": f"kernels.cpu_ext:{name}", "cuda": f"kernels.triton_quant_linear:{name}"}
+        for name in ("int4_linear", "int8_linear")
+    },
 }
+
+
+def bind(name: str, device_type: str, dtype: torch.dtype) -> Callable[..., object]:
+    """``name`` for inputs that always come in the engine model's layouts, on ``device_type`` with
+    ``dtype`` activations: on CPU the C++ op itself (``cpu_ext.direct``: no per-call checks),
+    else the dispatch function below (same arguments)."""
+    if device_type == "cpu":
+        from kernels import cpu_ext
+
+        op = cpu_ext.direct(name, dtype)
+        if op is not None:
+            return op
+    return globals()[name]
 
 
 @cache
@@ -148,3 +169,14 @@ def rotary(
     """RoPE (rotate-half form) on q [N, Hq, D], k [N, Hkv, D] at positions int64 [N] with
     float32 cos/sin tables [P, D] (engine.model.RotaryEmbedding's). Returns new tensors."""
     return resolve("rotary", q.device.type)(q, k, positions, cos, sin)
+
+
+def int4_linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
+    """x [M, K] (float32 / bfloat16 / float16) @ W^T -> [M, N] in x's dtype, W int4 in groups of
+    32 (llama.cpp Q4_1: qweight uint8 [N, K/2], scales / mins float16 [N, K/32])."""
+    return resolve("int4_linear", x.device.type)(x, qweight, scales, mins)
+
+
+def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    """x [M, K] @ W^T -> [M, N] in x's dtype, W int8 [N, K] with float16 scales [N, K/G]."""
+    return resolve("int8_linear", x.device.type)(x, qweight, scales)

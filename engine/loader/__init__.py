@@ -20,6 +20,7 @@ from engine.loader.gguf_loader import load_gguf
 from engine.loader.hf_loader import load_hf_dir
 from engine.loader.weight_names import check_weights, expected_weight_shapes
 from engine.model_config import ModelConfig
+from engine.quantized_weight import QuantizedWeight
 
 _LOADERS = {"gguf": load_gguf, "hf": load_hf_dir}
 
@@ -49,7 +50,11 @@ def resolve_source(source: str) -> tuple[str, Path, str]:
     )
 
 
-def load_model(source: str, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Load config and weights (cast to ``dtype``) from a builtin name, GGUF file or HF dir."""
+def load_model(
+    source: str, dtype: torch.dtype, quantization: str = "none"
+) -> tuple[ModelConfig, dict[str, torch.Tensor | QuantizedWeight]]:
+    """Load config and weights (cast to ``dtype``) from a builtin name, GGUF file or HF dir.
+    With ``quantization`` int4 / int8 a loader may return some weights as ``QuantizedWeight``
+    (kept in the file's own blocks, see engine.loader.gguf_loader); the rest stay dense."""
     kind, path, name = resolve_source(source)
-    return _LOADERS[kind](path, dtype, name=name)
+    return _LOADERS[kind](path, dtype, name=name, quantization=quantization)

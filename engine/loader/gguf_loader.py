@@ -3,6 +3,11 @@
 Matches transformers' own GGUF import (``modeling_gguf_pytorch_utils.load_gguf_checkpoint``)
 tensor for tensor: same ``gguf.quants.dequantize`` and the same undoing of the Q/K row permutation
 that llama.cpp's converter applies for its rotate-half-free RoPE kernel.
+
+With ``quantization`` int4 / int8, tensors stored as blocks our kernels run (``KEPT_BLOCKS``: Q4_1
+is the ``int4`` format, Q8_0 the ``int8`` one with groups of 32) are kept as they are, as
+``QuantizedWeight`` (no dequantize / requantize round trip: the same weights as the float path);
+everything else is dequantized and left to the model to quantize.
 """
 
 from __future__ import annotations
@@ -17,6 +22,15 @@ import torch
 
 from engine.loader.weight_names import check_weights
 from engine.model_config import SUPPORTED_ARCHITECTURES, ModelConfig
+from engine.quantized_weight import QuantizedWeight
+
+Q = gguf.GGMLQuantizationType
+# quantization -> GGUF block types kept as QuantizedWeight
+KEPT_BLOCKS: dict[str, frozenset] = {
+    "none": frozenset(),
+    "int8": frozenset({Q.Q8_0}),
+    "int4": frozenset({Q.Q4_1, Q.Q8_0}),
+}
 
 # GGUF tensor name -> HF name; per-block names are matched by _BLOCK_NAME below.
 _GLOBAL_NAMES = {
@@ -125,22 +139,48 @@ def read_config(reader: gguf.GGUFReader, name: str) -> ModelConfig:
     )
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype, name: str | None = None
-              ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read config and weights from one GGUF file, dequantized to ``dtype``."""
+def quantized_blocks(data: np.ndarray, kind: gguf.GGMLQuantizationType) -> QuantizedWeight:
+    """A Q4_1 or Q8_0 tensor's raw blocks [N, K / 32 * block bytes] -> QuantizedWeight.
+
+    Q4_1 block (20 B): float16 d, float16 m, 16 bytes of nibbles (value j low, j + 16 high);
+    Q8_0 block (34 B): float16 d, 32 int8 values. (ggml-common.h, block_q4_1 / block_q8_0.)"""
+    n = data.shape[0]
+    head = 4 if kind == Q.Q4_1 else 2
+    size = head + (16 if kind == Q.Q4_1 else 32)
+    blocks = np.ascontiguousarray(data).reshape(n, -1, size)  # [N, K / 32, size]
+    d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0])
+    qs = torch.from_numpy(blocks[..., head:].copy()).reshape(n, -1)
+    if kind == Q.Q4_1:
+        m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0])
+        return QuantizedWeight("int4", qs.contiguous(), d.contiguous(), m.contiguous())
+    return QuantizedWeight("int8", qs.view(torch.int8).contiguous(), d.contiguous())
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype, name: str | None = None,
+              quantization: str = "none") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read config and weights from one GGUF file, dequantized to ``dtype`` (except the blocks
+    ``quantization`` keeps, see KEPT_BLOCKS)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     reader = gguf.GGUFReader(str(path))
     config = read_config(reader, name or path.stem)
-    weights: dict[str, torch.Tensor] = {}
+    keep = KEPT_BLOCKS[quantization]
+    weights: dict[str, torch.Tensor | QuantizedWeight] = {}
     for tensor in reader.tensors:
+        heads = (config.num_heads if ".attn_q." in tensor.name
+                 else config.num_kv_heads if ".attn_k." in tensor.name else None)  # fmt: skip
+        if tensor.tensor_type in keep:
+            qw = quantized_blocks(tensor.data, tensor.tensor_type)
+            if heads is not None:
+                order = unpermute_rows(np.arange(qw.shape[0]), heads)
+                qw = qw.rows(torch.from_numpy(order))
+            weights[hf_name(tensor.name)] = qw
+            continue
         # numpy shape is the reverse of GGUF's ne[]: [out_features, in_features] like torch
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        if ".attn_q." in tensor.name:
-            array = unpermute_rows(array, config.num_heads)
-        elif ".attn_k." in tensor.name:
-            array = unpermute_rows(array, config.num_kv_heads)
+        if heads is not None:
+            array = unpermute_rows(array, heads)
         # copy: F32 tensors come back as read-only views of the memory-mapped file
         weights[hf_name(tensor.name)] = torch.from_numpy(np.array(array)).to(dtype)
     check_weights(config, weights, str(path))

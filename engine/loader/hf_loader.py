@@ -99,9 +99,10 @@ def safetensors_files(directory: Path) -> list[Path]:
     return found
 
 
-def load_hf_dir(directory: str | Path, dtype: torch.dtype, name: str | None = None
-                ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read config.json and every safetensors shard, cast to ``dtype``."""
+def load_hf_dir(directory: str | Path, dtype: torch.dtype, name: str | None = None,
+                quantization: str = "none") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read config.json and every safetensors shard, cast to ``dtype`` (``quantization`` is
+    applied by the model: nothing in a safetensors file is kept quantized)."""
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():

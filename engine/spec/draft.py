@@ -18,7 +18,7 @@ import torch
 
 from engine.kv_cache import KVCache
 from engine.model import LlamaForCausalLM
-from engine.sampler import _filtered_probs
+from engine.sampler import filtered_probs, race
 from engine.sequence import Sequence
 from engine.step_inputs import build_step_inputs
 
@@ -57,20 +57,31 @@ class DraftProposer:
                 )
                 hidden = self.model(input_ids, positions, md, self.kv_cache)
                 logits = self.model.compute_logits(hidden)
-            for i, seq in enumerate(seqs):
-                token, q = self._pick(logits[i], seq, step)
+            tokens, q = self._pick(logits, seqs, step)  # [B] on the host, [B, V]
+            for i, token in enumerate(tokens):
                 drafts[i].append(token)
-                probs[i].append(q)
+                probs[i].append(q[i])
         for seq in seqs:  # the draft's KV now covers every token plus drafts 1..k-1
             seq.draft_computed = seq.num_tokens + k - 1
         return drafts, [torch.stack(p) for p in probs]
 
     @staticmethod
-    def _pick(row: torch.Tensor, seq: Sequence, step: int) -> tuple[int, torch.Tensor]:
-        p = seq.params
-        if p.greedy:
-            token = int(row.argmax())
-            return token, torch.nn.functional.one_hot(torch.tensor(token), row.shape[0]).float()
-        q = _filtered_probs(row, p.temperature, p.top_k, p.top_p, p.min_p)
-        gen = seq.generator(step, Sequence.RNG_DRAFT)
-        return int(torch.multinomial(q, 1, generator=gen).item()), q
+    def _pick(
+        logits: torch.Tensor, seqs: list[Sequence], step: int
+    ) -> tuple[list[int], torch.Tensor]:
+        """Draft token per row of logits [B, V] and the distribution it was drawn from [B, V]
+        (one-hot for greedy rows), with one host sync for the whole batch."""
+        q = torch.zeros_like(logits)
+        tokens = logits.argmax(dim=-1)  # [B]
+        dev = logits.device
+        rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
+        if rows:
+            idx = torch.tensor(rows, device=dev)
+            q[idx] = filtered_probs(logits[idx], [seqs[i].params for i in rows])
+            gens = [seqs[i].generator(step, Sequence.RNG_DRAFT, dev) for i in rows]
+            tokens[idx] = race(q[idx], gens)
+        if greedy:
+            idx = torch.tensor(greedy, device=dev)
+            q[idx, tokens[idx]] = 1.0
+        return tokens.tolist(), q

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.sampler import _filtered_probs
+from engine.sampler import filtered_probs, race
 from engine.sequence import Sequence
 
 
@@ -29,10 +29,12 @@ def verify(
     seq: Sequence,
     draft_probs: torch.Tensor | None = None,  # [k, V] proposer distribution; None = one-hot
 ) -> list[int]:
-    """Tokens to append (1 .. k+1 of them)."""
+    """Tokens to append (1 .. k+1 of them). Two host syncs at most (accept flags, then the
+    correction or bonus token), whatever k is."""
     k = len(drafts)
     assert logits.shape[0] == k + 1
     p = seq.params
+    dev = logits.device
     if p.greedy:
         best = logits.argmax(dim=-1).tolist()  # [k+1]
         out = []
@@ -41,24 +43,37 @@ def verify(
                 return [*out, best[j]]
             out.append(d)
         return [*out, best[k]]
-    probs = torch.stack([_filtered_probs(row, p.temperature, p.top_k, p.top_p, p.min_p)
-                         for row in logits])  # [k+1, V]  # fmt: skip
-    out = []
-    for j, d in enumerate(drafts):
-        gen = seq.generator(len(out), Sequence.RNG_VERIFY)
-        q_d = 1.0 if draft_probs is None else float(draft_probs[j, d])
-        accept = min(1.0, float(probs[j, d]) / q_d) if q_d > 0 else 0.0
-        if torch.rand((), generator=gen).item() < accept:
-            out.append(d)
-            continue
-        if draft_probs is None:
-            residual = probs[j].clone()
-            residual[d] = 0.0
-        else:
-            residual = (probs[j] - draft_probs[j]).clamp_min(0.0)
-        if residual.sum() <= 0:  # p == q: nothing left to correct, the target itself
-            residual = probs[j]
-        residual = residual / residual.sum()
-        return [*out, int(torch.multinomial(residual, 1, generator=gen).item())]
-    gen = seq.generator(len(out), Sequence.RNG_VERIFY)
-    return [*out, int(torch.multinomial(probs[k], 1, generator=gen).item())]
+    probs = filtered_probs(logits, [p] * (k + 1))  # [k+1, V]
+    d = torch.tensor(drafts, dtype=torch.long, device=dev)
+    p_d = probs[:k].gather(1, d[:, None])[:, 0]  # [k]
+    if draft_probs is None:
+        accept = p_d  # q_d = 1
+    else:
+        q_d = draft_probs.gather(1, d[:, None])[:, 0]
+        accept = torch.where(q_d > 0, (p_d / q_d.clamp_min(1e-30)).clamp_max(1.0), 0.0)
+    # Draft j's uniform is the first draw of the generator keyed at output offset j (offset ==
+    # tokens accepted before it); a rejection's correction continues that same stream.
+    if p.seed is None:
+        u = torch.rand(k, device=dev)
+    else:
+        u = torch.stack([
+            torch.rand((), device=dev, generator=seq.generator(j, Sequence.RNG_VERIFY, dev))
+            for j in range(k)
+        ])  # fmt: skip
+    accepted = (u < accept).tolist()
+    n = accepted.index(False) if False in accepted else k
+    if n == k:  # all accepted: the bonus token from the target's last row
+        gen = seq.generator(k, Sequence.RNG_VERIFY, dev)
+        return [*drafts, int(race(probs[k : k + 1], [gen])[0])]
+    if draft_probs is None:
+        residual = probs[n].clone()
+        residual[drafts[n]] = 0.0
+    else:
+        residual = (probs[n] - draft_probs[n]).clamp_min(0.0)
+    total = residual.sum()
+    # p == q leaves nothing to correct: the target itself (no host sync to find out)
+    residual = torch.where(total > 0, residual / total.clamp_min(1e-30), probs[n])
+    gen = seq.generator(n, Sequence.RNG_VERIFY, dev)
+    if gen is not None:
+        torch.rand((), device=dev, generator=gen)  # past draft n's uniform, drawn above
+    return [*drafts[:n], int(race(residual[None], [gen])[0])]

@@ -28,83 +28,36 @@ m = 1.1 (and m = 1.5), with margin for run-to-run and platform noise on the good
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
+from bench.chat_prompts import CHAT_PROMPTS
+from bench.quant_quality import Agreement
+from bench.quant_quality import compare as quality_compare
 from core.sampling_params import SamplingParams
 from engine.engine_config import EngineConfig
 from engine.engine_core import EngineCore, build_kv_cache, build_model
 from engine.kv_cache import KVCacheSpec
 from engine.model_config import ModelConfig
 from tests.model.test_engine_vs_hf import run_engine
-from tests.prompts import CHAT_PROMPTS as BASE_CHAT_PROMPTS
 from tests.prompts import chat_token_ids
 
 NEW_TOKENS = 64
-
-CHAT_PROMPTS = [
-    *BASE_CHAT_PROMPTS,
-    "Why is the sky blue?",
-    "Name three planets in our solar system.",
-    "What does a cat like to eat?",
-    "Write a short poem about autumn leaves.",
-    "How many days are there in a leap year?",
-    "What is photosynthesis?",
-    "Suggest a name for a pet goldfish.",
-    "Describe a rainbow to a child.",
-    "What are the primary colors?",
-    "How can I sleep better at night?",
-    "Tell me a fun fact about elephants.",
-    "What is the boiling point of water in Celsius?",
-    "Write a sentence using the word 'serendipity'.",
-    "What should I pack for a beach trip?",
-    "Explain what a computer virus is.",
-    "Who wrote Romeo and Juliet?",
-    "How do bees make honey?",
-    "Give me a recipe idea for dinner tonight.",
-    "What is the difference between weather and climate?",
-    "Why do we need to drink water?",
-    "Summarize the story of Cinderella in two sentences.",
-    "What is a noun? Give an example.",
-    "How far away is the Moon from Earth?",
-    "Write a friendly greeting for a new neighbor.",
-]
-
-
-@dataclass(frozen=True)
-class Agreement:
-    num_prompts: int
-    num_identical: int  # prompts whose NEW_TOKENS generated ids are all equal
-    mean_common_prefix: float  # leading equal generated ids, averaged over prompts
-    num_compared: int  # chosen-token logprobs compared (sum of common prefixes)
-    mean_abs_dlogprob: float
-    max_abs_dlogprob: float
 
 
 def compare(reference, candidate) -> Agreement:
     """Each argument: ``run_engine``'s (token lists, delta lists), with logprobs requested."""
     (ref_tokens, ref_deltas), (cand_tokens, cand_deltas) = reference, candidate
-    prefixes, dlps = [], []
-    for rt, ct, rd, cd in zip(ref_tokens, cand_tokens, ref_deltas, cand_deltas, strict=True):
-        n = next((i for i, (a, b) in enumerate(zip(rt, ct, strict=True)) if a != b), len(rt))
-        prefixes.append(n)
-        rl = [lp for d in rd for lp in d.logprobs]
-        cl = [lp for d in cd for lp in d.logprobs]
-        assert len(rl) == len(rt) and len(cl) == len(ct)
-        for a, b in zip(rl[:n], cl[:n], strict=True):
-            assert a.token_id == b.token_id
-            dlps.append(abs(a.logprob - b.logprob))
-    d = torch.tensor(dlps, dtype=torch.float64)
-    return Agreement(
-        num_prompts=len(ref_tokens),
-        num_identical=sum(rt == ct for rt, ct in zip(ref_tokens, cand_tokens, strict=True)),
-        mean_common_prefix=sum(prefixes) / len(prefixes),
-        num_compared=len(dlps),
-        mean_abs_dlogprob=float(d.mean()) if dlps else 0.0,
-        max_abs_dlogprob=float(d.max()) if dlps else 0.0,
-    )
+
+    def chosen(tokens, deltas):
+        lps = [[lp for d in ds for lp in d.logprobs] for ds in deltas]
+        assert all(len(lp) == len(t) for lp, t in zip(lps, tokens, strict=True))
+        assert all(a.token_id == t for lp, ts in zip(lps, tokens, strict=True)
+                   for a, t in zip(lp, ts, strict=True))  # fmt: skip
+        return [[a.logprob for a in lp] for lp in lps]
+
+    return quality_compare(ref_tokens, chosen(ref_tokens, ref_deltas),
+                           cand_tokens, chosen(cand_tokens, cand_deltas))  # fmt: skip
 
 
 def smollm2_spec(dtype: torch.dtype, block_size: int = 16) -> KVCacheSpec:

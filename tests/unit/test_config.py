@@ -114,7 +114,12 @@ def test_speculative_only_on_decode():
         (
             ("model", "dtype"),
             "fp16",
-            "model.dtype: invalid value 'fp16' (allowed: float32, float16, bfloat16)",
+            "model.dtype: invalid value 'fp16' (allowed: auto, float32, float16, bfloat16)",
+        ),
+        (
+            ("model", "quantization"),
+            "q4",
+            "model.quantization: invalid value 'q4' (allowed: none, int8, int4)",
         ),
         (("coordinator", "port"), "8000", "coordinator.port: "),
         (("coordinator", "port"), 70000, "coordinator.port: "),

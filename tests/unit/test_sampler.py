@@ -227,3 +227,41 @@ def test_llm_generate_cuts_text_before_stop_string(llm):
     first = ref.token_ids.index(ref.token_ids[5])
     assert (by_id.token_ids, by_id.finish_reason) == (ref.token_ids[: first + 1], "stop")
     assert (plain.text, plain.token_ids) == (text, ref.token_ids)
+
+
+# ---------------------------------------------------------------------- devices
+# The seeded path on an explicit device object: CPU always, CUDA where there is one (a generator
+# made on the CPU made every seeded request fail there).
+DEVICES = [torch.device("cpu")] + ([torch.device("cuda", 0)] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_seeded_sampling_verify_and_draft_run_on_the_logits_device(device):
+    from engine.spec.draft import DraftProposer
+    from engine.spec.verify import verify
+
+    logits = random_logits(3, seed=11).to(device) / 3
+    params = [SamplingParams(temperature=1.0, seed=9), SamplingParams(temperature=0.7, top_k=5),
+              SamplingParams(temperature=0)]  # fmt: skip
+    seqs = [make_seq(p) for p in params]
+    gen = seqs[0].generator(device=device)
+    assert gen.device == logits.device
+    first = Sampler()(logits, seqs).token_ids
+    again = Sampler()(logits, [make_seq(p) for p in params]).token_ids
+    assert first[0] == again[0] and first[2] == again[2] == int(logits[2].argmax())
+
+    rows = random_logits(3, seed=12).to(device)  # k = 2 drafts + bonus row
+    seeded = [verify(rows, [1, 2], make_seq(params[0])) for _ in range(2)]
+    assert seeded[0] == seeded[1] and 1 <= len(seeded[0]) <= 3
+
+    tokens, q = DraftProposer._pick(logits, [make_seq(p) for p in params], step=0)
+    assert q.device == logits.device and torch.allclose(q.sum(-1), torch.ones(3, device=device))
+    assert tokens[0] == DraftProposer._pick(logits, [make_seq(params[0])], step=0)[0][0]
+    assert q[2, tokens[2]] == 1.0  # greedy rows: one-hot on the argmax
+
+
+def test_generator_follows_the_device_it_is_asked_for():
+    seq = make_seq(SamplingParams(temperature=1.0, seed=3))
+    a = seq.generator(device=torch.device("cpu"))
+    assert a is seq.generator(device="cpu")  # reused, re-keyed
+    assert make_seq(SamplingParams(temperature=1.0)).generator(device="cpu") is None

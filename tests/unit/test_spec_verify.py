@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from core.sampling_params import SamplingParams
-from engine.sampler import _filtered_probs
+from engine.sampler import filtered_probs
 from engine.sequence import Sequence
 from engine.spec.ngram import propose_ngram
 from engine.spec.verify import verify
@@ -55,7 +55,7 @@ def test_draft_rejection_sampling_matches_target_distribution():
 def test_ngram_one_hot_rejection_matches_target_with_top_p():
     target, _ = target_and_draft()
     params = dict(temperature=0.7, top_p=0.9)
-    p0 = _filtered_probs(target[0], 0.7, 0, 0.9, 0.0)
+    p0 = filtered_probs(target[:1], [SamplingParams(**params)])[0]
     counts = torch.zeros(V)
     draft = int(p0.argmin())  # a poor guess (probability 0 after top-p): always rejected
     draft_good = int(p0.argmax())

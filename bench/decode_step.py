@@ -1,0 +1,91 @@
+"""Decode step time per dtype / weight quantization, against the weight-bandwidth floor.
+
+    python -m bench.decode_step                                   # the default configs, 1/16/64
+    python -m bench.decode_step --configs float32:none,auto:int4+dense --batches 1
+
+Each config is ``dtype:quantization`` (``+dense``: ``keep_dense_weights``). For each batch size B
+the engine decodes B requests together (random 40-token prompts, 128 new tokens, ignore_eos,
+greedy) and the median decode step is reported, with the tokens/s it implies (B / step).
+Batch-1 floor = bytes of weights one step reads (``LlamaForCausalLM.weight_bytes``: every linear
+once, the LM head in full) / copy bandwidth measured in the same run ((read + written) bytes per
+second of a 256 MiB copy, the better of a measurement before and after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from bench.linear import copy_bandwidth
+from bench.offline_throughput import load_average, machine
+from core.sampling_params import SamplingParams
+from engine.engine_config import EngineConfig
+from engine.engine_core import EngineCore
+
+DEFAULT = "float32:none,bfloat16:none,float32:int8,float32:int4,auto:int4+dense"
+
+
+def engine_for(spec: str, threads: int, max_batch: int) -> EngineCore:
+    dtype, quant = spec.split(":")
+    dense = quant.endswith("+dense")
+    config = EngineConfig(dtype=dtype, quantization=quant.removesuffix("+dense"),
+                          keep_dense_weights=dense, num_blocks=max_batch * 12 + 16,
+                          max_num_seqs=max_batch, num_threads=threads)  # fmt: skip
+    return EngineCore(config)
+
+
+def decode_steps(engine: EngineCore, batch: int, new_tokens: int, seed: int) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"s{seed}-{i}", torch.randint(100, 40000, (40,), generator=g).tolist(),
+                           params)  # fmt: skip
+    times = []
+    while engine.has_unfinished():
+        batch_ = engine.scheduler.schedule()
+        t0 = time.perf_counter()
+        out = engine.runner.execute(batch_)
+        engine.postprocess(batch_, out)
+        if not batch_.is_prefill and len(batch_.seqs) == batch:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", default=DEFAULT)
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    print(f"machine: {machine()}; threads {args.threads}; load avg {load_average()}")
+    bandwidth = copy_bandwidth()
+    rows = []
+    for spec in args.configs.split(","):
+        engine = engine_for(spec, args.threads, max(batches))
+        decode_steps(engine, 2, 4, seed=99)  # warm-up
+        steps = {b: statistics.median(decode_steps(engine, b, args.new_tokens, seed=b))
+                 for b in batches}  # fmt: skip
+        rows.append((spec, engine.config.torch_dtype, engine.model.weight_bytes, steps))
+        print(f"  {spec} done (load avg {load_average()})", flush=True)
+        del engine
+    bandwidth = max(bandwidth, copy_bandwidth())
+    print(f"\ncopy bandwidth {bandwidth / 1e9:.1f} GB/s (read+write); load avg {load_average()}")
+    cols = " ".join(f"{'B=' + str(b) + ' ms':>9} {'tok/s':>6}" for b in batches)
+    print(f"{'config':>18} {'dtype':>9} {'weights MB':>10} {'floor ms':>8} {'B=1/floor':>9} {cols}")
+    for spec, dtype, nbytes, steps in rows:
+        floor = nbytes / bandwidth
+        ratio = f"{steps[1] / floor:9.2f}" if 1 in steps else f"{'-':>9}"
+        cells = " ".join(f"{steps[b] * 1e3:9.2f} {b / steps[b]:6.0f}" for b in batches)
+        print(f"{spec:>18} {str(dtype).removeprefix('torch.'):>9} {nbytes / 1e6:10.1f} "
+              f"{floor * 1e3:8.2f} {ratio} {cells}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Quality of reduced-precision models against float32: greedy agreement, |delta logprob| and
+held-out perplexity, per dtype / weight quantization, in one run.
+
+    python -m bench.quant_quality                    # float32 vs bfloat16, int8, int4, bf16+int4
+    python -m bench.quant_quality --configs float32:int4 --new-tokens 32 --prompts 8
+    python -m bench.quant_quality --llama-url http://127.0.0.1:8080   # + a llama.cpp server
+
+A config is ``dtype:quantization``; with ``@hf`` the model is first exported as a float32 HF
+directory (the GGUF dequantized), so int4 / int8 come from our quantizer on float weights instead
+of the GGUF's own blocks (``int4`` on the GGUF keeps its Q4_1 blocks: the float32 model's very
+weights). Batches of at most ``--batch`` (8) sequences, so decode steps take the quantized kernels.
+
+Workload: the 32 chat prompts of ``bench/chat_prompts.py`` (chat-templated), greedy, N new tokens
+each (ignore_eos), one batch per config; perplexity of ``tests/model/data/heldout.txt`` (an
+original ~450-word text: prompt logprobs of every token after the first). Against the float32 run:
+
+    identical       prompts whose N generated ids are all equal
+    common prefix   leading equal generated ids, averaged over prompts
+    |dlogprob|      |logprob - logprob_float32| of the chosen token at every common-prefix
+                    position (both runs decoded it from the same context), pooled
+
+``--llama-url``: the same prompts through a llama.cpp server's ``/completion`` (token-id prompts,
+greedy, ``n_probs`` for the chosen tokens' logprobs; its perplexity is not measured here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.chat_prompts import CHAT_PROMPTS
+from bench.spec_decode import save_truncated_draft
+from core.sampling_params import SamplingParams
+from core.tokenizer import Tokenizer
+from engine.engine_config import EngineConfig
+from engine.engine_core import EngineCore
+from engine.tokenizer_files import load_tokenizer_files
+
+HELDOUT = Path(__file__).resolve().parents[1] / "tests" / "model" / "data" / "heldout.txt"
+MODEL = "builtin:smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class Agreement:
+    num_prompts: int
+    num_identical: int  # prompts whose generated ids are all equal
+    mean_common_prefix: float  # leading equal generated ids, averaged over prompts
+    num_compared: int  # chosen-token logprobs compared (sum of common prefixes)
+    mean_abs_dlogprob: float
+    max_abs_dlogprob: float
+
+
+def compare(
+    ref_tokens: list[list[int]],
+    ref_lps: list[list[float]],
+    tokens: list[list[int]],
+    lps: list[list[float]],
+) -> Agreement:
+    """A candidate run against a reference run: per prompt, generated ids and the logprob of each
+    chosen token."""
+    prefixes, dlps = [], []
+    for rt, ct, rl, cl in zip(ref_tokens, tokens, ref_lps, lps, strict=True):
+        n = next((i for i, (a, b) in enumerate(zip(rt, ct, strict=False)) if a != b),
+                 min(len(rt), len(ct)))  # fmt: skip
+        prefixes.append(n)
+        dlps.extend(abs(a - b) for a, b in zip(rl[:n], cl[:n], strict=True))
+    d = torch.tensor(dlps, dtype=torch.float64)
+    return Agreement(
+        num_prompts=len(ref_tokens),
+        num_identical=sum(rt == ct for rt, ct in zip(ref_tokens, tokens, strict=True)),
+        mean_common_prefix=sum(prefixes) / len(prefixes),
+        num_compared=len(dlps),
+        mean_abs_dlogprob=float(d.mean()) if dlps else 0.0,
+        max_abs_dlogprob=float(d.max()) if dlps else 0.0,
+    )
+
+
+class Runner:
+    """An engine and the builtin model's tokenizer (the model may come from elsewhere)."""
+
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer):
+        self.engine = EngineCore(config)
+        self.tokenizer = tokenizer
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams):
+        """Per prompt: (generated ids, chosen-token logprobs, prompt logprobs)."""
+        out = {f"q{i}": ([], [], []) for i in range(len(prompts))}
+        for rid, p in zip(out, prompts, strict=True):
+            self.engine.add_request(rid, p, params)
+        while self.engine.has_unfinished():
+            for d in self.engine.step():
+                tokens, lps, plps = out[d.request_id]
+                tokens.extend(d.token_ids)
+                lps.extend(lp.logprob for lp in d.logprobs)
+                plps.extend(lp.logprob for lp in d.prompt_logprobs)
+        return list(out.values())
+
+
+def greedy(runner: Runner, prompts: list[list[int]], new_tokens: int):
+    """(generated ids, chosen-token logprobs) per prompt."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True, logprobs=0)
+    outs = runner.generate(prompts, params)
+    return [o[0] for o in outs], [o[1] for o in outs]
+
+
+def perplexity(runner: Runner, token_ids: list[int]) -> float:
+    """exp(-mean logprob) of tokens 1.. of ``token_ids`` given their prefixes."""
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    ((_, _, plps),) = runner.generate([token_ids], params)
+    assert len(plps) == len(token_ids) - 1
+    return math.exp(-sum(plps) / len(plps))
+
+
+def make_runner(spec: str, tokenizer: Tokenizer, threads: int | None, batch: int,
+                hf_dir: Path | None = None) -> Runner:  # fmt: skip
+    """``dtype:quantization[@hf]``, e.g. ``float32:none``, ``auto:int4`` or ``float32:int4@hf``."""
+    spec, _, where = spec.partition("@")
+    dtype, quant = spec.split(":")
+    source = str(hf_dir) if where == "hf" else MODEL
+    return Runner(EngineConfig(model=source, dtype=dtype, quantization=quant, num_blocks=512,
+                               max_num_seqs=batch, num_threads=threads), tokenizer)  # fmt: skip
+
+
+def llama_greedy(url: str, prompts: list[list[int]], new_tokens: int):
+    tokens, lps = [], []
+    for p in prompts:
+        body = {"prompt": p, "n_predict": new_tokens, "temperature": 0, "top_k": 1,
+                "ignore_eos": True, "n_probs": 1, "post_sampling_probs": False,
+                "cache_prompt": False}  # fmt: skip
+        req = urllib.request.Request(f"{url}/completion", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            out = json.loads(resp.read())
+        probs = out["completion_probabilities"]
+        tokens.append([e["id"] for e in probs])
+        lps.append([e["logprob"] for e in probs])
+    return tokens, lps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", default="bfloat16:none,float32:int8,float32:int4,auto:int4,"
+                    "float32:int8@hf,float32:int4@hf",
+                    help="dtype:quantization[@hf] configs compared with float32:none")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--llama-url", default=None)
+    args = ap.parse_args()
+    tokenizer = Tokenizer(load_tokenizer_files(MODEL))
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}])
+               for p in CHAT_PROMPTS[: args.prompts]]  # fmt: skip
+    text_ids = tokenizer.encode(HELDOUT.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = None
+        if any(c.endswith("@hf") for c in args.configs.split(",")):
+            hf_dir = save_truncated_draft(Path(tmp) / "smollm2-f32", 30)  # all 30 layers
+        runner = make_runner("float32:none", tokenizer, args.threads, args.batch)
+        ref = greedy(runner, prompts, args.new_tokens)
+        rows = [("float32:none", None, perplexity(runner, text_ids))]
+        for spec in args.configs.split(","):
+            runner = make_runner(spec, tokenizer, args.threads, args.batch, hf_dir)
+            rows.append((spec, compare(*ref, *greedy(runner, prompts, args.new_tokens)),
+                         perplexity(runner, text_ids)))  # fmt: skip
+            print(f"  {spec} done", flush=True)
+    if args.llama_url:
+        rows.append(("llama.cpp", compare(*ref, *llama_greedy(args.llama_url, prompts,
+                                                              args.new_tokens)), None))  # fmt: skip
+    print(f"{len(prompts)} chat prompts x {args.new_tokens} greedy tokens vs float32, batches of "
+          f"{args.batch}; held-out text {len(text_ids)} tokens")  # fmt: skip
+    print(f"{'config':>16} {'identical':>9} {'prefix':>7} {'compared':>8} {'mean|dlp|':>9} "
+          f"{'max|dlp|':>8} {'ppl':>7}")  # fmt: skip
+    for spec, a, ppl in rows:
+        p = f"{ppl:7.3f}" if ppl is not None else f"{'-':>7}"
+        if a is None:
+            print(f"{spec:>16} {'-':>9} {'-':>7} {'-':>8} {'-':>9} {'-':>8} {p}")
+            continue
+        print(f"{spec:>16} {a.num_identical:>6}/{a.num_prompts:<2} {a.mean_common_prefix:7.2f} "
+              f"{a.num_compared:8d} {a.mean_abs_dlogprob:9.4f} {a.max_abs_dlogprob:8.4f} {p}")
+
+
+if __name__ == "__main__":
+    main()
