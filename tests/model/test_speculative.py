@@ -68,6 +68,33 @@ def test_greedy_with_speculation_equals_without(target_dir, other_draft_dir, var
     assert engine.kv.num_used_blocks == 0  # rollback leaks nothing
 
 
+def test_seeded_sampling_with_ngram_speculation_equals_without(target_dir):
+    """n-gram verification accepts a draft iff it equals the sampler's own seeded draw at that
+    position: seeded output is token-equal with or without speculation (what lets a migrated
+    request resume mid-window and still equal an undisturbed run)."""
+    # low temperatures: the tiny model then repeats itself enough for drafts to be accepted
+    seeded = [SamplingParams(max_tokens=40, temperature=t, top_p=0.95, seed=s, ignore_eos=True)
+              for t, s in ((0.05, 1), (0.1, 2), (1.0, 3), (0.05, 4))]  # fmt: skip
+    prompts = repetitive_prompts()
+
+    def run(engine: EngineCore) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for i, (prompt, params) in enumerate(zip(prompts, seeded, strict=True)):
+            engine.add_request(f"r{i}", prompt, params)
+        while engine.has_unfinished():
+            for d in engine.step():
+                out.setdefault(d.request_id, []).extend(d.token_ids)
+        return out
+
+    plain = run(engine_for(target_dir))
+    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=K, ngram_max=3,
+                             min_acceptance_rate=0.0)  # fmt: skip
+    engine = engine_for(target_dir, spec)
+    assert run(engine) == plain
+    assert engine.speculator.metrics.accepted_tokens > 0  # speculation did take tokens
+    assert engine.kv.num_used_blocks == 0
+
+
 def test_rollback_keeps_block_accounting_exact(target_dir, other_draft_dir):
     spec = SpeculativeConfig(method="draft", num_speculative_tokens=K,
                              draft_model=str(other_draft_dir), min_acceptance_rate=0.0)  # fmt: skip

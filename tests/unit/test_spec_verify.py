@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from core.sampling_params import SamplingParams
-from engine.sampler import filtered_probs
+from engine.sampler import Sampler, filtered_probs
 from engine.sequence import Sequence
 from engine.spec.ngram import propose_ngram
 from engine.spec.verify import verify
@@ -121,3 +121,30 @@ def test_seeded_verification_is_reproducible_across_processes():
         for h in ("1", "2")
     ]  # fmt: skip
     assert outs[0] == outs[1] and outs[0].startswith("[[")
+
+
+def test_seeded_ngram_verification_emits_what_plain_sampling_would():
+    """n-gram drafts are checked against the sampler's own seeded draw per position: whatever the
+    verify window (k, and where it starts: a migrated request resumes mid-window), the tokens are
+    those of plain decoding, token for token."""
+    g = torch.Generator().manual_seed(7)
+    rows = torch.randn(12, V, generator=g) * 0.8  # the target's logits at output positions 0..11
+    params = SamplingParams(max_tokens=16, seed=42, temperature=0.9, top_k=6)
+
+    plain = Sequence("r", [1, 2, 3], params)
+    for j in range(len(rows)):  # plain decoding: one sampler step per position
+        plain.output_token_ids.append(Sampler()(rows[j : j + 1], [plain]).token_ids[0])
+    want = plain.output_token_ids
+
+    for start, k in [(0, 3), (2, 4), (5, 2), (1, 6)]:
+        for guess in ("right", "wrong", "mixed"):
+            seq = Sequence("r", [1, 2, 3], params)
+            seq.output_token_ids = list(want[:start])
+            drafts = {"right": want[start : start + k],
+                      "wrong": [(t + 1) % V for t in want[start : start + k]],
+                      "mixed": [*want[start : start + 1], (want[start + 1] + 1) % V,
+                                *want[start + 2 : start + k]]}[guess]  # fmt: skip
+            out = verify(rows[start : start + k + 1], drafts, seq)
+            assert out == want[start : start + len(out)], (start, k, guess)
+            if guess == "right":
+                assert len(out) == k + 1  # every draft accepted, plus the bonus token
