@@ -133,7 +133,7 @@ def test_short_prompts_prefill_locally_with_the_same_tokens(server, llm, chat_id
 def test_scale_decode_2_to_3_to_1_under_a_steady_stream(server, llm, chat_ids):
     url = server.url
     prompts = chat_ids[:6]
-    want = [o.text for o in llm.generate(prompts, greedy(16))]
+    want = [o.text for o in llm.generate(prompts, greedy(16, ignore_eos=True))]
     done: list[tuple[str, str, str | None, int]] = []  # (request id, text, finish, prompt)
     stop = threading.Event()
 
@@ -143,7 +143,8 @@ def test_scale_decode_2_to_3_to_1_under_a_steady_stream(server, llm, chat_ids):
             rid = f"steady-{worker}-{n}"
             i = (worker + n) % len(prompts)
             (text, finish, _), = run_concurrently(
-                url, [{"prompt": prompts[i], "max_tokens": 16, "temperature": 0}], ids=[rid])
+                url, [{"prompt": prompts[i], "max_tokens": 16, "temperature": 0,
+                       "ignore_eos": True}], ids=[rid])  # fmt: skip
             done.append((rid, text, finish, i))
             n += 1
 
