@@ -391,7 +391,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
             state.metrics,
             request_id,
             list(gen.prompt_token_ids),
-            gen.params,
+            [gen.choice_params(i) for i in range(gen.n)],
             arrival,
             state.config.coordinator.request_timeout_s,
         )
