@@ -127,7 +127,7 @@ class ResponseBuilder:
         state = self.choices[index]
         first, state.started = not state.started, True
         drop = self.request.drop_output
-        text = ("" if drop else delta.text)
+        text = "" if drop else delta.text
         if first and self.request.echo_text:
             text = self.request.echo_text + text
         choice: dict = {"index": index}

@@ -113,8 +113,7 @@ class RequestRun:
                     choice, delta = await self._next_delta()
             except TimeoutError:
                 raise RequestTimeout(
-                    f"request {self.request_id} timed out after "
-                    f"{self.deadline - self.arrival:.1f}s"
+                    f"request {self.request_id} timed out after {self.deadline - self.arrival:.1f}s"
                 ) from None
             if delta is None:
                 # An engine that ends a stream without a finished delta broke its contract; make
