@@ -90,6 +90,7 @@ class RequestRun:
         self._opened = False
         self._broken = False  # an engine stream ended without its finished delta
         self._closed = False
+        self._finish_observed = False
         metrics.observe_admitted()
 
     @property
@@ -187,10 +188,13 @@ class RequestRun:
             choice.finished = True
             choice.completed = (delta.finish_reason in (FINISH_STOP, FINISH_LENGTH)
                                 and delta.error is None)  # fmt: skip
-            if self.finished:
+            if self.finished or not choice.completed:  # a failed choice ends the request
                 self._observe_finish()
 
     def _observe_finish(self) -> None:
+        if self._finish_observed:
+            return
+        self._finish_observed = True
         ttft = None
         if self._first_token_time is not None:
             ttft = self._first_token_time - self.arrival
