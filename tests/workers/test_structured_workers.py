@@ -11,6 +11,7 @@ import re
 
 import jsonschema
 import pytest
+from worker_harness import collect, hand_off, spec, wait_until
 
 from core.outputs import FINISH_REJECTED
 from core.sampling_params import SamplingParams
@@ -19,7 +20,6 @@ from decode.worker import DecodeWorker
 from engine.colocated_worker import ColocatedWorker
 from prefill.worker import PrefillWorker
 from tests.model.conftest import save_byte_tokenizer, save_tiny_llama
-from tests.workers.conftest import collect, spec, wait_until
 
 RECORD = {"type": "object", "required": ["ok", "n"], "additionalProperties": False,
           "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99}}}
@@ -83,8 +83,7 @@ def test_disaggregated_structured_equals_colocated_with_speculation_off_and_on(m
         try:
             prefill.connect("decode-0", decode.ready()["kv_address"])
             for rid, prompt, params in reqs:
-                blocks = decode.reserve(rid, prompt, params.to_dict())
-                prefill.prefill(rid, prompt, params.to_dict(), "decode-0", blocks)
+                hand_off(decode, prefill, rid, prompt, params.to_dict())
             got = collect(pull, {rid for rid, *_ in reqs})
             for rid, *_ in reqs:
                 if rid.startswith("g") or rid == "first":  # sampled + speculation: in law only
@@ -112,8 +111,7 @@ def test_a_grammar_prefill_refuses_moves_no_kv(model, sink):
         prefill.connect("decode-0", decode.ready()["kv_address"])
         grammar = StructuredOutput("grammar", "root ::= ")
         bad = SamplingParams(max_tokens=5, structured=grammar).to_dict()
-        blocks = decode.reserve("bad", PROMPTS[3], bad)
-        prefill.prefill("bad", PROMPTS[3], bad, "decode-0", blocks)
+        hand_off(decode, prefill, "bad", PROMPTS[3], bad)
         (d,) = collect(pull, {"bad"})["bad"]
         assert d.finish_reason == FINISH_REJECTED and "invalid grammar" in d.error
         assert prefill.stats()["transfer_bytes"] == 0 and not prefill.destinations
