@@ -11,7 +11,7 @@ import re
 
 import jsonschema
 import pytest
-from worker_harness import collect, hand_off, spec, wait_until
+from worker_harness import collect, spec, wait_until
 
 from core.outputs import FINISH_REJECTED
 from core.sampling_params import SamplingParams
@@ -83,7 +83,8 @@ def test_disaggregated_structured_equals_colocated_with_speculation_off_and_on(m
         try:
             prefill.connect("decode-0", decode.ready()["kv_address"])
             for rid, prompt, params in reqs:
-                hand_off(decode, prefill, rid, prompt, params.to_dict())
+                blocks = decode.reserve(rid, prompt, params.to_dict())
+                prefill.prefill(rid, prompt, params.to_dict(), "decode-0", blocks)
             got = collect(pull, {rid for rid, *_ in reqs})
             for rid, *_ in reqs:
                 if rid.startswith("g") or rid == "first":  # sampled + speculation: in law only
@@ -111,7 +112,8 @@ def test_a_grammar_prefill_refuses_moves_no_kv(model, sink):
         prefill.connect("decode-0", decode.ready()["kv_address"])
         grammar = StructuredOutput("grammar", "root ::= ")
         bad = SamplingParams(max_tokens=5, structured=grammar).to_dict()
-        hand_off(decode, prefill, "bad", PROMPTS[3], bad)
+        blocks = decode.reserve("bad", PROMPTS[3], bad)
+        prefill.prefill("bad", PROMPTS[3], bad, "decode-0", blocks)
         (d,) = collect(pull, {"bad"})["bad"]
         assert d.finish_reason == FINISH_REJECTED and "invalid grammar" in d.error
         assert prefill.stats()["transfer_bytes"] == 0 and not prefill.destinations
