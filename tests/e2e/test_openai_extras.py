@@ -226,6 +226,7 @@ def test_n_choices_share_one_prefill_and_one_transfer(server, refs):
     traces = [_trace(url, f"cmpl-nfork-a{'+' + str(i) if i else ''}") for i in range(4)]
     (lead,) = traces[0]["attempts"]
     assert lead["where"] == "remote" and lead["transfer_bytes"] > 0
+    assert (lead["kv_blocks"], lead["cached_blocks"]) == (-(-num_prompt_tokens // 16), 0)
     for t in traces[1:]:
         (fork,) = t["attempts"]
         assert (fork["where"], fork["local_reason"], fork["transfer_bytes"]) == (
