@@ -167,3 +167,20 @@ def test_attempt_records_why_it_prefilled_locally_and_forks_wait_for_kv_ready():
     assert rec.new_attempt((), local_on=worker, local_why="n_fork").local_why == "n_fork"
     assert rec.new_attempt((), local_on=worker).local_why == "recompute"
     assert not rec.kv_ready.is_set() and rec.kv_on is None
+
+
+def test_a_timeout_aborts_every_choice():
+    engine = ScriptedEngine(token_delay_s=0.2)
+
+    async def main():
+        config = make_config(request_timeout_s=0.3)
+        async with running_server(config, engine, TOK) as url:
+            body = {"model": MODEL, "prompt": "x", "max_tokens": 50, "n": 3}
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{url}/v1/completions", json=body) as resp:
+                    return resp.status, await resp.json()
+
+    status, body = asyncio.run(main())
+    assert status == 504 and body["error"]["code"] == "timeout"
+    assert sorted(engine.aborted) == sorted(rid for rid, _, _ in engine.requests)
+    assert len(engine.aborted) == 3 and not engine.finished
