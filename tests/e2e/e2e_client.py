@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 
 import aiohttp
 import requests
@@ -28,6 +29,18 @@ def greedy(max_tokens: int, **kwargs: object) -> SamplingParams:
 
 def complete(url: str, **body: object) -> requests.Response:
     return requests.post(f"{url}/v1/completions", json={"model": MODEL, **body}, timeout=120)
+
+
+def metric_above(
+    url: str, name: str, floor: float, timeout_s: float = 10.0, **labels: str
+) -> float:
+    """``name{labels}`` once it exceeds ``floor``: worker counters reach /metrics with the next
+    stats poll, not with the response."""
+    deadline = time.monotonic() + timeout_s
+    while (value := metric(url, name, default=floor, **labels)) <= floor:
+        assert time.monotonic() < deadline, f"{name}{labels} stayed at {value}"
+        time.sleep(0.1)
+    return value
 
 
 def metric(url: str, name: str, default: float | None = None, **labels: str) -> float:

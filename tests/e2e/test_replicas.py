@@ -51,6 +51,20 @@ def trace(url: str, request_id: str) -> dict:
     return requests.get(f"{url}/v1/requests/cmpl-{request_id}/trace", timeout=10).json()
 
 
+def settle(url: str, timeout_s: float = 30.0) -> None:
+    """Until the coordinator's stats show every decode worker idle with no KV in use, twice in
+    a row: its load view no longer counts the requests placed before (they are reset by a stats
+    answer), so a routing decision that follows weighs cached blocks against real load."""
+    deadline, idle = time.monotonic() + timeout_s, 0
+    while idle < 2:
+        assert time.monotonic() < deadline, "the decode workers never went idle"
+        workers = requests.get(f"{url}/v1/status", timeout=10).json()["workers"]
+        quiet = all(w["running"] == 0 and w["kv_blocks_used"] == 0
+                    for w in workers if w["pool"] == "decode")  # fmt: skip
+        idle = idle + 1 if quiet else 0
+        time.sleep(0.3)
+
+
 def test_a_burst_spreads_over_the_decode_workers(server):
     rng = random.Random(3)
     prompts = [[rng.randrange(1000, 40000) for _ in range(64)] for _ in range(24)]  # no sharing
@@ -78,13 +92,15 @@ def test_a_prompt_goes_where_its_prefix_is_cached(server, llm):
     want = [o.text for o in llm.generate(prompts, greedy(12))]
     hits = {pool: metric(url, "tandem_prefix_hit_tokens_total", default=0.0, pool=pool)
             for pool in ("prefill", "decode")}  # fmt: skip
+    settle(url)  # the burst before is over for the router too
     first = complete_as(url, "prefix-0", prompts[0])
     assert first["choices"][0]["text"] == want[0]
-    time.sleep(0.5)  # the workers' KV events reach the coordinator's index
+    settle(url)  # and the workers' KV events have reached the coordinator's index
     where = trace(url, "prefix-0")["attempts"][-1]
     for i in (1, 2):
         body = complete_as(url, f"prefix-{i}", prompts[i])
         assert body["choices"][0]["text"] == want[i]  # unchanged by the reuse
+        settle(url)
         again = trace(url, f"prefix-{i}")["attempts"][-1]
         assert (again["prefill_worker"], again["decode_worker"]) == (
             where["prefill_worker"], where["decode_worker"])  # fmt: skip
