@@ -18,7 +18,7 @@ import openai
 import pytest
 import requests
 import yaml
-from e2e_client import MODEL, complete, greedy, metric, run_concurrently
+from e2e_client import MODEL, complete, greedy, metric, metric_settled, run_concurrently
 from server_process import serving
 
 from core.structured_output import StructuredOutput
@@ -190,24 +190,11 @@ def _trace(url: str, request_id: str) -> dict:
     return response.json()
 
 
-def _settled_metric(url: str, name: str, at_least: float, **labels: str) -> float:
-    """A cumulative worker counter once it reached ``at_least`` and stayed put for a stats
-    poll or two (workers' counters reach /metrics with their periodic stats)."""
-    deadline, last = time.monotonic() + 30, None
-    while True:
-        value = metric(url, name, default=0, **labels)
-        if value >= at_least and value == last:
-            return value
-        assert time.monotonic() < deadline, f"{name} stuck at {value} (want >= {at_least})"
-        last = value
-        time.sleep(1.0)
-
-
 def test_n_choices_share_one_prefill_and_one_transfer(server, refs):
     client = _client(server)
     url = server.url
-    sent = _settled_metric(url, "tandem_kv_transfer_bytes_total", 0, backend="nixl")
-    hits = _settled_metric(url, "tandem_prefix_hit_tokens_total", 0, pool="decode")
+    sent = metric_settled(url, "tandem_kv_transfer_bytes_total", 0, backend="nixl")
+    hits = metric_settled(url, "tandem_prefix_hit_tokens_total", 0, pool="decode")
     num_prompt_tokens = requests.post(f"{url}/tokenize", json={"prompt": N_PROMPT},
                                       timeout=30).json()["count"]  # fmt: skip
 
@@ -232,13 +219,13 @@ def test_n_choices_share_one_prefill_and_one_transfer(server, refs):
         assert (fork["where"], fork["local_reason"], fork["transfer_bytes"]) == (
             "local", "n_fork", 0)  # fmt: skip
         assert fork["decode_worker"] == lead["decode_worker"]
-    moved = _settled_metric(url, "tandem_kv_transfer_bytes_total", sent + lead["transfer_bytes"],
+    moved = metric_settled(url, "tandem_kv_transfer_bytes_total", sent + lead["transfer_bytes"],
                             backend="nixl") - sent  # fmt: skip
     assert moved == lead["transfer_bytes"]  # counted by the workers: one prompt's blocks
     # ... which the three others found in decode's prefix cache (all full blocks but the last
     # one holding the prompt's last token, recomputed with the tail)
     shared = (num_prompt_tokens - 1) // 16 * 16
-    assert _settled_metric(url, "tandem_prefix_hit_tokens_total", hits + 3 * shared,
+    assert metric_settled(url, "tandem_prefix_hit_tokens_total", hits + 3 * shared,
                            pool="decode") == hits + 3 * shared  # fmt: skip
     assert metric(url, "tandem_prefill_location_total", where="local", reason="n_fork") == 3
     assert sample("nfork-b") == first  # ... and the same seed gives the same four again
