@@ -43,6 +43,21 @@ def metric_above(
     return value
 
 
+def metric_settled(
+    url: str, name: str, at_least: float, timeout_s: float = 30.0, **labels: str
+) -> float:
+    """A cumulative worker counter once it reached ``at_least`` and held still over a second
+    (two stats polls): for exact counts, where ``metric_above`` could catch it half-way."""
+    deadline, last = time.monotonic() + timeout_s, None
+    while True:
+        value = metric(url, name, default=0, **labels)
+        if value >= at_least and value == last:
+            return value
+        assert time.monotonic() < deadline, f"{name}{labels} stuck at {value} (< {at_least})"
+        last = value
+        time.sleep(1.0)
+
+
 def metric(url: str, name: str, default: float | None = None, **labels: str) -> float:
     """One sample of /metrics (labels must match exactly); ``default`` if it has none yet."""
     text = requests.get(f"{url}/metrics", timeout=10).text
