@@ -16,7 +16,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from coordinator.engine_client import EngineClient
 from coordinator.metrics import ServerMetrics
@@ -40,7 +40,10 @@ class RequestRun:
         params: SamplingParams,
         arrival: float,
         timeout_s: float,
+        on_finished: Callable[[], None] | None = None,
     ) -> None:
+        """``on_finished``: called once the finished delta is produced, before it is handed on
+        (so before the client can see the end of the response)."""
         self.engine = engine
         self.metrics = metrics
         self.request_id = request_id
@@ -49,6 +52,7 @@ class RequestRun:
         self.arrival = arrival  # time.monotonic() when the HTTP request arrived
         self.deadline = arrival + timeout_s
         self.finished = False
+        self._on_finished = on_finished
         self._stream: AsyncIterator[OutputDelta] | None = None
         self._first_token_time: float | None = None
         self._last_token_time: float | None = None
@@ -87,6 +91,8 @@ class RequestRun:
         if delta.finished:
             self.finished = True
             self._observe_finish(delta)
+            if self._on_finished is not None:
+                self._on_finished()
         return delta
 
     def _observe(self, delta: OutputDelta) -> None:
