@@ -23,7 +23,7 @@ serve: install
 	$(VENV)/bin/tandem serve --config $(CONFIG)
 
 test: install
-	RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/pytest -q tests
+	RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/pytest -q --durations=25 tests
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -296,7 +296,7 @@ async def _scale(request: web.Request) -> web.Response:
     live and target counts; GET /health follows the change."""
     state = request.app[STATE]
     pool = request.match_info["pool"]
-    body = await _json_body(request)
+    body = await json_body(request)
     replicas = body.get("replicas")
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise bad_request(f"replicas must be an integer >= 1, got {replicas!r}", param="replicas")

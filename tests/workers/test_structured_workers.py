@@ -11,6 +11,7 @@ import re
 
 import jsonschema
 import pytest
+from worker_harness import collect, spec, wait_until
 
 from core.outputs import FINISH_REJECTED
 from core.sampling_params import SamplingParams
@@ -19,7 +20,6 @@ from decode.worker import DecodeWorker
 from engine.colocated_worker import ColocatedWorker
 from prefill.worker import PrefillWorker
 from tests.model.conftest import save_byte_tokenizer, save_tiny_llama
-from tests.workers.conftest import collect, spec, wait_until
 
 RECORD = {"type": "object", "required": ["ok", "n"], "additionalProperties": False,
           "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99}}}
