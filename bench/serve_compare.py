@@ -37,7 +37,8 @@ import aiohttp
 
 from bench.chat_prompts import CHAT_PROMPTS
 from bench.offline_throughput import load_average, machine
-from bench.serve_load import check_loopback, percentile
+from bench.tandem_bench import check_loopback
+from coordinator.status_window import percentile
 from tests.e2e.server_process import ServerProcess, free_port
 
 
@@ -85,6 +86,10 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str, prom
     return sample
 
 
+def p50_ms(values: list[float]) -> float:
+    return 1e3 * percentile(sorted(values), 50) if values else 0.0
+
+
 async def run_load(url: str, model: str, prompts: list[list[int]], concurrency: int,
                    num_requests: int, output_len: int, deadline_s: float | None = None) -> dict:
     """``num_requests`` requests over ``concurrency`` closed-loop clients (no new request after
@@ -112,8 +117,8 @@ async def run_load(url: str, model: str, prompts: list[list[int]], concurrency: 
         "requests": len(samples),
         "errors": len(samples) - len(ok),
         "tok_s": sum(s.num_tokens for s in ok) / wall,
-        "ttft_p50_ms": 1e3 * percentile(sorted(s.ttft for s in ok if s.ttft is not None), 50),
-        "itl_p50_ms": 1e3 * percentile(sorted(x for s in ok for x in s.itls), 50),
+        "ttft_p50_ms": p50_ms([s.ttft for s in ok if s.ttft is not None]),
+        "itl_p50_ms": p50_ms([x for s in ok for x in s.itls]),
         "wall_s": wall,
         "first_error": next((s.error for s in samples if s.error), None),
     }

@@ -26,7 +26,7 @@ import inspect
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from coordinator.engine_client import EngineClient
@@ -73,8 +73,11 @@ class RequestRun:
         params: Sequence[SamplingParams],
         arrival: float,
         timeout_s: float,
+        on_finished: Callable[[], None] | None = None,
     ) -> None:
-        """``params``: one per choice (``len(params)`` is n)."""
+        """``params``: one per choice (``len(params)`` is n). ``on_finished``: called once every
+        choice's finished delta has arrived, before the last is handed on (so before the client
+        can see the end of the response)."""
         if not params:
             raise ValueError("a request has at least one choice")
         self.engine = engine
@@ -86,6 +89,7 @@ class RequestRun:
         self._choices = [_Choice(i, choice_id(request_id, i), p) for i, p in enumerate(params)]
         self._ready: deque[tuple[int, OutputDelta]] = deque()  # to hand out, in order
         self._held: list[tuple[int, OutputDelta]] = []  # choices 1.. before choice 0 spoke
+        self._on_finished = on_finished
         self._first_token_time: float | None = None
         self._opened = False
         self._broken = False  # an engine stream ended without its finished delta
@@ -124,6 +128,9 @@ class RequestRun:
                 raise StopAsyncIteration
             self._observe(choice, delta)
             self._queue(choice, delta)
+            if self.finished and self._on_finished is not None:
+                on_finished, self._on_finished = self._on_finished, None
+                on_finished()
         index, delta = self._ready.popleft()
         self._choices[index].yielded = True
         return index, delta

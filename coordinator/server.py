@@ -371,6 +371,16 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     # The slot is taken before the first await, so concurrent arrivals cannot all pass the check.
     state.num_in_flight += 1
     state.metrics.in_flight.inc()
+    slot_held = True
+
+    def release_slot() -> None:
+        """Once, at the request's last delta (before the client can read [DONE] and send its
+        next request: the engine's wind-down after it must not count) or in the finally."""
+        nonlocal slot_held
+        if slot_held:
+            slot_held = False
+            state.num_in_flight -= 1
+            state.metrics.in_flight.dec()
     outcome = "error"
     run: RequestRun | None = None
     try:
@@ -395,6 +405,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
             [gen.choice_params(i) for i in range(gen.n)],
             arrival,
             state.config.coordinator.request_timeout_s,
+            on_finished=release_slot,
         )
         builder = ResponseBuilder(
             request_id, state.limits.model_name, int(time.time()), gen, state.tokenizer
@@ -420,6 +431,5 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         finally:  # ... and the slot is given back all the same
             if run is not None:
                 state.request_ids.discard(run.request_id)
-            state.num_in_flight -= 1
-            state.metrics.in_flight.dec()
+            release_slot()
             state.metrics.requests.labels(endpoint, outcome).inc()

@@ -57,6 +57,7 @@ class ScriptedEngine:
     cached_tokens: int = 0  # prefix-cache hit reported with token 1
     stop_reason: int | str | None = None  # reported on a "stop" finish (eos_after)
     reject_structured: str | None = None  # structured output: end "rejected" with this
+    wind_down_s: float = 0.0  # closing a stream takes this long (the Ray client's end calls)
     live: dict[str, PoolHealth] = field(
         default_factory=lambda: {"prefill": PoolHealth(1, 1), "decode": PoolHealth(1, 1)}
     )
@@ -78,6 +79,16 @@ class ScriptedEngine:
         if fork_of is not None:
             self.forks[request_id] = fork_of
         self.started.set()
+        try:
+            async for delta in self._deltas(request_id, prompt_token_ids, params):
+                yield delta
+        finally:
+            if self.wind_down_s:
+                await asyncio.sleep(self.wind_down_s)
+
+    async def _deltas(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[OutputDelta]:
         ids = expected_ids(prompt_token_ids, params.max_tokens)
         num_sent = 0
         if self.reject_structured is not None and params.structured is not None:

@@ -274,3 +274,33 @@ def test_concurrent_burst_admits_exactly_the_limit():
 
     assert asyncio.run(main()) == [200, 200, 429, 429, 429, 429]
     assert len(engine.requests) == 2
+
+
+def test_closed_loop_at_the_limit_never_sees_429():
+    """A slot is free once the request's last delta is produced, not when the engine's wind-down
+    (the Ray client's end-of-request worker calls) is over: as many clients as the limit, each
+    starting its next stream as soon as it has read [DONE], are never refused. Each client
+    alternates between two keep-alive sessions, so its next request arrives on another connection
+    while the previous one stays open (a closed one would cancel its handler, which frees the slot
+    too: a race with the next request that a loaded server loses)."""
+    engine = ScriptedEngine(wind_down_s=0.3)
+    config = make_config(max_queued_requests=2)
+
+    async def main():
+        async with running_server(config, engine, TOK) as url:
+
+            async def client() -> list[int]:
+                statuses = []
+                async with aiohttp.ClientSession() as a, aiohttp.ClientSession() as b:
+                    for session in (a, b, a):
+                        body = {**SLOW, "max_tokens": 3, "stream": True}
+                        async with session.post(f"{url}/v1/completions", json=body) as resp:
+                            raw = await resp.read()
+                            statuses.append(resp.status)
+                        assert resp.status != 200 or _events(raw)[-1] == "[DONE]"
+                return statuses
+
+            return await asyncio.gather(client(), client())
+
+    assert asyncio.run(main()) == [[200] * 3, [200] * 3]
+    assert len(engine.requests) == 6
