@@ -36,6 +36,7 @@ def variant(base: str, out: Path, groups: int, input_len: int) -> str:
     budget = max(input_len + 64, config["pools"]["prefill"]["scheduler"]["max_batch_tokens"])
     config["pools"]["prefill"]["scheduler"].update(chunk_size=budget, max_batch_tokens=budget)
     config["kv_transfer"]["layer_groups"] = groups
+    config["model"]["max_model_len"] = max(config["model"]["max_model_len"], input_len + 64)
     path = out / f"groups-{groups}.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)

@@ -137,10 +137,20 @@ class EngineClient(Protocol):
     timeout, error), and the engine then frees the request's blocks on every worker.
 
     ``health`` maps each pool name to its live and target worker counts.
+
+    ``fork_of`` (choices 1.. of an n > 1 request; the front end passes it only then): the id of
+    the request in flight with the same prompt (choice 0), whose generate was called first. An
+    engine that can share the prompt's KV places this request where that request's prompt KV
+    is, once it is there (the Ray engine: same decode worker, local prefill of the tail past
+    the cached blocks); one that cannot may ignore it.
     """
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        fork_of: str | None = None,
     ) -> AsyncIterator[OutputDelta]: ...
 
     async def abort(self, request_id: str) -> None: ...

@@ -151,7 +151,8 @@ def _routing_metrics(stats: EngineStats) -> Iterator[Metric]:
     where = CounterMetricFamily(
         "tandem_prefill_location",
         "Placements by where the prompt was prefilled: remote (a prefill worker, KV transferred) "
-        "or local (on its decode worker: short, prefill_busy, no_prefill_worker, recompute).",
+        "or local (on its decode worker: short, prefill_busy, no_prefill_worker, recompute, "
+        "n_fork).",
         labels=["where", "reason"],
     )
     for place, reason, count in routing.prefill_locations:

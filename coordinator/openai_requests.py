@@ -10,6 +10,7 @@ server does not know are refused (``request_fields``), structured output is read
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,6 +22,7 @@ from coordinator.structured_request import parse_structured
 from core.sampling_params import SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default; chat defaults to the rest of ctx
+MAX_CHOICES = 16  # n: choices of one request (each one a sequence on the same decode worker)
 
 # Request fields passed straight through to SamplingParams (vLLM's extensions included).
 _PASSTHROUGH = (
@@ -63,6 +65,19 @@ class GenerationRequest:
     drop_output: bool = False  # echo with max_tokens 0: the one token generated is not returned
     want_prompt_logprobs: bool = False  # the request asked for prompt_logprobs itself
     structured_param: str | None = None  # the field that asked for structured output
+    n: int = 1  # choices
+
+    def choice_params(self, index: int) -> SamplingParams:
+        """Choice ``index``'s sampling: a seeded request's choice i samples with seed + i (so
+        the n choices differ, and the same request gives the same n again, as vLLM does); the
+        prompt's logprobs are computed by choice 0 only (choices i > 0 prefill only the tail
+        past choice 0's cached prompt blocks; the response repeats choice 0's)."""
+        if index == 0:
+            return self.params
+        changes: dict = {"prompt_logprobs": None}
+        if self.params.seed is not None:
+            changes["seed"] = self.params.seed + index
+        return dataclasses.replace(self.params, **changes)
 
 
 def parse_completion(body: dict, limits: ServingLimits, tokenizer: Tokenizer) -> GenerationRequest:
@@ -91,7 +106,7 @@ def parse_completion(body: dict, limits: ServingLimits, tokenizer: Tokenizer) ->
             echo_text = tokenizer.decode(list(prompt_ids))
     stream, include_usage, continuous_usage = _stream_flags(body)
     return GenerationRequest(
-        "completion", prompt_ids, params, stream, include_usage,
+        "completion", prompt_ids, params, stream, include_usage, n=_num_choices(body),
         want_logprobs=logprobs is not None, continuous_usage=continuous_usage, echo_text=echo_text,
         echo_logprobs=echo and logprobs is not None, drop_output=drop_output,
         want_prompt_logprobs=body.get("prompt_logprobs") is not None,
@@ -129,7 +144,8 @@ def parse_chat(body: dict, limits: ServingLimits, tokenizer: Tokenizer) -> Gener
     echo = _typed(body, "echo", bool, False) and messages[-1]["role"] == "assistant"
     stream, include_usage, continuous_usage = _stream_flags(body)
     return GenerationRequest(
-        "chat", prompt_ids, params, stream, include_usage, want_logprobs=want_logprobs,
+        "chat", prompt_ids, params, stream, include_usage, n=_num_choices(body),
+        want_logprobs=want_logprobs,
         continuous_usage=continuous_usage,
         echo_text=messages[-1]["content"] if echo else None,
         want_prompt_logprobs=body.get("prompt_logprobs") is not None,
@@ -153,6 +169,15 @@ def model_not_found(model: str, limits: ServingLimits) -> ApiError:
         param="model",
         code="model_not_found",
     )
+
+
+def _num_choices(body: dict) -> int:
+    n = body.get("n")
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise bad_request(f"n must be an integer from 1 to {MAX_CHOICES}, got {n!r}", param="n")
+    return n
 
 
 def _stream_flags(body: dict) -> tuple[bool, bool, bool]:
@@ -203,7 +228,7 @@ def _sampling_params(
 def _completion_prompt(
     prompt: object, tokenizer: Tokenizer, add_special_tokens: bool
 ) -> tuple[int, ...]:
-    # A batch of one prompt is accepted (clients often wrap); larger batches would need n>1.
+    # A batch of one prompt is accepted (clients often wrap); larger batches are refused.
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
     if isinstance(prompt, str):

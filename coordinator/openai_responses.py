@@ -1,17 +1,20 @@
 """Build OpenAI-shaped response bodies (whole and streamed) from ``OutputDelta``s.
 
-One ``ResponseBuilder`` per request: it turns each delta into a stream chunk and also
-accumulates text, logprobs and token counts for the non-streamed body and the ``usage`` block.
-Beyond OpenAI's fields, as vLLM has them: ``stop_reason`` (the stop string or stop token id that
-ended the choice; null for EOS and length) and ``prompt_logprobs`` (when asked: null for the
-first prompt token, then ``{token_id: {"logprob", "rank", "decoded_token"}}`` per position,
-``rank`` null for a token outside the top k). Echoed text (and, with logprobs, the prompt's
-tokens) leads the first chunk.
+One ``ResponseBuilder`` per request: it turns each delta of choice ``index`` into a stream chunk
+and also accumulates text, logprobs and token counts per choice for the non-streamed body and
+the ``usage`` block. With n > 1 choices, ``usage`` counts the prompt once and sums the choices'
+completion tokens; the prompt's logprobs and cached-token count come from choice 0 (every choice
+has the same prompt). Beyond OpenAI's fields, as vLLM has them: ``stop_reason`` (the stop string
+or stop token id that ended the choice; null for EOS and length) and ``prompt_logprobs`` (when
+asked: null for the first prompt token, then ``{token_id: {"logprob", "rank",
+"decoded_token"}}`` per position, ``rank`` null for a token outside the top k). Echoed text
+(and, with logprobs, the prompt's tokens) leads each choice's first chunk.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from coordinator.engine_client import Tokenizer
 from coordinator.openai_requests import GenerationRequest
@@ -19,6 +22,19 @@ from core.outputs import FINISH_LENGTH, OutputDelta, TokenLogprob
 
 # (token id, logprob, top alternatives): a prompt's first token has neither
 _Row = tuple[int, float | None, tuple[tuple[int, float], ...] | None]
+
+
+@dataclass(eq=False)
+class _ChoiceState:
+    """What one choice has produced so far."""
+
+    text_parts: list[str] = field(default_factory=list)
+    logprob_entries: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_output_tokens: int = 0
+    text_offset: int = 0  # completions logprobs: where the next token starts in the text
+    started: bool = False  # the first content chunk (with any echo) went out
 
 
 class ResponseBuilder:
@@ -36,43 +52,45 @@ class ResponseBuilder:
         self.request = request
         self.tokenizer = tokenizer
         self.chat = request.kind == "chat"
-        self.text_parts: list[str] = []
-        self.finish_reason: str | None = None
-        self.stop_reason: str | int | None = None
-        self._logprob_entries: list[TokenLogprob] = []
+        self.choices = [_ChoiceState() for _ in range(request.n)]
         self._prompt_logprobs: tuple[TokenLogprob, ...] = ()
         self._num_prompt_tokens = len(request.prompt_token_ids)
-        self._num_output_tokens = 0
         self._num_cached_tokens = 0
-        self._text_offset = 0  # completions logprobs: where the next token starts in the text
-        self._started = False  # the first content chunk (with any echo) went out
+
+    @property
+    def finish_reason(self) -> str | None:
+        """Choice 0's (the request's outcome in metrics)."""
+        return self.choices[0].finish_reason
 
     # -- accumulation ---------------------------------------------------------------------------
 
-    def add(self, delta: OutputDelta) -> None:
-        if delta.prompt_logprobs:
-            self._prompt_logprobs = delta.prompt_logprobs
-        self._num_cached_tokens = max(self._num_cached_tokens, delta.num_cached_tokens)
-        if delta.num_prompt_tokens:
-            self._num_prompt_tokens = delta.num_prompt_tokens
+    def add(self, index: int, delta: OutputDelta) -> None:
+        choice = self.choices[index]
+        if index == 0:  # the prompt's: a choice i > 0 reuses choice 0's prompt blocks
+            if delta.prompt_logprobs:
+                self._prompt_logprobs = delta.prompt_logprobs
+            self._num_cached_tokens = max(self._num_cached_tokens, delta.num_cached_tokens)
+            if delta.num_prompt_tokens:
+                self._num_prompt_tokens = delta.num_prompt_tokens
         if delta.finish_reason is not None:
-            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+            choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
             if self.request.drop_output:  # max_tokens 0: what ended the hidden token is moot
-                self.finish_reason, self.stop_reason = FINISH_LENGTH, None
+                choice.finish_reason, choice.stop_reason = FINISH_LENGTH, None
         if self.request.drop_output:
             return
-        self.text_parts.append(delta.text)
-        self._logprob_entries.extend(delta.logprobs)
+        choice.text_parts.append(delta.text)
+        choice.logprob_entries.extend(delta.logprobs)
         # Engines report cumulative counts; fall back to counting ids if one does not.
-        self._num_output_tokens = max(
-            self._num_output_tokens + len(delta.token_ids), delta.num_output_tokens
+        choice.num_output_tokens = max(
+            choice.num_output_tokens + len(delta.token_ids), delta.num_output_tokens
         )
 
     def usage(self) -> dict:
+        num_output = sum(c.num_output_tokens for c in self.choices)
         return {
             "prompt_tokens": self._num_prompt_tokens,
-            "completion_tokens": self._num_output_tokens,
-            "total_tokens": self._num_prompt_tokens + self._num_output_tokens,
+            "completion_tokens": num_output,
+            "total_tokens": self._num_prompt_tokens + num_output,
             "prompt_tokens_details": {"cached_tokens": self._num_cached_tokens},
         }
 
@@ -92,26 +110,27 @@ class ResponseBuilder:
             body["usage"] = None  # OpenAI: null on every chunk but the last
         return body
 
-    def role_chunk(self) -> dict | None:
-        """Chat streams open with the assistant role and empty content, as OpenAI's do."""
+    def role_chunks(self) -> list[dict]:
+        """Chat streams open with the assistant role and empty content, one chunk per choice,
+        as OpenAI's do."""
         if not self.chat:
-            return None
-        choice = {
-            "index": 0,
-            "delta": {"role": "assistant", "content": ""},
-            "logprobs": None,
-            "finish_reason": None,
-        }
-        return self._envelope([choice])
+            return []
+        return [
+            self._envelope([{"index": i, "delta": {"role": "assistant", "content": ""},
+                             "logprobs": None, "finish_reason": None}])
+            for i in range(len(self.choices))
+        ]  # fmt: skip
 
-    def chunk(self, delta: OutputDelta) -> dict:
-        """The chunk for one delta (call ``add`` first so offsets and counts are current)."""
-        first, self._started = not self._started, True
+    def chunk(self, index: int, delta: OutputDelta) -> dict:
+        """The chunk for one delta of choice ``index`` (call ``add`` first so offsets and
+        counts are current)."""
+        state = self.choices[index]
+        first, state.started = not state.started, True
         drop = self.request.drop_output
-        text = ("" if drop else delta.text)
+        text = "" if drop else delta.text
         if first and self.request.echo_text:
             text = self.request.echo_text + text
-        choice: dict = {"index": 0}
+        choice: dict = {"index": index}
         if self.chat:
             choice["delta"] = {"content": text} if text or not delta.finished else {}
         else:
@@ -119,9 +138,9 @@ class ResponseBuilder:
         choice["logprobs"] = None
         if self.request.want_logprobs:
             entries = () if drop else delta.logprobs
-            choice["logprobs"] = self._logprobs(entries, with_prompt=first)
-        choice["finish_reason"] = self.finish_reason if delta.finished else None
-        choice["stop_reason"] = self.stop_reason if delta.finished else None
+            choice["logprobs"] = self._logprobs(state, entries, with_prompt=first)
+        choice["finish_reason"] = state.finish_reason if delta.finished else None
+        choice["stop_reason"] = state.stop_reason if delta.finished else None
         body = self._envelope([choice])
         if first:
             self._add_prompt_logprobs(body, choice)
@@ -135,27 +154,34 @@ class ResponseBuilder:
     # -- whole response -------------------------------------------------------------------------
 
     def final(self) -> dict:
-        text = (self.request.echo_text or "") + "".join(self.text_parts)
-        self._text_offset = 0
-        logprobs = None
-        if self.request.want_logprobs:
-            logprobs = self._logprobs(self._logprob_entries, with_prompt=True)
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
-        else:
-            choice = {"index": 0, "text": text}
-        choice["logprobs"] = logprobs
-        choice["finish_reason"] = self.finish_reason
-        choice["stop_reason"] = self.stop_reason
+        choices = []
+        for index, state in enumerate(self.choices):
+            text = (self.request.echo_text or "") + "".join(state.text_parts)
+            state.text_offset = 0
+            logprobs = None
+            if self.request.want_logprobs:
+                logprobs = self._logprobs(state, state.logprob_entries, with_prompt=True)
+            if self.chat:
+                choice = {"index": index, "message": {"role": "assistant", "content": text}}
+            else:
+                choice = {"index": index, "text": text}
+            choice["logprobs"] = logprobs
+            choice["finish_reason"] = state.finish_reason
+            choice["stop_reason"] = state.stop_reason
+            choices.append(choice)
         body = {
             "id": self.request_id,
             "object": "chat.completion" if self.chat else "text_completion",
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
+            "choices": choices,
             "usage": self.usage(),
         }
-        self._add_prompt_logprobs(body, choice)
+        if self.chat:
+            self._add_prompt_logprobs(body, choices[0])
+        else:
+            for choice in choices:
+                self._add_prompt_logprobs(body, choice)
         return body
 
     # -- logprobs -------------------------------------------------------------------------------
@@ -180,7 +206,9 @@ class ResponseBuilder:
             })  # fmt: skip
         return out
 
-    def _logprobs(self, entries: Iterable[TokenLogprob], with_prompt: bool) -> dict:
+    def _logprobs(
+        self, state: _ChoiceState, entries: Iterable[TokenLogprob], with_prompt: bool
+    ) -> dict:
         """``with_prompt``: completions echo puts the prompt's tokens first."""
         if self.chat:
             return self._chat_logprobs(entries)
@@ -189,7 +217,7 @@ class ResponseBuilder:
             rows.append((self.request.prompt_token_ids[0], None, None))
             rows += [(e.token_id, e.logprob, e.top) for e in self._prompt_logprobs]
         rows += [(e.token_id, e.logprob, e.top) for e in entries]
-        return self._completion_logprobs(rows)
+        return self._completion_logprobs(state, rows)
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -205,15 +233,15 @@ class ResponseBuilder:
             content.append({**item(entry.token_id, entry.logprob), "top_logprobs": top})
         return {"content": content}
 
-    def _completion_logprobs(self, rows: list[_Row]) -> dict:
+    def _completion_logprobs(self, state: _ChoiceState, rows: list[_Row]) -> dict:
         tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
         for token_id, logprob, top in rows:
             text = self._token_text(token_id)
             tokens.append(text)
             token_logprobs.append(logprob)
             top_logprobs.append(None if top is None else {self._token_text(t): v for t, v in top})
-            offsets.append(self._text_offset)
-            self._text_offset += len(text)
+            offsets.append(state.text_offset)
+            state.text_offset += len(text)
         return {
             "tokens": tokens,
             "token_logprobs": token_logprobs,

@@ -4,7 +4,9 @@
                                        (its cached prefix is reused, not sent)
                             -> prefill.prefill(..., num_cached): sends the other blocks
     local:                  colocated.add_request; decode.add_request (the decode worker prefills
-                            itself: conditional disaggregation, recompute, no prefill worker)
+                            itself: conditional disaggregation, recompute, no prefill worker,
+                            n_fork: choice i > 0 of an n > 1 request, whose prompt blocks
+                            choice 0 brought there, so only the tail past them is computed)
 
 Routing sees each worker's cached share of the prompt (coordinator/kv_index.py) and load.
 A decode worker prefills locally, with no transfer, when the part of the prompt it lacks is at
@@ -79,7 +81,7 @@ class Placer:
             if hashes is None:  # the blocks a worker's prefix cache can hold of this prompt
                 hashes = prefix_hashes(ids, block_size, limit=(len(ids) - 1) // block_size)
             if attempt.local_on is not None and attempt.local_on.alive:
-                chosen, why = Route(None, attempt.local_on.name), "recompute"
+                chosen, why = Route(None, attempt.local_on.name), attempt.local_why
             else:
                 chosen = self._route(ids, hashes)
                 if chosen is None:
@@ -95,7 +97,7 @@ class Placer:
             attempt.decode = server  # before the call: an abort must reach it
             rec.trace("route", f"{chosen.prefill_worker_id or 'local'} -> {server.name}")
             if chosen.prefill_worker_id is None:
-                attempt.phase = Phase.PREFILLING
+                attempt.phase, attempt.local_why = Phase.PREFILLING, why or "local"
                 if not self.colocated:
                     self.locations["local", why or "local"] += 1
                 await self._call(attempt, server, "add_request", attempt.wire_id,

@@ -4,6 +4,8 @@
         loop over attempts (coordinator.retry.max_attempts at most):
             open the attempt's token queue                  (before any worker sees its wire id)
             place it (placement.py): reserve on decode, prefill there; or local prefill
+            (choice i > 0 of an n > 1 request: first wait until choice 0's prompt KV is on its
+            decode worker, then prefill there locally over those blocks: ``fork_of``)
             tokens <- queue: reorder, detokenize, stop strings (OutputAssembler) -> the client
             a fault (worker died / hung / failed its step, transfer failed or timed out):
                 end the attempt on its live holders, then retry_policy.decide:
@@ -117,16 +119,24 @@ class RayEngineClient:
 
     # ---- EngineClient --------------------------------------------------------------------
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        fork_of: str | None = None,
     ) -> AsyncIterator[OutputDelta]:
         rec = RequestRecord(request_id, tuple(prompt_token_ids), params)
         self.traces.start(rec)
         assembler = OutputAssembler(self.tokenizer, prompt_token_ids, params)
         recompute_on: WorkerRef | None = None
+        local_why = "recompute"
         finished_by: WorkerRef | None = None
         try:
+            if fork_of is not None:
+                recompute_on, local_why = await self._fork_target(rec, fork_of), "n_fork"
             while True:
-                attempt = rec.new_attempt(tuple(assembler.token_ids), recompute_on)
+                attempt = rec.new_attempt(tuple(assembler.token_ids), recompute_on, local_why)
+                local_why = "recompute"
                 assembler.forget_pending()
                 queue = self.stream.open(attempt.wire_id)
                 failure = await self._place(rec, attempt)
@@ -140,6 +150,10 @@ class RayEngineClient:
                     for out in assembler.push(delta):
                         attempt.observe(len(out.token_ids), rec.elapsed())
                         rec.note_output(out)
+                        if attempt.phase == Phase.DECODING and not rec.kv_ready.is_set():
+                            # decode stepped: the prompt's full blocks are in its prefix cache
+                            rec.kv_on = attempt.decode
+                            rec.kv_ready.set()
                         if attempt.num_tokens:  # prefill's compute is over
                             self.placer.prefill_done(attempt)
                         # rejected: a worker refused the grammar before any KV moved
@@ -188,6 +202,7 @@ class RayEngineClient:
                 attempt.ended_s = rec.elapsed()
             await self._end_attempt(attempt, finished_by)
         rec.ended_s = rec.elapsed()
+        rec.kv_ready.set()  # forks waiting for its prompt KV go ahead (wherever it is)
         rec.finish_reason = rec.finish_reason or FINISH_ABORT  # the client left, or timeout
         rec.trace("finish", rec.finish_reason + stop_string)
         self.traces.finish(rec)
@@ -265,6 +280,25 @@ class RayEngineClient:
                                error=f"decode worker {attempt.decode.name} did not take over "
                                      f"within {timeout:.0f} s of token 1",
                                fault=FAULT_TRANSFER_TIMEOUT)  # fmt: skip
+
+    async def _fork_target(self, rec: RequestRecord, parent_id: str) -> WorkerRef | None:
+        """Where a choice i > 0 of an n > 1 request goes: the serving worker that holds the
+        prompt KV of choice 0 (``parent_id``), once it does. Waits until choice 0's KV landed
+        there (or it ended). None (route as usual) when choice 0 never decoded (it ended at
+        prefill's token, or failed) or that worker is gone. A parent that has finished still
+        leaves its prompt blocks in that worker's prefix cache until they are handed out again;
+        if they were, the fork's local prefill recomputes what it misses, correct but unshared.
+        """
+        parent = self.records.get(parent_id)
+        if parent is None:
+            return None
+        rec.trace("fork", f"waits for the prompt KV of {parent_id}")
+        await parent.kv_ready.wait()
+        target = parent.kv_on
+        if target is None or not target.alive:
+            return None
+        rec.trace("fork", f"shares the prompt blocks of {parent_id} on {target.name}")
+        return target
 
     def _end_attempt(self, attempt: Attempt, finished_by: WorkerRef | None) -> asyncio.Task:
         """End ``attempt`` on its holders (once; later calls join the same task)."""

@@ -6,7 +6,7 @@ every field of a request body is one of:
 - read by the parser (``COMPLETION_FIELDS`` / ``CHAT_FIELDS``);
 - a no-op at any value (``NO_OPS``): bookkeeping for OpenAI's service that cannot change the
   output (``user``, ``metadata``, ``store`` ...);
-- a no-op at its default only (``DEFAULT_ONLY``): ``n=1``, ``logit_bias={}``, ``tools=[]`` ...
+- a no-op at its default only (``DEFAULT_ONLY``): ``best_of=1``, ``logit_bias={}``, ``tools=[]`` ...
   any other value is a 400 naming the field;
 - anything else: a 400 naming every unknown field.
 
@@ -24,7 +24,7 @@ _COMMON = frozenset({
     "stop_token_ids", "ignore_eos", "min_tokens", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "include_stop_str_in_output", "skip_special_tokens", "stream",
     "stream_options", "prompt_logprobs", "echo", "add_special_tokens", "response_format",
-    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs",
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "n",
 })  # fmt: skip
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs"}
 CHAT_FIELDS = _COMMON | {
@@ -40,8 +40,7 @@ NO_OPS = frozenset({
 NOT_IMPLEMENTED = "is not supported"
 # field -> (the values that change nothing, what to say about any other value)
 DEFAULT_ONLY: dict[str, tuple[tuple, str]] = {
-    "n": ((1,), "only n=1 is supported (several choices per request are not implemented)"),
-    "best_of": ((1,), "only best_of=1 is supported"),
+    "best_of": ((1,), "only best_of=1 is supported (n choices are: ask for n)"),
     "logit_bias": (({},), NOT_IMPLEMENTED),
     "suffix": (("",), NOT_IMPLEMENTED),
     "tools": (([],), NOT_IMPLEMENTED),

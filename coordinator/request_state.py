@@ -12,8 +12,8 @@ One attempt, remote prefill (``local_on`` is None, disaggregated)::
     QUEUED ──reserve on decode──> (decode holds blocks) ──prefill──> PREFILLING
         ──its 1st token (from prefill)──> TRANSFERRING ──2nd (from decode)──> DECODING ──> DONE
 
-Local prefill (colocated, or ``recompute`` on a decode worker): QUEUED ──add_request──>
-PREFILLING ──1st token──> DECODING ──> DONE.
+Local prefill (colocated, or on a decode worker: ``recompute``, ``n_fork``, a short prompt ...):
+QUEUED ──add_request──> PREFILLING ──1st token──> DECODING ──> DONE.
 
 Holders: the serving (decode or colocated) worker from its call until the attempt is DONE; the
 prefill worker from ``prefill`` until decode took over (DECODING). ``end_calls`` says what each
@@ -48,6 +48,9 @@ class Attempt:
     wire_id: str
     resume_token_ids: tuple[int, ...]  # output tokens streamed before this attempt
     local_on: WorkerRef | None = None  # prefill on this serving worker itself (recompute)
+    # why its prompt was prefilled on its serving worker (None: remote): recompute, n_fork (a
+    # choice of an n > 1 request, over the prompt blocks choice 0 brought there), short ...
+    local_why: str | None = None
     phase: Phase = Phase.QUEUED
     decode: WorkerRef | None = None  # the serving worker (decode or colocated)
     prefill: WorkerRef | None = None  # remote prefill only
@@ -149,16 +152,26 @@ class RequestRecord:
     finish_reason: str | None = None  # None: still running
     error: str | None = None
     ended_s: float | None = None
+    # where this request's prompt KV sits in a serving worker's prefix cache: set (and
+    # ``kv_ready`` with it) once an attempt's serving worker decodes, or when the request ends
+    # (``kv_on`` then stays None if none did); choices 1.. of an n > 1 request wait for it
+    kv_on: WorkerRef | None = None
+    kv_ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def attempt(self) -> Attempt:
         return self.attempts[-1]
 
     def new_attempt(
-        self, resume_token_ids: tuple[int, ...], local_on: WorkerRef | None = None
+        self,
+        resume_token_ids: tuple[int, ...],
+        local_on: WorkerRef | None = None,
+        local_why: str = "recompute",
     ) -> Attempt:
+        """``local_on``: prefill on this serving worker itself, for ``local_why``."""
         n = len(self.attempts)
         attempt = Attempt(n, f"{self.request_id}~{n}", resume_token_ids, local_on,
+                          local_why if local_on is not None else None,
                           started_s=self.elapsed() if n else 0.0)  # fmt: skip
         self.attempts.append(attempt)
         return attempt

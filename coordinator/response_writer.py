@@ -1,5 +1,8 @@
 """Write one generation's deltas to the client: as one JSON body, or as SSE events.
 
+With n > 1 choices the stream interleaves the choices' chunks, each naming its ``index``; any
+choice's failure fails the request (the others are aborted by ``RequestRun.close``).
+
 Both return ``(response, outcome)`` where outcome is the finish reason, "timeout", "error" or
 "disconnect" (for metrics). Engine failures become OpenAI-shaped errors: an HTTP status when the
 body is not sent yet, an in-band ``data: {"error": ...}`` event followed by ``data: [DONE]``
@@ -55,11 +58,11 @@ def _timeout_error(exc: RequestTimeout) -> ApiError:
 
 async def collect_response(run: RequestRun, builder: ResponseBuilder) -> tuple[web.Response, str]:
     try:
-        async for delta in run:
+        async for index, delta in run:
             failure = _failure(delta, builder)
             if failure is not None:
                 raise failure
-            builder.add(delta)
+            builder.add(index, delta)
     except RequestTimeout as exc:
         raise _timeout_error(exc) from None
     except (ApiError, asyncio.CancelledError):
@@ -87,17 +90,16 @@ async def stream_response(
 
     outcome = "error"
     try:
-        role = builder.role_chunk()
-        if role is not None:
+        for role in builder.role_chunks():
             await send(role)
         try:
-            async for delta in _chain(first, run):
+            async for index, delta in _chain(first, run):
                 failure = _failure(delta, builder)
                 if failure is not None:
                     await send(failure.body())
                     break
-                builder.add(delta)
-                await send(builder.chunk(delta))
+                builder.add(index, delta)
+                await send(builder.chunk(index, delta))
             else:
                 if run.finished:
                     outcome = builder.finish_reason or "stop"
@@ -121,7 +123,7 @@ async def stream_response(
     return response, outcome
 
 
-async def _first_delta(run: RequestRun, builder: ResponseBuilder) -> OutputDelta:
+async def _first_delta(run: RequestRun, builder: ResponseBuilder) -> tuple[int, OutputDelta]:
     """The first delta, or the error it means (before any byte of the stream is sent)."""
     try:
         delta = await anext(run, None)
@@ -134,14 +136,16 @@ async def _first_delta(run: RequestRun, builder: ResponseBuilder) -> OutputDelta
         raise ApiError(500, f"engine error: {exc!r}", SERVER, code="engine_error") from None
     if delta is None:
         raise _unfinished()
-    failure = _failure(delta, builder)
+    failure = _failure(delta[1], builder)
     if failure is not None:
         raise failure
     return delta
 
 
-async def _chain(first: OutputDelta | None, run: RequestRun) -> AsyncIterator[OutputDelta]:
+async def _chain(
+    first: tuple[int, OutputDelta] | None, run: RequestRun
+) -> AsyncIterator[tuple[int, OutputDelta]]:
     if first is not None:
         yield first
-    async for delta in run:
-        yield delta
+    async for item in run:
+        yield item

@@ -12,7 +12,8 @@ GET /v1/status), and with TANDEM_FAULT_INJECTION=1 only (tests) POST /admin/faul
 /admin/*, /tokenize and /detokenize require the API key (probes, scrapers, /version and the
 page's static files stay unauthenticated). Every response carries ``x-request-id``: the client's
 own if it sent one (a generation is then ``cmpl-<that id>`` everywhere), else a generation's
-request id (``cmpl-...`` / ``chatcmpl-...``), else a fresh ``req-...`` id.
+request id (``cmpl-...`` / ``chatcmpl-...``), else a fresh ``req-...`` id. With ``n`` > 1,
+choice i > 0 runs in the engine as ``<request id>+<i>`` (its own trace; request_run.py).
 
 The server runs with ``handler_cancellation=True``: when a client disconnects, aiohttp cancels
 its handler, and ``RequestRun.close()`` in the handler's ``finally`` aborts the request in the
@@ -401,7 +402,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
             state.metrics,
             request_id,
             list(gen.prompt_token_ids),
-            gen.params,
+            [gen.choice_params(i) for i in range(gen.n)],
             arrival,
             state.config.coordinator.request_timeout_s,
             on_finished=release_slot,

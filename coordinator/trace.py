@@ -114,6 +114,7 @@ def trace_json(rec: RequestRecord) -> dict:
             "prefill_worker": _worker(a.prefill),
             "decode_worker": _worker(decode),
             "where": "remote" if a.remote else "local",
+            "local_reason": a.local_why,  # why it prefilled on its serving worker (None: remote)
             "resumed_after_tokens": len(a.resume_token_ids),
             "kv_blocks": a.num_blocks,
             "cached_blocks": a.num_cached_blocks,

@@ -63,14 +63,21 @@ class ScriptedEngine:
     )
     snapshot: EngineStats = field(default_factory=EngineStats)
     requests: list[tuple[str, list[int], SamplingParams]] = field(default_factory=list)
+    forks: dict[str, str] = field(default_factory=dict)  # request id -> its fork_of
     aborted: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
     started: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        fork_of: str | None = None,
     ) -> AsyncIterator[OutputDelta]:
         self.requests.append((request_id, list(prompt_token_ids), params))
+        if fork_of is not None:
+            self.forks[request_id] = fork_of
         self.started.set()
         try:
             async for delta in self._deltas(request_id, prompt_token_ids, params):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 
 import aiohttp
 import requests
@@ -28,6 +29,33 @@ def greedy(max_tokens: int, **kwargs: object) -> SamplingParams:
 
 def complete(url: str, **body: object) -> requests.Response:
     return requests.post(f"{url}/v1/completions", json={"model": MODEL, **body}, timeout=120)
+
+
+def metric_above(
+    url: str, name: str, floor: float, timeout_s: float = 10.0, **labels: str
+) -> float:
+    """``name{labels}`` once it exceeds ``floor``: worker counters reach /metrics with the next
+    stats poll, not with the response."""
+    deadline = time.monotonic() + timeout_s
+    while (value := metric(url, name, default=floor, **labels)) <= floor:
+        assert time.monotonic() < deadline, f"{name}{labels} stayed at {value}"
+        time.sleep(0.1)
+    return value
+
+
+def metric_settled(
+    url: str, name: str, at_least: float, timeout_s: float = 30.0, **labels: str
+) -> float:
+    """A cumulative worker counter once it reached ``at_least`` and held still over a second
+    (two stats polls): for exact counts, where ``metric_above`` could catch it half-way."""
+    deadline, last = time.monotonic() + timeout_s, None
+    while True:
+        value = metric(url, name, default=0, **labels)
+        if value >= at_least and value == last:
+            return value
+        assert time.monotonic() < deadline, f"{name}{labels} stuck at {value} (< {at_least})"
+        last = value
+        time.sleep(1.0)
 
 
 def metric(url: str, name: str, default: float | None = None, **labels: str) -> float:

@@ -76,6 +76,16 @@ class ServerProcess:
                 self._ready.set()
         self._ready.set()  # the process ended: wake a waiter
 
+    def new_pid(self, name: str, old: int, timeout_s: float = 20.0) -> int:
+        """``name``'s pid once a new incarnation's ready line has been read: Ray forwards a
+        worker's output with a lag, so the line can come after the coordinator counted the
+        restart."""
+        deadline = time.monotonic() + timeout_s
+        while self.worker_pids.get(name) == old:
+            assert time.monotonic() < deadline, f"no new incarnation of {name} (pid {old})"
+            time.sleep(0.1)
+        return self.worker_pids[name]
+
     def wait_ready(self, timeout_s: float) -> str:
         if not self._ready.wait(timeout_s) or self.url is None:
             self.kill()

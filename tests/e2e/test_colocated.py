@@ -1,7 +1,8 @@
 """The colocated topology (configs/colocated.yaml: one worker prefills and decodes, no KV
 transfer), here with n-gram speculative decoding switched on, serves the same greedy outputs as
 the in-process engine without speculation (lossless through the whole server), reports its
-speculation metrics, and survives its worker: a killed one is replaced and its requests resume."""
+speculation metrics, serves n = 2 greedy choices equal to it, and survives its worker: a killed
+one is replaced and its requests resume."""
 
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ def test_colocated_equals_engine_streamed_and_not(
         assert (text, finish) == (ref.text, ref.finish_reason), f"request {i}"
     whole = complete(server.url, **bodies[0]).json()["choices"][0]
     assert (whole["text"], whole["finish_reason"]) == (expected[0].text, expected[0].finish_reason)
+    # n = 2: choice 1 waits for choice 0's prompt blocks, then prefills its tail over them
+    both = complete(server.url, **bodies[0], n=2).json()["choices"]
+    assert [(c["index"], c["text"]) for c in both] == [(0, whole["text"]), (1, whole["text"])]
     assert metric(server.url, "tandem_kv_blocks_total", pool="colocated") == 1024
     # speculation really ran: some proposals (chat answers repeat their prompt's words); worker
     # stats reach /metrics within a refresh interval

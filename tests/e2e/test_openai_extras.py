@@ -3,8 +3,8 @@ with n-gram speculation on the decode worker; KV over NIXL; the official ``opena
 structured output across the prefill/decode hand-off (equal to the in-process engine, which
 runs the colocated code path without speculation), echo and prompt logprobs equal to the
 engine's own, the tokenizer / version / model routes, stop_reason, cached_tokens, continuous
-usage, chat template knobs, and clean 400s for a grammar the workers refuse and for hostile
-JSON."""
+usage, chat template knobs, n > 1 choices (one prefill and one KV transfer for all of them,
+counted in bytes), and clean 400s for a grammar the workers refuse and for hostile JSON."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import openai
 import pytest
 import requests
 import yaml
-from e2e_client import MODEL, complete, greedy, metric, run_concurrently
+from e2e_client import MODEL, complete, greedy, metric, metric_settled, run_concurrently
 from server_process import serving
 
 from core.structured_output import StructuredOutput
@@ -45,6 +45,9 @@ CAPITAL = "What is the capital of France?"
 REGEX = r"[A-Z][a-z]{2,8} [0-9]{1,3}"
 CHOICES = ["Berlin", "Madrid", "Lisbon"]
 ECHO_PROMPT = "The quick brown fox jumps over"
+N_PROMPT = ("In a small harbour town, the lighthouse keeper kept a logbook of every ship that "
+            "passed, every storm that broke over the cliffs, and every letter that arrived. "
+            "One winter evening he wrote:")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +63,9 @@ def refs(llm) -> dict:
          greedy(6, structured=StructuredOutput.choice(CHOICES)), greedy(1)],
     )  # fmt: skip
     (echo,) = llm.generate([ECHO_PROMPT], greedy(3, logprobs=1, prompt_logprobs=1))
+    (capital_8,) = llm.generate([capital], greedy(8))
     return {"json_ids": json_ids, "json": outs[:4], "regex": outs[4], "choice": outs[5],
-            "free_first": outs[6], "echo": echo}  # fmt: skip
+            "free_first": outs[6], "echo": echo, "capital_8": capital_8}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +182,61 @@ def test_refused_grammar_and_hostile_json_get_400_and_leave_nothing_held(server)
     while any(metric(server.url, "tandem_kv_blocks_used", pool=p) for p in ("prefill", "decode")):
         assert time.monotonic() < deadline, "KV blocks still held"
         time.sleep(0.25)
+
+
+def _trace(url: str, request_id: str) -> dict:
+    response = requests.get(f"{url}/v1/requests/{request_id}/trace", timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_n_choices_share_one_prefill_and_one_transfer(server, refs):
+    client = _client(server)
+    url = server.url
+    sent = metric_settled(url, "tandem_kv_transfer_bytes_total", 0, backend="nixl")
+    hits = metric_settled(url, "tandem_prefix_hit_tokens_total", 0, pool="decode")
+    num_prompt_tokens = requests.post(f"{url}/tokenize", json={"prompt": N_PROMPT},
+                                      timeout=30).json()["count"]  # fmt: skip
+
+    def sample(request_id: str) -> list[str]:
+        out = client.completions.create(
+            model=MODEL, prompt=N_PROMPT, max_tokens=8, temperature=1.0, n=4, seed=1234,
+            extra_headers={"x-request-id": request_id})  # fmt: skip
+        assert [c.index for c in out.choices] == [0, 1, 2, 3]
+        assert out.usage.prompt_tokens == num_prompt_tokens  # once, not per choice
+        assert 4 <= out.usage.completion_tokens <= 4 * 8
+        return [c.text for c in out.choices]
+
+    first = sample("nfork-a")
+    assert len(set(first)) > 1  # seed + i per choice: they differ ...
+    # one prompt transfer: choice 0's, into decode; the others prefilled their tail there
+    traces = [_trace(url, f"cmpl-nfork-a{'+' + str(i) if i else ''}") for i in range(4)]
+    (lead,) = traces[0]["attempts"]
+    assert lead["where"] == "remote" and lead["transfer_bytes"] > 0
+    assert (lead["kv_blocks"], lead["cached_blocks"]) == (-(-num_prompt_tokens // 16), 0)
+    for t in traces[1:]:
+        (fork,) = t["attempts"]
+        assert (fork["where"], fork["local_reason"], fork["transfer_bytes"]) == (
+            "local", "n_fork", 0)  # fmt: skip
+        assert fork["decode_worker"] == lead["decode_worker"]
+    moved = metric_settled(url, "tandem_kv_transfer_bytes_total", sent + lead["transfer_bytes"],
+                            backend="nixl") - sent  # fmt: skip
+    assert moved == lead["transfer_bytes"]  # counted by the workers: one prompt's blocks
+    # ... which the three others found in decode's prefix cache (all full blocks but the last
+    # one holding the prompt's last token, recomputed with the tail)
+    shared = (num_prompt_tokens - 1) // 16 * 16
+    assert metric_settled(url, "tandem_prefix_hit_tokens_total", hits + 3 * shared,
+                           pool="decode") == hits + 3 * shared  # fmt: skip
+    assert metric(url, "tandem_prefill_location_total", where="local", reason="n_fork") == 3
+    assert sample("nfork-b") == first  # ... and the same seed gives the same four again
+
+    # greedy: every choice is the in-process engine's answer (streamed, interleaved by index)
+    ref = refs["capital_8"]
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": CAPITAL}], max_tokens=8,
+        temperature=0, n=2, stream=True)  # fmt: skip
+    texts = ["", ""]
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == [ref.text, ref.text]

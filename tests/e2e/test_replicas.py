@@ -51,6 +51,20 @@ def trace(url: str, request_id: str) -> dict:
     return requests.get(f"{url}/v1/requests/cmpl-{request_id}/trace", timeout=10).json()
 
 
+def settle(url: str, timeout_s: float = 30.0) -> None:
+    """Until the coordinator's stats show every decode worker idle with no KV in use, twice in
+    a row: its load view no longer counts the requests placed before (they are reset by a stats
+    answer), so a routing decision that follows weighs cached blocks against real load."""
+    deadline, idle = time.monotonic() + timeout_s, 0
+    while idle < 2:
+        assert time.monotonic() < deadline, "the decode workers never went idle"
+        workers = requests.get(f"{url}/v1/status", timeout=10).json()["workers"]
+        quiet = all(w["running"] == 0 and w["kv_blocks_used"] == 0
+                    for w in workers if w["pool"] == "decode")  # fmt: skip
+        idle = idle + 1 if quiet else 0
+        time.sleep(0.3)
+
+
 def test_a_burst_spreads_over_the_decode_workers(server):
     rng = random.Random(3)
     prompts = [[rng.randrange(1000, 40000) for _ in range(64)] for _ in range(24)]  # no sharing
@@ -78,13 +92,15 @@ def test_a_prompt_goes_where_its_prefix_is_cached(server, llm):
     want = [o.text for o in llm.generate(prompts, greedy(12))]
     hits = {pool: metric(url, "tandem_prefix_hit_tokens_total", default=0.0, pool=pool)
             for pool in ("prefill", "decode")}  # fmt: skip
+    settle(url)  # the burst before is over for the router too
     first = complete_as(url, "prefix-0", prompts[0])
     assert first["choices"][0]["text"] == want[0]
-    time.sleep(0.5)  # the workers' KV events reach the coordinator's index
+    settle(url)  # and the workers' KV events have reached the coordinator's index
     where = trace(url, "prefix-0")["attempts"][-1]
     for i in (1, 2):
         body = complete_as(url, f"prefix-{i}", prompts[i])
         assert body["choices"][0]["text"] == want[i]  # unchanged by the reuse
+        settle(url)
         again = trace(url, f"prefix-{i}")["attempts"][-1]
         assert (again["prefill_worker"], again["decode_worker"]) == (
             where["prefill_worker"], where["decode_worker"])  # fmt: skip
@@ -117,7 +133,7 @@ def test_short_prompts_prefill_locally_with_the_same_tokens(server, llm, chat_id
 def test_scale_decode_2_to_3_to_1_under_a_steady_stream(server, llm, chat_ids):
     url = server.url
     prompts = chat_ids[:6]
-    want = [o.text for o in llm.generate(prompts, greedy(16))]
+    want = [o.text for o in llm.generate(prompts, greedy(16, ignore_eos=True))]
     done: list[tuple[str, str, str | None, int]] = []  # (request id, text, finish, prompt)
     stop = threading.Event()
 
@@ -127,7 +143,8 @@ def test_scale_decode_2_to_3_to_1_under_a_steady_stream(server, llm, chat_ids):
             rid = f"steady-{worker}-{n}"
             i = (worker + n) % len(prompts)
             (text, finish, _), = run_concurrently(
-                url, [{"prompt": prompts[i], "max_tokens": 16, "temperature": 0}], ids=[rid])
+                url, [{"prompt": prompts[i], "max_tokens": 16, "temperature": 0,
+                       "ignore_eos": True}], ids=[rid])  # fmt: skip
             done.append((rid, text, finish, i))
             n += 1
 
