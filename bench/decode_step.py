@@ -9,6 +9,11 @@ greedy) and the median decode step is reported, with the tokens/s it implies (B 
 Batch-1 floor = bytes of weights one step reads (``LlamaForCausalLM.weight_bytes``: every linear
 once, the LM head in full) / copy bandwidth measured in the same run ((read + written) bytes per
 second of a 256 MiB copy, the better of a measurement before and after).
+
+``--step-thread second``: build each engine on the main thread but step it on a second thread,
+as workers did before they built the engine on their loop thread (engine/worker_base.py): two
+threads that have run OpenMP regions, one team each, more teams' threads than CPUs, so libgomp's
+barriers sleep instead of spinning.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import threading
 import time
 
 import torch
@@ -55,23 +61,40 @@ def decode_steps(engine: EngineCore, batch: int, new_tokens: int, seed: int) -> 
     return times
 
 
+def on_thread(which: str, fn):
+    """fn() on this thread, or on a new one ("second")."""
+    if which == "main":
+        return fn()
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", default=DEFAULT)
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--step-thread", choices=["main", "second"], default="main")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
-    print(f"machine: {machine()}; threads {args.threads}; load avg {load_average()}")
+    print(f"machine: {machine()}; threads {args.threads}, steps on the {args.step_thread} thread; "
+          f"load avg {load_average()}")  # fmt: skip
     bandwidth = copy_bandwidth()
     rows = []
     for spec in args.configs.split(","):
         engine = engine_for(spec, args.threads, max(batches))
         decode_steps(engine, 2, 4, seed=99)  # warm-up
-        steps = {b: statistics.median(decode_steps(engine, b, args.new_tokens, seed=b))
-                 for b in batches}  # fmt: skip
+
+        def medians(e: EngineCore = engine) -> dict[int, float]:
+            return {b: statistics.median(decode_steps(e, b, args.new_tokens, seed=b))
+                    for b in batches}  # fmt: skip
+
+        steps = on_thread(args.step_thread, medians)
         rows.append((spec, engine.config.torch_dtype, engine.model.weight_bytes, steps))
         print(f"  {spec} done (load avg {load_average()})", flush=True)
         del engine

@@ -1,11 +1,12 @@
-"""Where a served token's time goes at batch 1: py-spy on the coordinator and the worker while one
-client streams requests back to back.
+"""Where a served token's time goes: py-spy on the coordinator and the worker while closed-loop
+clients (one by default) stream requests back to back.
 
     flock /tmp/tandem-heavy.lock python -m bench.serve_profile --config configs/colocated-int4.yaml
+    python -m bench.serve_profile --config configs/colocated-int4.yaml --concurrency 64
 
-Starts ``tandem serve`` (port 0), runs a closed loop of one stream (chat prompts, 128 tokens,
-ignore_eos, greedy) for ``--seconds``, and meanwhile samples both processes with ``py-spy record
---format raw --idle`` (wall clock: idle and waiting samples included, so the shares add up to
+Starts ``tandem serve`` (port 0), runs ``--concurrency`` closed-loop streams (chat prompts, 128
+tokens, ignore_eos, greedy) for ``--seconds``, and meanwhile samples both processes with ``py-spy
+record --format raw --idle`` (wall clock: idle and waiting samples included, so the shares add up to
 the elapsed time of each thread). Prints the ITL p50 of the run, and for each process the share
 of samples whose stack contains each of a few marker functions (first match wins, in the order
 listed), per thread. py-spy comes with the ``profile`` extra (``pip install -e .[profile]``).
@@ -72,6 +73,7 @@ def main() -> int:
     ap.add_argument("--config", default="configs/colocated-int4.yaml")
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--num-cpus", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, default=1)
     args = ap.parse_args()
     prompts, _ = chat_prompt_ids()
     logs = Path(tempfile.mkdtemp(prefix="serve_profile-"))
@@ -81,9 +83,10 @@ def main() -> int:
         asyncio.run(run_load(url, "smollm2-135m-instruct", prompts, 1, 2, 16))  # warm-up
         worker_pid = next(iter(proc.worker_pids.values()))
         result: dict = {}
-        load = threading.Thread(target=lambda: result.update(asyncio.run(run_load(
-            url, "smollm2-135m-instruct", prompts, 1, 1000, 128, deadline_s=args.seconds + 4))))
-        load.start()  # fmt: skip
+        load_args = (url, "smollm2-135m-instruct", prompts, args.concurrency, 100_000, 128)
+        run = lambda: result.update(asyncio.run(run_load(*load_args, deadline_s=args.seconds + 4)))  # noqa: E731
+        load = threading.Thread(target=run)
+        load.start()
         spies = [(name, record(pid, args.seconds, logs / f"{name}.txt"), markers)
                  for name, pid, markers in (("coordinator", proc.proc.pid, COORD_MARKERS),
                                             ("worker", worker_pid, WORKER_MARKERS))]  # fmt: skip
@@ -92,7 +95,8 @@ def main() -> int:
         load.join()
     finally:
         proc.stop()
-    print(f"1 stream: {result.get('requests')} requests, {result.get('tok_s', 0):.1f} tok/s, "
+    print(f"{args.concurrency} stream(s): {result.get('requests')} requests, "
+          f"{result.get('tok_s', 0):.1f} tok/s, "
           f"ITL p50 {result.get('itl_p50_ms', 0):.2f} ms, TTFT p50 "
           f"{result.get('ttft_p50_ms', 0):.1f} ms; raw stacks in {logs}")  # fmt: skip
     for name, _, markers in spies:

@@ -9,6 +9,14 @@ A step that raises fails the requests of that step (each gets an error delta wit
 so the coordinator retries or migrates it, and its blocks are freed) and the loop goes on with the
 rest: never an endless retry of the same step. After ``max_step_failures`` failed iterations in a
 row the worker reports itself ``unhealthy`` and the coordinator replaces it.
+
+The engine is built on the loop thread, so that only that thread ever runs torch's parallel ops.
+OpenMP (libgomp) gives every thread that starts a parallel region a team of its own, and once a
+process has more such threads than CPUs its barriers stop spinning and sleep at once: every op then
+pays a futex wake-up. Built on the actor's thread and stepped on the loop thread, SmolLM2's int4
+batch-1 step took 25 ms instead of 11-13 ms on 2 threads (2-vCPU AMD EPYC, same engine in one
+process: ``bench/decode_step.py``'s loop on the main thread vs on a second thread). Actor methods
+therefore only read and queue: no tensor work.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from concurrent.futures import Future
 
 import torch
 import zmq
@@ -31,7 +40,7 @@ from core.sampling_params import SamplingParams
 from engine.engine_config import EngineConfig
 from engine.engine_core import EngineCore
 from engine.faults import Fault, FaultPlan
-from engine.kv_manager import LeaseState
+from engine.kv_manager import KVManager, LeaseState
 from engine.sequence import Sequence
 from kvtransfer.config import KVTransferConfig
 
@@ -58,8 +67,8 @@ class WorkerBase(ABC):
         self.spec = spec
         self.name: str = spec["name"]
         self.incarnation: int = spec.get("incarnation", 0)
-        self.engine = EngineCore(EngineConfig(**spec["engine"]))
-        self.kv = self.engine.kv
+        self.engine: EngineCore  # built on the loop thread (see the module docstring), as is
+        self.kv: KVManager  # the engine's
         self.lock = threading.RLock()
         self.faults = FaultPlan()
         self.max_step_failures: int = spec.get("max_step_failures", MAX_STEP_FAILURES)
@@ -78,9 +87,16 @@ class WorkerBase(ABC):
             self._events = self._zmq.socket(zmq.PUSH)
             self._events.setsockopt(zmq.LINGER, 0)
             self._events.connect(spec["events_address"])
-        self._setup()
-        self._thread = threading.Thread(target=self._loop, name=f"{self.name}-loop", daemon=True)
+        built: Future[None] = Future()
+        config = EngineConfig(**spec["engine"])
+        self._thread = threading.Thread(target=self._run, args=(config, built),
+                                        name=f"{self.name}-loop", daemon=True)  # fmt: skip
         self._thread.start()
+        try:
+            built.result()  # what building the engine raised, raised here
+        except BaseException:
+            self._close_sockets()
+            raise
 
     # ------------------------------------------------------------------ actor methods
     def ready(self) -> dict:
@@ -136,12 +152,27 @@ class WorkerBase(ABC):
         self._wake.set()
         self._thread.join(timeout=10)
         self._close()
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
         self._out.close()
         if self._events is not None:
             self._events.close()
         self._zmq.term()
 
     # ------------------------------------------------------------------ the loop
+    def _run(self, config: EngineConfig, built: Future[None]) -> None:
+        """The loop thread: build the engine and the role's parts, then loop."""
+        try:
+            self.engine = EngineCore(config)
+            self.kv = self.engine.kv
+            self._setup()
+        except BaseException as exc:
+            built.set_exception(exc)
+            return
+        built.set_result(None)
+        self._loop()
+
     def _loop(self) -> None:
         while not self._stopped.is_set():
             try:

@@ -3,6 +3,8 @@ the colocated path, and every way a request can end leaves no block behind."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from worker_harness import BLOCK, collect, hand_off, spec, wait_until
@@ -104,7 +106,6 @@ def test_reserve_refuses_when_full_and_rejects_bad_input(tiny_model, sink):
             decode.reserve("e", [5] * 300, p)
     finally:
         decode.shutdown()
-    assert torch.get_num_threads() == 1
 
 
 def test_fp8_decode_pool_gets_fp8_on_the_wire_and_matches_colocated_fp8(tiny_model, sink):
@@ -140,3 +141,26 @@ def test_fp8_decode_pool_gets_fp8_on_the_wire_and_matches_colocated_fp8(tiny_mod
     finally:
         prefill.shutdown()
         decode.shutdown()
+
+
+def test_the_loop_thread_builds_and_runs_the_engine_and_a_failed_build_raises(tiny_model, sink):
+    """One thread per worker runs torch (engine/worker_base.py: one OpenMP team per process)."""
+    pull, out = sink
+    threads_here = torch.get_num_threads()
+    worker = ColocatedWorker(spec("colo", tiny_model, out, num_threads=2))
+    try:
+        seen: set[tuple[int, int]] = set()  # (thread, its torch threads) of every forward
+        worker.engine.model.register_forward_pre_hook(
+            lambda *_: seen.add((threading.get_ident(), torch.get_num_threads()))
+        )
+        worker.add_request("r", PROMPTS[2], SamplingParams(max_tokens=4, temperature=0).to_dict())
+        collect(pull, {"r"})
+        assert seen == {(worker._thread.ident, 2)}
+        assert worker._thread.ident != threading.get_ident()
+        assert torch.get_num_threads() == threads_here  # set on the loop thread, not here
+    finally:
+        worker.shutdown()
+    before = threading.active_count()
+    with pytest.raises(ValueError, match="no-such-model"):
+        ColocatedWorker(spec("bad", "/nonexistent/no-such-model", out))
+    assert threading.active_count() == before  # the failed worker's loop thread ended
