@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -141,7 +141,7 @@ def main() -> None:
     results = []
     full = str(base.kv_torch_dtype).removeprefix("torch.")  # the model dtype's cache
     for name, kv in ((full, "auto"), ("fp8_e4m3", "fp8_e4m3")):
-        engine = EngineCore(EngineConfig(**{**base.__dict__, "kv_cache_dtype": kv}),
+        engine = EngineCore(replace(base, kv_cache_dtype=kv),
                             model=(model_config, model))  # fmt: skip
         run(engine, f"warm-{name}", prompts[:1], 4)  # allocator, thread pool
         results.append(run(engine, name, prompts, args.max_new))

@@ -27,7 +27,7 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -179,8 +179,7 @@ def generate(engine: EngineCore, prompts: list[list[int]], max_new: int, tag: st
 def run_config(model, tokenizer, spec: SpeculativeConfig, prompts, batch: int, max_new: int,
                base: EngineConfig | None = None):  # fmt: skip
     base = base or EngineConfig(model=MODEL, num_threads=1)
-    engine = EngineCore(EngineConfig(**{**base.__dict__, "num_blocks": 1024, "speculative": spec}),
-                        tokenizer, model=model)  # fmt: skip
+    engine = EngineCore(replace(base, num_blocks=1024, speculative=spec), tokenizer, model=model)
     groups = [prompts] if batch > 1 else [[p] for p in prompts]
     tokens, seconds, count, off = [], 0.0, 0, 0
     for i, group in enumerate(groups):
@@ -229,14 +228,14 @@ def main() -> None:
         for wname, prompts in workloads.items():
             for batch in (1, 16):
                 chosen = prompts[: args.batch1_prompts] if batch == 1 else prompts[:batch]
-                base = None
+                ref = None  # the run without speculation
                 for cname, spec in configs.items():
                     r = run_config(model, tokenizer, spec, chosen, batch, args.max_new, base)
-                    if base is None:
-                        base = r
-                    assert r.tokens == base.tokens, f"{cname} changed the greedy output"
+                    if ref is None:
+                        ref = r
+                    assert r.tokens == ref.tokens, f"{cname} changed the greedy output"
                     rows.append((wname, batch, cname, r, r.decode_tokens_per_s /
-                                 base.decode_tokens_per_s))  # fmt: skip
+                                 ref.decode_tokens_per_s))  # fmt: skip
                     print(f"  {wname} b={batch} {cname}: {r.decode_tokens_per_s:.1f} tok/s "
                           f"(load avg {load_average()})", flush=True)  # fmt: skip
     print(f"\nload avg after: {load_average()}")

@@ -13,16 +13,8 @@ late frames are ignored.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-
-import zmq
-import zmq.asyncio
-
+from coordinator.pull_socket import PullSocket
 from core.kv_events import KVEvents, decode_events
-
-log = logging.getLogger(__name__)
 
 
 class PrefixIndex:
@@ -63,38 +55,14 @@ class PrefixIndex:
         return 0 if held is None else len(held[1])
 
 
-class KVEventStream:
+class KVEventStream(PullSocket):
     """The coordinator's end of the KV events: one PULL socket, one reader task."""
 
+    reader_name = "kv-events"
+
     def __init__(self, index: PrefixIndex, host: str = "127.0.0.1") -> None:
+        super().__init__(host)
         self.index = index
-        self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.PULL)
-        self._sock.setsockopt(zmq.RCVHWM, 0)  # a PUSH at its high-water mark would block a worker
-        self._sock.setsockopt(zmq.LINGER, 0)
-        port = self._sock.bind_to_random_port(f"tcp://{host}")
-        self.address = f"tcp://{host}:{port}"
-        self._reader: asyncio.Task | None = None
-        self.num_malformed = 0
 
-    def start(self) -> None:
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read(), name="kv-events")
-
-    async def _read(self) -> None:
-        while True:
-            frame = await self._sock.recv()
-            try:
-                self.index.apply(decode_events(frame))
-            except ValueError as exc:  # one bad frame must not stop the index
-                self.num_malformed += 1
-                log.error("dropping a malformed KV event frame: %s", exc)
-
-    async def aclose(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
-        self._sock.close(linger=0)
-        self._ctx.term()
+    def on_frame(self, frame: bytes) -> None:
+        self.index.apply(decode_events(frame))

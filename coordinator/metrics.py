@@ -121,114 +121,100 @@ class _EngineStatsCollector:
 
     def collect(self) -> Iterator[Metric]:
         stats = self.snapshot
-        used = GaugeMetricFamily("tandem_kv_blocks_used", "KV blocks in use.", labels=["pool"])
-        total = GaugeMetricFamily("tandem_kv_blocks_total", "KV blocks in all.", labels=["pool"])
-        for pool in stats.pools:
-            used.add_metric([pool.name], pool.num_kv_blocks_used)
-            total.add_metric([pool.name], pool.num_kv_blocks_total)
-        moved = CounterMetricFamily(
-            "tandem_kv_transfer_bytes", "KV cache bytes moved.", labels=["backend"]
-        )
-        spent = CounterMetricFamily(
-            "tandem_kv_transfer_seconds", "Time spent moving KV cache.", labels=["backend"]
-        )
-        for transfer in stats.transfers:
-            moved.add_metric([transfer.backend], transfer.num_bytes)
-            spent.add_metric([transfer.backend], transfer.seconds)
-        running = GaugeMetricFamily("tandem_running_requests", "Requests in a batch.")
-        running.add_metric([], stats.num_running)
-        waiting = GaugeMetricFamily("tandem_waiting_requests", "Requests queued in the engine.")
-        waiting.add_metric([], stats.num_waiting)
-        yield from (used, total, moved, spent, running, waiting)
+        pools, transfers = stats.pools, stats.transfers
+        yield from (
+            _gauge("tandem_kv_blocks_used", "KV blocks in use.", ["pool"],
+                   [(p.name, p.num_kv_blocks_used) for p in pools]),
+            _gauge("tandem_kv_blocks_total", "KV blocks in all.", ["pool"],
+                   [(p.name, p.num_kv_blocks_total) for p in pools]),
+            _counter("tandem_kv_transfer_bytes", "KV cache bytes moved.", ["backend"],
+                     [(t.backend, t.num_bytes) for t in transfers]),
+            _counter("tandem_kv_transfer_seconds", "Time spent moving KV cache.", ["backend"],
+                     [(t.backend, t.seconds) for t in transfers]),
+            _gauge("tandem_running_requests", "Requests in a batch.", [], [(stats.num_running,)]),
+            _gauge("tandem_waiting_requests", "Requests queued in the engine.", [],
+                   [(stats.num_waiting,)]),
+        )  # fmt: skip
         yield from _fault_metrics(stats)
         yield from _routing_metrics(stats)
         if stats.spec is not None:
             yield from _spec_metrics(stats.spec)
 
 
+def _family(kind: type, name: str, doc: str, labels: list[str], rows) -> Metric:
+    """A metric family with one sample per row: (label values..., value)."""
+    family = kind(name, doc, labels=labels)
+    for *values, value in rows:
+        family.add_metric(list(values), value)
+    return family
+
+
+def _counter(name: str, doc: str, labels: list[str], rows) -> Metric:
+    return _family(CounterMetricFamily, name, doc, labels, rows)
+
+
+def _gauge(name: str, doc: str, labels: list[str], rows) -> Metric:
+    return _family(GaugeMetricFamily, name, doc, labels, rows)
+
+
 def _routing_metrics(stats: EngineStats) -> Iterator[Metric]:
     routing = stats.routing
-    where = CounterMetricFamily(
+    yield _counter(
         "tandem_prefill_location",
         "Placements by where the prompt was prefilled: remote (a prefill worker, KV transferred) "
         "or local (on its decode worker: short, prefill_busy, no_prefill_worker, recompute, "
         "n_fork).",
-        labels=["where", "reason"],
-    )
-    for place, reason, count in routing.prefill_locations:
-        where.add_metric([place, reason], count)
-    decisions = CounterMetricFamily(
+        ["where", "reason"], routing.prefill_locations,
+    )  # fmt: skip
+    yield _counter(
         "tandem_routing_decisions",
         "Workers chosen, by pool and why: prefix (it held part of the prompt), load, round_robin.",
-        labels=["pool", "reason"],
-    )
-    for pool, reason, count in routing.decisions:
-        decisions.add_metric([pool, reason], count)
-    hits = CounterMetricFamily(
-        "tandem_prefix_hit_tokens", "Prompt tokens found in a worker's prefix cache.",
-        labels=["pool"],
-    )
-    for pool, count in routing.prefix_hit_tokens:
-        hits.add_metric([pool], count)
-    yield from (where, decisions, hits)
+        ["pool", "reason"], routing.decisions,
+    )  # fmt: skip
+    yield _counter("tandem_prefix_hit_tokens", "Prompt tokens found in a worker's prefix cache.",
+                   ["pool"], routing.prefix_hit_tokens)  # fmt: skip
 
 
 def _fault_metrics(stats: EngineStats) -> Iterator[Metric]:
     faults = stats.faults
-    retries = CounterMetricFamily(
+    yield _counter(
         "tandem_request_retries",
         "New attempts after a fault, by where the failed attempt was (queued, prefill, transfer, "
         "decode) and why (worker_died, worker_hung, step_failed, transfer_failed ...).",
-        labels=["stage", "reason"],
-    )
-    for stage, reason, count in faults.retries:
-        retries.add_metric([stage, reason], count)
-    migrations = CounterMetricFamily(
+        ["stage", "reason"], faults.retries,
+    )  # fmt: skip
+    yield _counter(
         "tandem_request_migrations",
         "Retries that resumed a request after tokens had been streamed (prompt + tokens so far "
         "prefilled again).",
-    )
-    migrations.add_metric([], faults.migrations)
-    restarts = CounterMetricFamily(
-        "tandem_worker_restarts", "Workers replaced after dying, hanging or failing.",
-        labels=["pool"],
-    )
-    for pool, count in faults.restarts:
-        restarts.add_metric([pool], count)
-    revoked = CounterMetricFamily(
+        [], [(faults.migrations,)],
+    )  # fmt: skip
+    yield _counter("tandem_worker_restarts", "Workers replaced after dying, hanging or failing.",
+                   ["pool"], faults.restarts)  # fmt: skip
+    yield _counter(
         "tandem_kv_leases_revoked_blocks",
         "KV blocks the lease audit freed: held for requests the coordinator had ended.",
-    )
-    revoked.add_metric([], faults.leases_revoked)
-    live = GaugeMetricFamily("tandem_workers_live", "Live workers per pool.", labels=["pool"])
-    target = GaugeMetricFamily("tandem_workers_target", "Target workers per pool.", labels=["pool"])
-    for pool, health in sorted(stats.health.items()):
-        live.add_metric([pool], health.live)
-        target.add_metric([pool], health.target)
-    yield from (retries, migrations, restarts, revoked, live, target)
+        [], [(faults.leases_revoked,)],
+    )  # fmt: skip
+    health = sorted(stats.health.items())
+    yield _gauge("tandem_workers_live", "Live workers per pool.", ["pool"],
+                 [(pool, h.live) for pool, h in health])  # fmt: skip
+    yield _gauge("tandem_workers_target", "Target workers per pool.", ["pool"],
+                 [(pool, h.target) for pool, h in health])  # fmt: skip
 
 
 def _spec_metrics(spec: SpecStats) -> Iterator[Metric]:
-    drafted = CounterMetricFamily(
-        "tandem_spec_draft_tokens", "Speculative tokens proposed and verified."
-    )
-    drafted.add_metric([], spec.draft_tokens)
-    accepted = CounterMetricFamily(
-        "tandem_spec_accepted_tokens", "Speculative tokens accepted by the target model."
-    )
-    accepted.add_metric([], spec.accepted_tokens)
-    per_position = GaugeMetricFamily(
+    yield _counter("tandem_spec_draft_tokens", "Speculative tokens proposed and verified.", [],
+                   [(spec.draft_tokens,)])  # fmt: skip
+    yield _counter("tandem_spec_accepted_tokens",
+                   "Speculative tokens accepted by the target model.", [],
+                   [(spec.accepted_tokens,)])  # fmt: skip
+    per_position = zip(spec.accepted_per_position, spec.proposed_per_position, strict=True)
+    yield _gauge(
         "tandem_spec_acceptance_rate",
         "Accepted / proposed speculative tokens at each draft position (0 = first).",
-        labels=["position"],
-    )
-    for j, (a, n) in enumerate(
-        zip(spec.accepted_per_position, spec.proposed_per_position, strict=True)
-    ):
-        per_position.add_metric([str(j)], a / n if n else 0.0)
-    mean_len = GaugeMetricFamily(
-        "tandem_spec_mean_acceptance_length",
-        "Tokens emitted per verification step (accepted drafts + 1).",
-    )
-    mean_len.add_metric([], spec.mean_acceptance_length)
-    yield from (drafted, accepted, per_position, mean_len)
+        ["position"], [(str(j), a / n if n else 0.0) for j, (a, n) in enumerate(per_position)],
+    )  # fmt: skip
+    yield _gauge("tandem_spec_mean_acceptance_length",
+                 "Tokens emitted per verification step (accepted drafts + 1).", [],
+                 [(spec.mean_acceptance_length,)])  # fmt: skip

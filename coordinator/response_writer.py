@@ -14,7 +14,6 @@ once.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -52,8 +51,15 @@ def _unfinished() -> ApiError:
     return ApiError(500, "the engine ended the request without finishing it", SERVER)
 
 
-def _timeout_error(exc: RequestTimeout) -> ApiError:
-    return ApiError(504, str(exc), TIMEOUT, code="timeout")
+def _api_error(exc: Exception, run: RequestRun) -> ApiError:
+    """What an exception out of a request run means for the client (call it in the handler:
+    an unexpected one is logged with its traceback)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, RequestTimeout):
+        return ApiError(504, str(exc), TIMEOUT, code="timeout")
+    log.exception("engine failed on %s", run.request_id)
+    return ApiError(500, f"engine error: {exc!r}", SERVER, code="engine_error")
 
 
 async def collect_response(run: RequestRun, builder: ResponseBuilder) -> tuple[web.Response, str]:
@@ -63,13 +69,8 @@ async def collect_response(run: RequestRun, builder: ResponseBuilder) -> tuple[w
             if failure is not None:
                 raise failure
             builder.add(index, delta)
-    except RequestTimeout as exc:
-        raise _timeout_error(exc) from None
-    except (ApiError, asyncio.CancelledError):
-        raise
     except Exception as exc:
-        log.exception("engine failed on %s", run.request_id)
-        raise ApiError(500, f"engine error: {exc!r}", SERVER, code="engine_error") from None
+        raise _api_error(exc, run) from None
     if not run.finished:
         raise _unfinished()
     return web.json_response(builder.final()), builder.finish_reason or "stop"
@@ -107,14 +108,11 @@ async def stream_response(
                         await send(builder.usage_chunk())
                 else:
                     await send(_unfinished().body())
-        except RequestTimeout as exc:
-            outcome = "timeout"
-            await send(_timeout_error(exc).body())
         except ConnectionError:
             raise
         except Exception as exc:
-            log.exception("engine failed on %s", run.request_id)
-            await send(ApiError(500, f"engine error: {exc!r}", SERVER).body())
+            outcome = "timeout" if isinstance(exc, RequestTimeout) else outcome
+            await send(_api_error(exc, run).body())
         await send("[DONE]")
         await response.write_eof()
     except ConnectionError:
@@ -127,13 +125,8 @@ async def _first_delta(run: RequestRun, builder: ResponseBuilder) -> tuple[int, 
     """The first delta, or the error it means (before any byte of the stream is sent)."""
     try:
         delta = await anext(run, None)
-    except RequestTimeout as exc:
-        raise _timeout_error(exc) from None
-    except (ApiError, asyncio.CancelledError):
-        raise
     except Exception as exc:
-        log.exception("engine failed on %s", run.request_id)
-        raise ApiError(500, f"engine error: {exc!r}", SERVER, code="engine_error") from None
+        raise _api_error(exc, run) from None
     if delta is None:
         raise _unfinished()
     failure = _failure(delta[1], builder)

@@ -149,23 +149,7 @@ class Supervisor:
             await asyncio.gather(*starts)
 
     async def _add(self, plan: WorkerPlan) -> None:
-        delay = FIRST_RETRY_S
-        while not self._closing and plan.name in self.plans:
-            try:
-                worker = await self._start(plan, self._incarnations[plan.name] + 1
-                                           if plan.name in self._incarnations else 0)  # fmt: skip
-                try:
-                    await self._join(worker)
-                except BaseException:
-                    self._kill(worker.actor)
-                    raise
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.error("starting %s failed (%r); next try in %.1f s", plan.name, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, MAX_RETRY_S)
+        await self._bring_up(plan, lambda: plan.name in self.plans, "starting")
 
     async def _retire(self, worker: WorkerRef) -> None:
         worker.draining = True
@@ -225,24 +209,34 @@ class Supervisor:
 
     async def _replace(self, dead: WorkerRef) -> None:
         plan = self.plans[dead.name]
+
+        def still_dead() -> bool:  # not retired, not replaced already
+            return dead.name in self.plans and self.pool.workers.get(dead.name) is dead
+
+        if await self._bring_up(plan, still_dead, "replacing"):
+            self.restarts[plan.role] += 1
+
+    async def _bring_up(self, plan: WorkerPlan, wanted: Callable[[], bool], doing: str) -> bool:
+        """Start the next incarnation of ``plan`` and join it, retried with backoff while
+        ``wanted()``; True once one joined."""
         delay = FIRST_RETRY_S
-        while (not self._closing and dead.name in self.plans
-               and self.pool.workers.get(dead.name) is dead):  # fmt: skip
+        while not self._closing and wanted():
+            incarnation = self._incarnations.get(plan.name, -1) + 1  # 0: the first
             try:
-                worker = await self._start(plan, self._incarnations[plan.name] + 1)
+                worker = await self._start(plan, incarnation)
                 try:
                     await self._join(worker)
                 except BaseException:
                     self._kill(worker.actor)
                     raise
-                self.restarts[plan.role] += 1
-                return
+                return True
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.error("replacing %s failed (%r); next try in %.1f s", dead.name, exc, delay)
+                log.error("%s %s failed (%r); next try in %.1f s", doing, plan.name, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, MAX_RETRY_S)
+        return False
 
     def _background(self, coro) -> None:
         task = asyncio.ensure_future(coro)

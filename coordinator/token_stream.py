@@ -14,37 +14,19 @@ caller opens it *before* asking any worker for the request, so no token can arri
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 
-import zmq
-import zmq.asyncio
-
+from coordinator.pull_socket import PullSocket
 from core.delta_codec import decode_deltas
 from core.outputs import FINISH_ERROR, OutputDelta
 
-log = logging.getLogger(__name__)
 
+class TokenStream(PullSocket):
+    reader_name = "tokens"
 
-class TokenStream:
     def __init__(self, host: str = "127.0.0.1") -> None:
-        self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.PULL)
-        # Unbounded: a PUSH that hits the high-water mark blocks the worker's engine loop, and
-        # the frames are small (token ids); the queues below are drained by live requests.
-        self._sock.setsockopt(zmq.RCVHWM, 0)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        port = self._sock.bind_to_random_port(f"tcp://{host}")
-        self.address = f"tcp://{host}:{port}"
+        super().__init__(host)
         self._queues: dict[str, asyncio.Queue[OutputDelta]] = {}
-        self._reader: asyncio.Task | None = None
         self.num_dropped = 0  # deltas for requests that had already ended here
-        self.num_malformed = 0
-
-    def start(self) -> None:
-        """Start the reader on the running loop (idempotent)."""
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read(), name="tokens")
 
     def open(self, request_id: str) -> asyncio.Queue[OutputDelta]:
         if request_id in self._queues:
@@ -67,27 +49,10 @@ class TokenStream:
     def num_open(self) -> int:
         return len(self._queues)
 
-    async def _read(self) -> None:
-        while True:
-            frame = await self._sock.recv()
-            try:
-                deltas = decode_deltas(frame)
-            except ValueError as exc:  # a bad frame must not stop every other request's tokens
-                self.num_malformed += 1
-                log.error("dropping a malformed token frame: %s", exc)
-                continue
-            for delta in deltas:
-                queue = self._queues.get(delta.request_id)
-                if queue is None:
-                    self.num_dropped += 1
-                else:
-                    queue.put_nowait(delta)
-
-    async def aclose(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
-        self._sock.close(linger=0)
-        self._ctx.term()
+    def on_frame(self, frame: bytes) -> None:
+        for delta in decode_deltas(frame):
+            queue = self._queues.get(delta.request_id)
+            if queue is None:
+                self.num_dropped += 1
+            else:
+                queue.put_nowait(delta)

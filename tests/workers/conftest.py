@@ -18,14 +18,26 @@ def tiny_model(tmp_path_factory) -> str:
     return str(save_tiny_llama(tmp_path_factory.mktemp("tiny"), seed=5))
 
 
-@pytest.fixture()
-def sink():
+def _pull_socket():
+    """A bound PULL socket and its address (what a worker PUSHes to)."""
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     yield pull, f"tcp://127.0.0.1:{port}"
     pull.close(0)
     ctx.term()
+
+
+@pytest.fixture()
+def sink():
+    """Stands in for the coordinator's token stream."""
+    yield from _pull_socket()
+
+
+@pytest.fixture()
+def events():
+    """Stands in for the coordinator's KV event stream."""
+    yield from _pull_socket()
 
 
 @pytest.fixture()

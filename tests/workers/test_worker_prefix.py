@@ -4,8 +4,6 @@ tokens), and every worker publishes the block hashes it caches, as the router co
 
 from __future__ import annotations
 
-import pytest
-import zmq
 from worker_harness import BLOCK, collect, free_port, hand_off, spec, tokens_of, wait_until
 
 from core.block_hash import prefix_hashes
@@ -16,16 +14,6 @@ from prefill.worker import PrefillWorker
 
 PROMPT = [5, 17, 3, 42, 8, 23, 11, 2, 31, 9, 14, 27, 6]  # 13 tokens: 3 full blocks of 4 + 1
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True).to_dict()
-
-
-@pytest.fixture()
-def events():
-    ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    port = pull.bind_to_random_port("tcp://127.0.0.1")
-    yield pull, f"tcp://127.0.0.1:{port}"
-    pull.close(0)
-    ctx.term()
 
 
 def stored_hashes(pull, worker: str) -> set[int]:
