@@ -14,7 +14,8 @@ Workloads (chat-templated, greedy, up to ``--max-new`` tokens, stopping at EOS):
             the answer copies spans of its input, which n-gram lookup can find;
   chat      16 open-ended questions: nothing to copy.
 Batch 16 runs all 16 prompts of a workload at once; batch 1 runs the first ``--batch1-prompts``
-one after another. Every configuration must produce the same tokens as no speculation (asserted).
+one after another. With a float32 model every configuration must produce the same tokens as no
+speculation (asserted); with a 16-bit one the ``same`` column counts the sequences that do.
 Decode tokens/s = tokens emitted by decode steps / time in decode steps (prefill steps, the same
 in every configuration, are left out; a draft's own prompt catch-up is inside the decode steps).
 Acceptance comes from ``engine.speculator.metrics``; sequences whose acceptance stayed below
@@ -233,16 +234,23 @@ def main() -> None:
                     r = run_config(model, tokenizer, spec, chosen, batch, args.max_new, base)
                     if ref is None:
                         ref = r
-                    assert r.tokens == ref.tokens, f"{cname} changed the greedy output"
+                    same = sum(a == b for a, b in zip(r.tokens, ref.tokens, strict=True))
+                    # float32: equal token for token (tests/model/test_speculative.py). In
+                    # bfloat16 a verification step (1 + k rows per sequence) does not reproduce
+                    # one-row decode steps bit for bit, so a near-tie can flip (where it rounds
+                    # differently is not located yet: not in the quantized linear kernels, whose
+                    # rows come out the same at any row count).
+                    assert same == len(ref.tokens) or base.torch_dtype != torch.float32, (
+                        f"{cname} changed the greedy output")  # fmt: skip
                     rows.append((wname, batch, cname, r, r.decode_tokens_per_s /
-                                 ref.decode_tokens_per_s))  # fmt: skip
+                                 ref.decode_tokens_per_s, same))  # fmt: skip
                     print(f"  {wname} b={batch} {cname}: {r.decode_tokens_per_s:.1f} tok/s "
                           f"(load avg {load_average()})", flush=True)  # fmt: skip
     print(f"\nload avg after: {load_average()}")
     print(f"{'workload':>9} {'batch':>5} {'config':>16} {'dec tok':>8} {'tok/s':>7} {'x none':>7} "
-          f"{'accept':>7} {'mean len':>9} {'off':>4}  accepted/proposed per position")
+          f"{'accept':>7} {'mean len':>9} {'off':>4} {'same':>5}  accepted/proposed per position")
     out = []
-    for wname, batch, cname, r, speedup in rows:
+    for wname, batch, cname, r, speedup, same in rows:
         m = r.metrics
         acc = m["accepted_tokens"] / m["draft_tokens"] if m and m["draft_tokens"] else float("nan")
         per_pos = (" ".join(f"{a}/{p}" for a, p in zip(m["accepted_per_position"],
@@ -251,11 +259,12 @@ def main() -> None:
         mean_len = m["mean_acceptance_length"] if m else float("nan")
         print(f"{wname:>9} {batch:5d} {cname:>16} {r.decode_tokens:8d} "
               f"{r.decode_tokens_per_s:7.1f} {speedup:7.2f} {acc:7.2f} {mean_len:9.2f} "
-              f"{r.num_spec_off:4d}  {per_pos}")  # fmt: skip
+              f"{r.num_spec_off:4d} {same:2d}/{len(r.tokens):<2d}  {per_pos}")  # fmt: skip
         out.append(dict(workload=wname, batch=batch, config=cname,
                         decode_tokens=r.decode_tokens, decode_seconds=r.decode_seconds,
                         tokens_per_s=r.decode_tokens_per_s, speedup=speedup, metrics=m,
-                        num_spec_off=r.num_spec_off))  # fmt: skip
+                        num_spec_off=r.num_spec_off, identical=same,
+                        num_sequences=len(r.tokens)))  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
 

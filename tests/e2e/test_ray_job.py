@@ -33,9 +33,12 @@ def _ray(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
     )
 
 
-def _wait_http(url: str, timeout_s: float, what: str, check=lambda r: r.ok) -> requests.Response:
+def _wait_http(url: str, timeout_s: float, what: str, check=lambda r: r.ok,
+               gone=lambda: False) -> requests.Response:  # fmt: skip
+    """Poll ``url`` until ``check`` passes; fail after ``timeout_s`` or once ``gone()``."""
     deadline = time.monotonic() + timeout_s
     while True:
+        assert not gone(), f"{what}: its process exited"
         try:
             response = requests.get(url, timeout=5)
             if check(response):
@@ -94,7 +97,14 @@ def test_ray_job_submit_serves_on_a_started_cluster(tmp_path, llm):
     address = f"http://127.0.0.1:{dashboard}"
     job_id = None
     try:
-        _wait_http(f"{address}/api/version", 120, "the Ray dashboard")
+        try:
+            _wait_http(f"{address}/api/version", 180, "the Ray dashboard",
+                       gone=lambda: head.poll() is not None)  # fmt: skip
+        except AssertionError:
+            head_log.flush()
+            tail = (tmp_path / "head.log").read_text()[-3000:]
+            raise AssertionError(f"the Ray dashboard did not come up (head exit code "
+                                 f"{head.poll()}); head log tail:\n{tail}") from None
         submitted = _ray(
             "job", "submit", "--address", address, "--working-dir", ".", "--no-wait", "--",
             "python", "-m", "coordinator.launch", "--config", "configs/local.yaml",
