@@ -236,10 +236,10 @@ def main() -> None:
                         ref = r
                     same = sum(a == b for a, b in zip(r.tokens, ref.tokens, strict=True))
                     # float32: equal token for token (tests/model/test_speculative.py). In
-                    # bfloat16 a verification step (1 + k rows per sequence) does not reproduce
-                    # one-row decode steps bit for bit, so a near-tie can flip (where it rounds
-                    # differently is not located yet: not in the quantized linear kernels, whose
-                    # rows come out the same at any row count).
+                    # bfloat16 a near-tie can flip wherever a verification step (1 + k rows per
+                    # sequence) rounds differently from the decode steps it replaces: dense
+                    # linears (oneDNN / MKL pick kernels by row count) do; the quantized linears
+                    # and the paged decode attention give each row the same bits at any count.
                     assert same == len(ref.tokens) or base.torch_dtype != torch.float32, (
                         f"{cname} changed the greedy output")  # fmt: skip
                     rows.append((wname, batch, cname, r, r.decode_tokens_per_s /

@@ -290,8 +290,20 @@ void run(const Args& a) {
           float* sr = scores.data() + r * L + j * bs;
           int64_t t = 0;
 #ifdef TANDEM_AVX2
-          if (D % 8 == 0)
+          if (D % 8 == 0) {
             for (; t + 8 <= nt; t += 8) dot8(qr, krows.data() + t, D, sr + t);
+            if (t < nt) {
+              // The block's last keys through dot8 too (the others repeat its last key): a score
+              // must not depend on how full the block is, or a verification step (1 + k queries,
+              // more keys present) would round differently from the decode steps it replaces.
+              const float* pad[8];
+              float tail[8];
+              for (int64_t u = 0; u < 8; ++u) pad[u] = krows[std::min(t + u, nt - 1)];
+              dot8(qr, pad, D, tail);
+              std::copy(tail, tail + (nt - t), sr + t);
+              t = nt;
+            }
+          }
 #endif
           for (; t < nt; ++t) {
             const float* kr = krows[t];

@@ -112,6 +112,24 @@ def test_unused_blocks_are_never_read(op, monkeypatch):
     assert rel_err(out, ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, FP8_DTYPE])
+@pytest.mark.parametrize("seq_len", [21, 40, 64, 133])
+def test_a_verification_step_equals_the_decode_steps_it_replaces(dtype, seq_len, monkeypatch):
+    """1 + k queries of one sequence (speculative verification: the last k keys are the queries'
+    own) give each query, bit for bit, what a one-query decode step at its position gives: a
+    score must not depend on how many keys follow it in its block."""
+    nq = 5
+    q, kc, vc, tables, lens, _, _, scale, ks, vs = _case(dtype, 3, 64, [seq_len], [nq], seed=11)
+    together = cpu_ext.decode_attention(q, kc, vc, tables, lens, cu_from_lens([nq]), nq, scale,
+                                        ks, vs)  # fmt: skip
+    for i in range(nq):  # query i sees the first seq_len - nq + 1 + i keys
+        alone = cpu_ext.decode_attention(
+            q[i : i + 1], kc, vc, tables, torch.tensor([seq_len - nq + 1 + i], dtype=torch.int32),
+            cu_from_lens([1]), 1, scale, ks, vs,
+        )  # fmt: skip
+        assert torch.equal(together[i], alone[0]), f"query {i}"
+
+
 def test_unsupported_inputs_fall_back_to_the_reference():
     """FP8 without scales, or a non-contiguous head_dim: the reference (which asserts/handles)."""
     gen = torch.Generator().manual_seed(0)
