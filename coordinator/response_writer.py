@@ -111,7 +111,8 @@ async def stream_response(
         except ConnectionError:
             raise
         except Exception as exc:
-            outcome = "timeout" if isinstance(exc, RequestTimeout) else outcome
+            if isinstance(exc, RequestTimeout):
+                outcome = "timeout"
             await send(_api_error(exc, run).body())
         await send("[DONE]")
         await response.write_eof()

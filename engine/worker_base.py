@@ -15,8 +15,9 @@ OpenMP (libgomp) gives every thread that starts a parallel region a team of its 
 process has more such threads than CPUs its barriers stop spinning and sleep at once: every op then
 pays a futex wake-up. Built on the actor's thread and stepped on the loop thread, SmolLM2's int4
 batch-1 step took 25 ms instead of 11-13 ms on 2 threads (2-vCPU AMD EPYC, same engine in one
-process: ``bench/decode_step.py``'s loop on the main thread vs on a second thread). Actor methods
-therefore only read and queue: no tensor work.
+process: ``bench/decode_step.py``'s loop on the main thread vs on a second thread). So actor
+methods must only read and queue (no tensor work): one that ran a parallel op would start a
+second team. Nothing enforces this; the served figures in docs/benchmarks.md would show it.
 """
 
 from __future__ import annotations
