@@ -11,6 +11,7 @@ background thread (``nixl_poster``) because on host memory UCX copies inside ``t
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -33,6 +34,19 @@ def _new_agent(role: str, config: KVTransferConfig, shared: bool) -> Any:
         enable_prog_thread=config.nixl_progress_thread, backends=["UCX"], sync_mode=sync
     )
     return nixl_agent(f"tandem-{role}-{uuid.uuid4().hex[:12]}", conf)
+
+
+_TEARDOWN_PROGRESS_S = 0.02
+
+
+def _progress(agent: Any, seconds: float) -> None:
+    """Let UCX finish what it has queued: error handling, endpoint closes."""
+    end = time.monotonic() + seconds
+    while True:
+        agent.get_new_notifs()
+        if time.monotonic() >= end:
+            return
+        time.sleep(0.001)
 
 
 class NixlSender(KVSender):
@@ -104,15 +118,22 @@ class NixlSender(KVSender):
 
     def _shutdown(self) -> None:
         self._poster.close()
+        # Without a progress thread the UCX worker runs only inside our calls. A peer's death
+        # (its endpoint's error) and remove_remote_agent's endpoint close both complete in
+        # progress; destroying the worker before they have trips UCX's
+        # `ucs_arbiter_group_is_empty` assertion and aborts the process (seen in ~1 of 8
+        # close() calls right after a peer died mid-transfer). get_new_notifs progresses it.
+        _progress(self._agent, _TEARDOWN_PROGRESS_S)
         for name in self._remote_names.values():
             try:
                 self._agent.remove_remote_agent(name)
             except Exception as e:
                 log.debug("remove_remote_agent %s: %s", name, e)
+        _progress(self._agent, _TEARDOWN_PROGRESS_S)
         for reg in self._regs:
             self._agent.deregister_memory(reg)
         self._regs, self._remote_names = [], {}
-        self._agent = None  # the last reference: destroys the agent and its UCX workers
+        self._agent = None  # the last reference (the poster dropped its own): destroys it
 
 
 class NixlReceiver(KVReceiver):

@@ -73,3 +73,5 @@ class Poster:
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=10.0)
+        if not self._thread.is_alive():  # else the stuck post still uses the agent: keep it
+            self._agent = None

@@ -114,3 +114,34 @@ class Peer:
             self.proc.join(timeout=15)
         if self.proc.is_alive():
             self.kill()
+
+
+def close_after_peer_deaths(backend: str, cycles: int) -> None:
+    """Run in a child process (an abort must fail a test, not kill pytest): ``cycles`` times,
+    land a transfer on a fresh peer, kill the peer, send once more, and close the sender as soon
+    as that transfer has failed: a prefill worker shutting down just after its decode peer died."""
+    from kvtransfer import KVTransferConfig, make_sender
+    from kvtransfer.protocol import TransferSpec
+
+    def next_event(sender: Any) -> Any:
+        deadline = time.monotonic() + 30
+        while not (events := sender.poll()):
+            assert time.monotonic() < deadline, "a transfer neither finished nor failed"
+            time.sleep(0.0005)
+        return events[0]
+
+    shape = CacheShape()
+    for _ in range(cycles):
+        peer_proc = Peer(shape, backend)
+        sender = make_sender(shape.make(), KVTransferConfig(backend=backend, timeout_s=3.0),
+                             "test-model")  # fmt: skip
+        try:
+            peer = sender.connect(peer_proc.address)
+            sender.send(TransferSpec("alive", (1, 2), (3, 4)), peer)
+            assert type(next_event(sender)).__name__ == "TransferDone"
+            peer_proc.kill()
+            sender.send(TransferSpec("orphan", tuple(range(40)), tuple(range(40))), peer)
+            assert type(next_event(sender)).__name__ == "TransferFailed"
+        finally:
+            sender.close()
+            peer_proc.stop()
