@@ -2,8 +2,10 @@
 
 Token-major and batch-free: every forward takes the packed tokens of all scheduled sequences,
 ``input_ids [N]`` and ``positions [N]``, plus an ``AttentionMetadata`` that says where each token's
-K/V goes in the cache and what it attends to. Attention goes through the ``kernels`` dispatch, so
-CPU tensors run the torch references and CUDA tensors run the Triton kernels.
+K/V goes in the cache and what it attends to. Attention, norms and RoPE go through ``kernels``, so
+CPU tensors run the C++ kernels (or the torch references) and CUDA tensors the Triton ones. On CPU,
+a decode step of at most ``QUANT_MAX_ROWS`` rows through int4 / int8 layers runs each layer in one
+C++ call (``tandem_cpu::decoder_layer``: the same ops in the same order, so the same bits), not ~10.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 import kernels
 from engine.attention_metadata import AttentionMetadata
 from engine.kv_cache import KVCache
-from engine.linear import Linear
+from engine.linear import QUANT_MAX_ROWS, Linear
 from engine.model_config import ModelConfig, RopeScaling
 from engine.quantized_weight import QuantizedWeight
 
@@ -214,6 +216,11 @@ class LlamaForCausalLM(nn.Module):
         tied = cfg.tie_word_embeddings
         self.lm_head = self.embed_tokens.table if tied else Linear(cfg.hidden_size, cfg.vocab_size)
         self.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings)
+        # a decode step of at most QUANT_MAX_ROWS rows runs each layer in one C++ call when the
+        # model allows it (bind_kernels, _fuses); False: always the per-op path (benchmarks)
+        self.fuse_layers = True
+        self._fused_op: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._fused_args: list[tuple] = []
 
     def forward(
         self,
@@ -227,6 +234,18 @@ class LlamaForCausalLM(nn.Module):
         ``after_layer(i)`` runs once layer i's work is issued (its KV stored, on CPU; launched,
         on CUDA): a prefill worker sends finished layers' KV while the rest compute."""
         x, residual = self.embed_tokens(input_ids, self.norm.weight.dtype), None
+        if self._fuses(input_ids.shape[0], md, kv_cache):
+            assert self._fused_op is not None and md.seq_lens is not None
+            attn = self.layers[0].self_attn
+            step = (md.slot_mapping, md.block_tables, md.seq_lens, md.cu_seqlens, md.max_seqlen,
+                    attn.scale, attn.num_heads, attn.num_kv_heads)  # fmt: skip
+            for i, layer_args in enumerate(self._fused_args):
+                k_cache, v_cache, _, _ = kv_cache.layer(i)
+                x, residual = self._fused_op(x, residual, *layer_args, positions, self.rope.cos,
+                                             self.rope.sin, k_cache, v_cache, *step)  # fmt: skip
+                if after_layer is not None:
+                    after_layer(i)
+            return self.norm.add_forward(x, residual)[0]
         for i, layer in enumerate(self.layers):
             # .forward, not __call__: no hooks are used, and Module.__call__ costs ~2 us per call
             # (~300 module calls in a decode step)
@@ -234,6 +253,14 @@ class LlamaForCausalLM(nn.Module):
             if after_layer is not None:
                 after_layer(i)
         return self.norm.add_forward(x, residual)[0]
+
+    def _fuses(self, rows: int, md: AttentionMetadata, kv_cache: KVCache) -> bool:
+        """Whether this step runs its layers through ``tandem_cpu::decoder_layer``: a decode step
+        of at most QUANT_MAX_ROWS rows (every linear then takes its quantized kernel, as the
+        per-op path would) over a cache of the model dtype without FP8 scales."""
+        if self._fused_op is None or not self.fuse_layers or md.is_prefill or rows > QUANT_MAX_ROWS:
+            return False
+        return kv_cache.scales is None and kv_cache.data.dtype == self.norm.weight.dtype
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [M, vocab], float32 for sampling
@@ -306,6 +333,19 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "bind"):
                 module.bind(device_type, dtype)
+        self._fused_op, self._fused_args = None, []
+        linears = [(a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
+                   for a, m in ((ly.self_attn, ly.mlp) for ly in self.layers)]  # fmt: skip
+        if device_type != "cpu" or any(w.quantized is None for ws in linears for w in ws):
+            return  # the op covers quantized CPU layers (dense ones: oneDNN / MKL per op)
+        from kernels import cpu_ext
+
+        self._fused_op = cpu_ext.direct("decoder_layer", dtype)  # None: no extension / dtype
+        self._fused_args = [
+            (ly.input_layernorm.weight, ly.post_attention_layernorm.weight, ly.input_layernorm.eps,
+             *([*w.quantized.tensors()] for w in ws))
+            for ly, ws in zip(self.layers, linears, strict=True)
+        ]  # fmt: skip
 
 
 def cat_rows(parts: list[Weight]) -> Weight:

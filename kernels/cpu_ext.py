@@ -1,5 +1,6 @@
-"""C++ CPU kernels (JIT-built torch extension): paged decode attention, the KV store, and fused
-RMSNorm(+residual) / SiLU-mul / RoPE (csrc/store_kv.cpp and csrc/fused.cpp say why each exists).
+"""C++ CPU kernels (JIT-built torch extension): paged decode attention, the KV store, fused
+RMSNorm(+residual) / SiLU-mul / RoPE, weight-only int4 / int8 linears, and one whole decoder layer
+of a small quantized decode step built from them (each file in csrc/ says why it exists).
 
 Why: on CPU, ``kernels.reference.decode_attention`` gathers the paged KV cache into a padded float32
 copy (``index_select``) and calls SDPA once per layer. The copy is most of its cost at large batch
@@ -55,7 +56,8 @@ def _cpu_tag() -> str:
 EXT_NAME = f"tandem_cpu_kernels_{_cpu_tag()}"
 SOURCES = [
     Path(__file__).resolve().parent / "csrc" / name
-    for name in ("paged_decode.cpp", "store_kv.cpp", "fused.cpp", "quant_linear.cpp")
+    for name in ("paged_decode.cpp", "store_kv.cpp", "fused.cpp", "quant_linear.cpp",
+                 "decoder_layer.cpp")
 ]
 # -ffp-contract=off: a * b + c stays two roundings, as in torch's separate ops (RoPE then equals
 # the reference bit for bit); the hot loops that want FMA spell it with intrinsics.
@@ -293,6 +295,7 @@ DIRECT_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "int8_linear": _FUSED_DTYPES,
     "decode_attention": Q_DTYPES,
     "store_kv": Q_DTYPES,  # cache dtype == key dtype (no FP8: quantized on store by the reference)
+    "decoder_layer": _FUSED_DTYPES,  # a whole layer of a small quantized decode step (model.py)
 }
 
 

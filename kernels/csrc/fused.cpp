@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "ops.h"
 #include "vec_exp.h"
 
 namespace {
@@ -239,6 +240,20 @@ std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor&
 }
 
 }  // namespace
+
+// the ops above, for decoder_layer.cpp (ops.h)
+namespace tandem::ops {
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) { return ::rms_norm(x, weight, eps); }
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps) {
+  return ::add_rms_norm(x, residual, weight, eps);
+}
+at::Tensor silu_mul(const at::Tensor& gate_up) { return ::silu_mul(gate_up); }
+std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                                          const at::Tensor& cos, const at::Tensor& sin) {
+  return ::rotary(q, k, positions, cos, sin);
+}
+}  // namespace tandem::ops
 
 TORCH_LIBRARY_FRAGMENT(tandem_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");

@@ -47,6 +47,7 @@
 #include <cstring>
 #include <vector>
 
+#include "ops.h"
 #include "vec_exp.h"
 
 #if defined(__F16C__)
@@ -487,6 +488,16 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, c
 }
 
 }  // namespace
+
+// for decoder_layer.cpp (ops.h)
+at::Tensor tandem::ops::decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                         const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                         const at::Tensor& cu_seqlens_q, int64_t max_query_len, double sm_scale,
+                                         const c10::optional<at::Tensor>& k_scale,
+                                         const c10::optional<at::Tensor>& v_scale) {
+  return ::decode_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_query_len, sm_scale,
+                            k_scale, v_scale);
+}
 
 TORCH_LIBRARY(tandem_cpu, m) {
   m.def(

@@ -31,6 +31,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "ops.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -404,6 +406,15 @@ at::Tensor int8_dequantize(const at::Tensor& qweight, const at::Tensor& scales, 
 }
 
 }  // namespace
+
+// for decoder_layer.cpp (ops.h)
+at::Tensor tandem::ops::int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                    const at::Tensor& mins) {
+  return ::int4_linear(x, qweight, scales, mins);
+}
+at::Tensor tandem::ops::int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  return ::int8_linear(x, qweight, scales);
+}
 
 TORCH_LIBRARY_FRAGMENT(tandem_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins) -> Tensor");

@@ -12,6 +12,8 @@
 
 #include <cstring>
 
+#include "ops.h"
+
 namespace {
 
 void copy_rows(const at::Tensor& src, at::Tensor& cache, const int64_t* slots, int64_t n) {
@@ -53,6 +55,12 @@ void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor k_cache
 }
 
 }  // namespace
+
+// for decoder_layer.cpp (ops.h)
+void tandem::ops::store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor k_cache, at::Tensor v_cache,
+                           const at::Tensor& slot_mapping) {
+  ::store_kv(key, value, std::move(k_cache), std::move(v_cache), slot_mapping);
+}
 
 TORCH_LIBRARY_FRAGMENT(tandem_cpu, m) {
   m.def("store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");

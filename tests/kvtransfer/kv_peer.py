@@ -57,8 +57,9 @@ def serve(shape: CacheShape, backend: str, model_id: str, cmds: Any, acks: Any, 
     receiver = make_receiver(cache, KVTransferConfig(backend=backend), model_id)
     out.put(("ready", receiver.address, receiver.port))
     expected: dict[str, list[int]] = {}
+    parent = os.getppid()
     try:
-        while True:
+        while os.getppid() == parent:  # else the test process died (an abort): do not linger
             try:
                 cmd = cmds.get_nowait()
             except queue.Empty:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -69,10 +70,15 @@ def dequantized_twin(src: Path, dst: Path, quantization: str) -> Path:
     return dst
 
 
-def run_tiny(directory: Path, **config) -> tuple[list[list[int]], list[list[float]], list[float]]:
+def run_tiny(
+    directory: Path, prepare: Callable[[EngineCore], None] | None = None, **config
+) -> tuple[list[list[int]], list[list[float]], list[float]]:
     """Greedy tokens, their logprobs and all prompt logprobs of 3 prompts (5, 19, 40 tokens:
-    prefill steps above and below the quantized kernels' row limit, then decode steps)."""
+    prefill steps above and below the quantized kernels' row limit, then decode steps).
+    ``prepare(engine)`` runs before the first step."""
     engine = EngineCore(EngineConfig(model=str(directory), num_blocks=64, num_threads=1, **config))
+    if prepare is not None:
+        prepare(engine)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 19, 40)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0,
@@ -99,6 +105,42 @@ def test_quantized_model_computes_with_its_dequantized_weights(quantization, tin
     # and the quantization is real: the float32 original differs
     _, _, original = run_tiny(tiny_llama_dir)
     assert not torch.allclose(torch.tensor(original), torch.tensor(ref_prompt), atol=1e-3)
+
+
+@pytest.mark.parametrize("speculative", [None, {"method": "ngram", "num_speculative_tokens": 3}])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_one_call_decoder_layers_equal_the_per_op_path(quantization, dtype, speculative,
+                                                       tiny_llama_dir):  # fmt: skip
+    """``tandem_cpu::decoder_layer`` (kernels/csrc/decoder_layer.cpp) runs a small decode step's
+    layers each in one C++ call: the same tokens and bit for bit the same logprobs as the per-op
+    path, and it did run, for every layer of every decode step (with n-gram speculation: also
+    verification steps of several rows per sequence)."""
+    runs, rows = {}, {}
+    for fuse in (True, False):
+        calls: list[int] = []
+
+        def count_calls(engine: EngineCore, fuse: bool = fuse, calls: list[int] = calls) -> None:
+            model = engine.model
+            op = model._fused_op
+            assert op is not None  # the C++ extension builds here (tests/conftest.py)
+
+            def counted(x: torch.Tensor, *args):
+                calls.append(x.shape[0])
+                return op(x, *args)
+
+            model._fused_op, model.fuse_layers = counted, fuse
+
+        extra = {} if speculative is None else {"speculative": speculative}
+        runs[fuse] = run_tiny(tiny_llama_dir, count_calls, dtype=dtype,
+                              quantization=quantization, **extra)  # fmt: skip
+        rows[fuse] = calls
+    assert runs[True] == runs[False]  # tokens, logprobs and prompt logprobs: exactly equal
+    assert rows[False] == [] and len(rows[True]) > 0
+    layers = 2  # the tiny Llama's num_hidden_layers (tests/model/conftest.py)
+    assert len(rows[True]) % layers == 0 and max(rows[True]) <= 8
+    if speculative is not None:
+        assert max(rows[True]) > 3  # a verification step: more rows than the 3 sequences
 
 
 def test_bfloat16_model_stays_close_to_float32(tiny_llama_dir):

@@ -1,0 +1,74 @@
+// One Llama decoder layer of a small decode step in ONE op call, for weight-only quantized models.
+//
+// Why: a batch-1 decode step of a quantized small model on CPU is mostly fixed cost, not weight
+// reads: per layer the Python model issues ~10 op calls (norms, 4 linears, RoPE, KV store,
+// attention, SiLU-mul) plus the views between them, each paying Python and dispatcher overhead.
+// Here the same ops (ops.h: the very functions registered as tandem_cpu::*) run back to back in
+// C++, in the order engine/model.py runs them, on the same intermediate tensors: the result is
+// bit-identical to the per-op path (tests/kernels/test_decoder_layer.py checks it), only the
+// calls between them are gone.
+//
+// Scope (engine/model.py decides): CPU, float32 / bfloat16 activations, every linear int4 or int8
+// (weights as their QuantizedWeight.tensors(): 3 tensors int4, 2 int8), a cache of the model
+// dtype without FP8 scales, a decode step (no prefill), at most engine.linear.QUANT_MAX_ROWS rows.
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "ops.h"
+
+namespace {
+
+// x [M, K] @ W^T with W quantized: (qweight, scales, mins) int4 or (qweight, scales) int8
+at::Tensor quant_linear(const at::Tensor& x, at::TensorList w) {
+  if (w.size() == 3) return tandem::ops::int4_linear(x, w[0], w[1], w[2]);
+  TORCH_CHECK(w.size() == 2, "a quantized weight is 3 tensors (int4) or 2 (int8)");
+  return tandem::ops::int8_linear(x, w[0], w[1]);
+}
+
+// (this layer's MLP output [N, hidden], the residual stream it is to be added to): see
+// DecoderLayer.forward. residual None: layer 0 (x is the embeddings).
+std::tuple<at::Tensor, at::Tensor> decoder_layer(
+    const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& input_norm,
+    const at::Tensor& post_norm, double eps, at::TensorList qkv_w, at::TensorList o_w, at::TensorList gate_up_w,
+    at::TensorList down_w, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+    const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slot_mapping,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens, int64_t max_seqlen,
+    double sm_scale, int64_t num_heads, int64_t num_kv_heads) {
+  TORCH_CHECK(x.dim() == 2 && k_cache.dim() == 4, "x must be [N, hidden], caches [nb, bs, Hkv, D]");
+  at::Tensor h, res;
+  if (residual.has_value()) {
+    std::tie(h, res) = tandem::ops::add_rms_norm(x, *residual, input_norm, eps);
+  } else {
+    h = tandem::ops::rms_norm(x, input_norm, eps);
+    res = x;
+  }
+  const int64_t n = x.size(0), D = k_cache.size(3), q_size = num_heads * D, kv_size = num_kv_heads * D;
+  const at::Tensor qkv = quant_linear(h, qkv_w);  // [N, q_size + 2 kv_size]
+  TORCH_CHECK(qkv.size(1) == q_size + 2 * kv_size, "qkv width != (num_heads + 2 num_kv_heads) * head_dim");
+  const at::Tensor q = qkv.narrow(1, 0, q_size).view({n, num_heads, D});  // strided views, no copies
+  const at::Tensor k = qkv.narrow(1, q_size, kv_size).view({n, num_kv_heads, D});
+  const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({n, num_kv_heads, D});
+  auto [q_rot, k_rot] = tandem::ops::rotary(q, k, positions, cos, sin);
+  tandem::ops::store_kv(k_rot, v, k_cache, v_cache, slot_mapping);
+  const at::Tensor attn = tandem::ops::decode_attention(q_rot, k_cache, v_cache, block_tables, seq_lens, cu_seqlens,
+                                                        max_seqlen, sm_scale, c10::nullopt, c10::nullopt);
+  const at::Tensor o = quant_linear(attn.reshape({n, q_size}), o_w);  // [N, hidden]
+  auto [h2, res2] = tandem::ops::add_rms_norm(o, res, post_norm, eps);
+  const at::Tensor mlp = quant_linear(tandem::ops::silu_mul(quant_linear(h2, gate_up_w)), down_w);
+  return {mlp, res2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tandem_cpu, m) {
+  m.def(
+      "decoder_layer(Tensor x, Tensor? residual, Tensor input_norm, Tensor post_norm, float eps, Tensor[] qkv_w, "
+      "Tensor[] o_w, Tensor[] gate_up_w, Tensor[] down_w, Tensor positions, Tensor cos, Tensor sin, "
+      "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, "
+      "Tensor cu_seqlens, int max_seqlen, float sm_scale, int num_heads, int num_kv_heads) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) { m.impl("decoder_layer", &decoder_layer); }

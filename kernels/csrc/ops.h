@@ -1,0 +1,28 @@
+// The C++ CPU ops callable from other translation units of the extension (decoder_layer.cpp).
+// Each is the op registered under the same name in tandem_cpu (same checks, same results).
+
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace tandem::ops {
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const at::Tensor& weight, double eps);
+at::Tensor silu_mul(const at::Tensor& gate_up);
+std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                                          const at::Tensor& cos, const at::Tensor& sin);
+void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor k_cache, at::Tensor v_cache,
+              const at::Tensor& slot_mapping);
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens_q,
+                            int64_t max_query_len, double sm_scale, const c10::optional<at::Tensor>& k_scale,
+                            const c10::optional<at::Tensor>& v_scale);
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const at::Tensor& mins);
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales);
+
+}  // namespace tandem::ops
