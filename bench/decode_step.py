@@ -11,6 +11,10 @@ Batch-1 floor = bytes of weights one step reads (``LlamaForCausalLM.weight_bytes
 once, the LM head in full) / copy bandwidth measured in the same run ((read + written) bytes per
 second of a 256 MiB copy, the better of a measurement before and after).
 
+``--alternate-fuse``: one engine per config, its decode steps alternating between one C++ call per
+decoder layer and the per-op path (``fuse_layers``), so both see the same load; prints the two
+medians and their ratio per batch size.
+
 ``--step-thread second``: build each engine on the main thread but step it on a second thread,
 as workers did before they built the engine on their loop thread (engine/worker_base.py): two
 threads that have run OpenMP regions, one team each, more teams' threads than CPUs, so libgomp's
@@ -47,7 +51,10 @@ def engine_for(spec: str, threads: int, max_batch: int) -> EngineCore:
     return engine
 
 
-def decode_steps(engine: EngineCore, batch: int, new_tokens: int, seed: int) -> list[float]:
+def decode_steps(
+    engine: EngineCore, batch: int, new_tokens: int, seed: int, alternate: bool = False
+) -> list[float]:
+    """Times of the full-batch decode steps; ``alternate``: the odd ones without layer fusion."""
     g = torch.Generator().manual_seed(seed)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     for i in range(batch):
@@ -55,6 +62,8 @@ def decode_steps(engine: EngineCore, batch: int, new_tokens: int, seed: int) -> 
                            params)  # fmt: skip
     times = []
     while engine.has_unfinished():
+        if alternate:
+            engine.model.fuse_layers = len(times) % 2 == 0
         batch_ = engine.scheduler.schedule()
         t0 = time.perf_counter()
         out = engine.runner.execute(batch_)
@@ -82,7 +91,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--step-thread", choices=["main", "second"], default="main")
+    ap.add_argument("--alternate-fuse", action="store_true")
     args = ap.parse_args()
+    if args.alternate_fuse:
+        return alternate_fuse(args)
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     print(f"machine: {machine()}; threads {args.threads}, steps on the {args.step_thread} thread; "
@@ -111,6 +123,23 @@ def main() -> None:
         cells = " ".join(f"{steps[b] * 1e3:9.2f} {b / steps[b]:6.0f}" for b in batches)
         print(f"{spec:>18} {str(dtype).removeprefix('torch.'):>9} {nbytes / 1e6:10.1f} "
               f"{floor * 1e3:8.2f} {ratio} {cells}")  # fmt: skip
+
+
+def alternate_fuse(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    print(f"machine: {machine()}; threads {args.threads}; load avg {load_average()}")
+    print(f"{'config':>18} {'batch':>5} {'fused ms':>8} {'per-op ms':>9} {'fused/per-op':>12}")
+    for spec in args.configs.split(","):
+        engine = engine_for(spec, args.threads, max(batches))
+        decode_steps(engine, 2, 4, seed=99)  # warm-up
+        for b in batches:
+            times = decode_steps(engine, b, args.new_tokens, seed=b, alternate=True)
+            fused, per_op = statistics.median(times[0::2]), statistics.median(times[1::2])
+            print(f"{spec:>18} {b:5d} {fused * 1e3:8.2f} {per_op * 1e3:9.2f} "
+                  f"{fused / per_op:12.2f}", flush=True)  # fmt: skip
+        del engine
+    print(f"load avg {load_average()}")
 
 
 if __name__ == "__main__":
