@@ -68,7 +68,8 @@ def main() -> None:
     print(f"machine: {machine()}; threads {args.threads}; load avg {load_average()}")
     print(f"{args.config}, batch {args.batch}, one C++ call per layer: {model.fuse_layers}")
     print(f"  {'engine.step':36s} {statistics.median(steps[1:]) * 1e3:7.2f} ms")
-    for label, times in parts.items():  # the prefill step is one of many; medians skip it
+    # each list holds one prefill among the decode steps: the median is not moved by it
+    for label, times in parts.items():
         print(f"  {label:36s} {statistics.median(times) * 1e3:7.2f} ms")
 
 

@@ -5,8 +5,8 @@
 // attention, SiLU-mul) plus the views between them, each paying Python and dispatcher overhead.
 // Here the same ops (ops.h: the very functions registered as tandem_cpu::*) run back to back in
 // C++, in the order engine/model.py runs them, on the same intermediate tensors: the result is
-// bit-identical to the per-op path (tests/kernels/test_decoder_layer.py checks it), only the
-// calls between them are gone.
+// bit-identical to the per-op path (tests/model/test_quantization.py::
+// test_one_call_decoder_layers_equal_the_per_op_path checks it), only the calls between them are gone.
 //
 // Scope (engine/model.py decides): CPU, float32 / bfloat16 activations, every linear int4 or int8
 // (weights as their QuantizedWeight.tensors(): 3 tensors int4, 2 int8), a cache of the model

@@ -117,19 +117,23 @@ class Peer:
             self.kill()
 
 
+def drain(sender: Any, count: int, timeout: float = 30.0) -> list:
+    """Poll ``sender`` (a KVSender) until ``count`` events have come."""
+    events: list = []
+    deadline = time.monotonic() + timeout
+    while len(events) < count:
+        assert time.monotonic() < deadline, f"only {len(events)} of {count} events"
+        events += sender.poll()
+        time.sleep(0.0005)
+    return events
+
+
 def close_after_peer_deaths(backend: str, cycles: int) -> None:
     """Run in a child process (an abort must fail a test, not kill pytest): ``cycles`` times,
     land a transfer on a fresh peer, kill the peer, send once more, and close the sender as soon
     as that transfer has failed: a prefill worker shutting down just after its decode peer died."""
     from kvtransfer import KVTransferConfig, make_sender
-    from kvtransfer.protocol import TransferSpec
-
-    def next_event(sender: Any) -> Any:
-        deadline = time.monotonic() + 30
-        while not (events := sender.poll()):
-            assert time.monotonic() < deadline, "a transfer neither finished nor failed"
-            time.sleep(0.0005)
-        return events[0]
+    from kvtransfer.protocol import TransferDone, TransferFailed, TransferSpec
 
     shape = CacheShape()
     for _ in range(cycles):
@@ -139,10 +143,10 @@ def close_after_peer_deaths(backend: str, cycles: int) -> None:
         try:
             peer = sender.connect(peer_proc.address)
             sender.send(TransferSpec("alive", (1, 2), (3, 4)), peer)
-            assert type(next_event(sender)).__name__ == "TransferDone"
+            assert isinstance(drain(sender, 1)[0], TransferDone)
             peer_proc.kill()
             sender.send(TransferSpec("orphan", tuple(range(40)), tuple(range(40))), peer)
-            assert type(next_event(sender)).__name__ == "TransferFailed"
+            assert isinstance(drain(sender, 1)[0], TransferFailed)
         finally:
             sender.close()
             peer_proc.stop()

@@ -12,13 +12,12 @@ import time
 import pytest
 import torch
 import zmq
-from kv_peer import SPAWN, CacheShape, Peer, block_bytes, close_after_peer_deaths
+from kv_peer import SPAWN, CacheShape, Peer, block_bytes, close_after_peer_deaths, drain
 
 from kernels import quantize_fp8
 from kvtransfer import KVTransferConfig, make_sender
 from kvtransfer.layout import split_layers
 from kvtransfer.protocol import TransferDone, TransferFailed, TransferSpec, encode
-from kvtransfer.sender import KVSender
 
 
 def random_cache(shape: CacheShape, seed: int):
@@ -29,16 +28,6 @@ def random_cache(shape: CacheShape, seed: int):
     x[:, :, :, 0] *= 20.0
     cache.data.copy_(x.to(cache.data.dtype))
     return cache
-
-
-def drain(sender: KVSender, count: int, timeout: float = 30.0) -> list:
-    events: list = []
-    deadline = time.monotonic() + timeout
-    while len(events) < count:
-        assert time.monotonic() < deadline, f"only {len(events)} of {count} events"
-        events += sender.poll()
-        time.sleep(0.0005)
-    return events
 
 
 def test_blocks_land_byte_identical_with_several_in_flight(bf16_peer: Peer, backend: str):
