@@ -3,8 +3,9 @@
     python -m bench.decode_step                                   # the default configs, 1/16/64
     python -m bench.decode_step --configs float32:none,auto:int4+dense --batches 1
 
-Each config is ``dtype:quantization`` (``+dense``: ``keep_dense_weights``; ``+perop``: no
-one-call decoder layers, ``LlamaForCausalLM.fuse_layers = False``). For each batch size B
+Each config is ``dtype:quantization`` (``+dense``: ``keep_dense_weights``; ``+a8``:
+``quantize_activations``; ``+perop``: no one-call decoder layers,
+``LlamaForCausalLM.fuse_layers = False``). For each batch size B
 the engine decodes B requests together (random 40-token prompts, 128 new tokens, ignore_eos,
 greedy) and the median decode step is reported, with the tokens/s it implies (B / step).
 Batch-1 floor = bytes of weights one step reads (``LlamaForCausalLM.weight_bytes``: every linear
@@ -44,8 +45,8 @@ def engine_for(spec: str, threads: int, max_batch: int) -> EngineCore:
     dtype, quant = spec.split(":")
     quant, *flags = quant.split("+")
     config = EngineConfig(dtype=dtype, quantization=quant, keep_dense_weights="dense" in flags,
-                          num_blocks=max_batch * 12 + 16, max_num_seqs=max_batch,
-                          num_threads=threads)  # fmt: skip
+                          quantize_activations="a8" in flags, num_blocks=max_batch * 12 + 16,
+                          max_num_seqs=max_batch, num_threads=threads)  # fmt: skip
     engine = EngineCore(config)
     engine.model.fuse_layers = "perop" not in flags
     return engine

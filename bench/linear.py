@@ -19,6 +19,9 @@ down; so they stream from DRAM as in a real step, not from cache), and separatel
     int4-bf16    ours, int4 with bfloat16 activations
     int4-deq-*   int4 dequantized for the call (C++) to float32 / bfloat16, then ``F.linear``:
                  what a large step costs without a dense copy (``keep_dense_weights: false``)
+    int4-a8      ours with int8 activations (kernels/csrc/quant_linear_a8.cpp, the weight
+                 repacked; ``quantize_activations``), bfloat16 activations in
+    int8-g32-a8  the same for int8 group 32
 
 It also prints the weight bytes each format reads per model-worth and the copy bandwidth
 measured in the same run: "floor" = bytes / bandwidth, the batch-1 bound.
@@ -105,6 +108,11 @@ def prepare(fmt: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.T
         if fmt == "int4":
             return (lambda x: ops.int4_linear(x, q, d, m)), q.numel() + 4 * d.numel()
         return (lambda x: ops.int4_linear(x.bfloat16(), q, d, m)), q.numel() + 4 * d.numel()
+    if fmt in ("int4-a8", "int8-g32-a8"):
+        w_q = qr.quantize_int4(w) if fmt == "int4-a8" else qr.quantize_int8(w, 32)
+        packed, dm = cpu_ext.pack_a8(fmt[:4], w_q)
+        return (lambda x: ops.linear_a8(x.bfloat16(), packed, dm)
+                ), packed.numel() + dm.numel() * 2  # fmt: skip
     if fmt in ("int4-deq-f32", "int4-deq-bf16"):  # large steps without a dense copy
         q, d, m = qr.quantize_int4(w)
         dt = torch.float32 if fmt == "int4-deq-f32" else torch.bfloat16
@@ -115,7 +123,7 @@ def prepare(fmt: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.T
 
 FORMATS = (
     "f32-mkl f32-split bf16-onednn int8-torch int4-torch int4-torch-f32 int8 int8-g32 int4"
-    " int4-bf16 int4-deq-f32 int4-deq-bf16".split()
+    " int4-bf16 int4-a8 int8-g32-a8 int4-deq-f32 int4-deq-bf16".split()
 )
 
 

@@ -5,10 +5,11 @@ held-out perplexity, per dtype / weight quantization, in one run.
     python -m bench.quant_quality --configs float32:int4 --new-tokens 32 --prompts 8
     python -m bench.quant_quality --llama-url http://127.0.0.1:8080   # + a llama.cpp server
 
-A config is ``dtype:quantization``; with ``@hf`` the model is first exported as a float32 HF
-directory (the GGUF dequantized), so int4 / int8 come from our quantizer on float weights instead
-of the GGUF's own blocks (``int4`` on the GGUF keeps its Q4_1 blocks: the float32 model's very
-weights). Batches of at most ``--batch`` (8) sequences, so decode steps take the quantized kernels.
+A config is ``dtype:quantization`` (``+a8``: ``quantize_activations``); with ``@hf`` the model
+is first exported as a float32 HF directory (the GGUF dequantized), so int4 / int8 come from our
+quantizer on float weights instead of the GGUF's own blocks (``int4`` on the GGUF keeps its Q4_1
+blocks: the float32 model's very weights). Batches of at most ``--batch`` (8) sequences, so
+decode steps take the quantized kernels.
 
 Workload: the 32 chat prompts of ``bench/chat_prompts.py`` (chat-templated), greedy, N new tokens
 each (ignore_eos), one batch per config; perplexity of ``tests/model/data/heldout.txt`` (an
@@ -18,6 +19,10 @@ original ~450-word text: prompt logprobs of every token after the first). Agains
     common prefix   leading equal generated ids, averaged over prompts
     |dlogprob|      |logprob - logprob_float32| of the chosen token at every common-prefix
                     position (both runs decoded it from the same context), pooled
+
+``--ppl-chunk 8``: the held-out text is prefilled 8 tokens per step, so that its logprobs come
+from the kernels of small steps (the quantized ones, with int8 activations for ``+a8``), as
+decoded tokens' do; by default one prefill, which takes the dense path above 8 rows.
 
 ``--llama-url``: the same prompts through a llama.cpp server's ``/completion`` (token-id prompts,
 greedy, ``n_probs`` for the chosen tokens' logprobs; its perplexity is not measured here).
@@ -119,13 +124,17 @@ def perplexity(runner: Runner, token_ids: list[int]) -> float:
 
 
 def make_runner(spec: str, tokenizer: Tokenizer, threads: int | None, batch: int,
-                hf_dir: Path | None = None) -> Runner:  # fmt: skip
-    """``dtype:quantization[@hf]``, e.g. ``float32:none``, ``auto:int4`` or ``float32:int4@hf``."""
+                hf_dir: Path | None = None, chunk: int = 512) -> Runner:  # fmt: skip
+    """``dtype:quantization[+a8][@hf]``, e.g. ``float32:none``, ``auto:int4+a8`` or
+    ``float32:int4@hf``; ``chunk``: the prefill chunk (and step token budget)."""
     spec, _, where = spec.partition("@")
     dtype, quant = spec.split(":")
+    quant, *flags = quant.split("+")
     source = str(hf_dir) if where == "hf" else MODEL
     return Runner(EngineConfig(model=source, dtype=dtype, quantization=quant, num_blocks=512,
-                               max_num_seqs=batch, num_threads=threads), tokenizer)  # fmt: skip
+                               max_num_seqs=batch, num_threads=threads, chunk_size=chunk,
+                               max_num_batched_tokens=max(chunk, batch),
+                               quantize_activations="a8" in flags), tokenizer)  # fmt: skip
 
 
 def llama_greedy(url: str, prompts: list[list[int]], new_tokens: int):
@@ -154,6 +163,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--llama-url", default=None)
+    ap.add_argument("--ppl-chunk", type=int, default=512, help="prefill chunk for perplexity")
     args = ap.parse_args()
     tokenizer = Tokenizer(load_tokenizer_files(MODEL))
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}])
@@ -165,11 +175,15 @@ def main() -> None:
             hf_dir = save_truncated_draft(Path(tmp) / "smollm2-f32", 30)  # all 30 layers
         runner = make_runner("float32:none", tokenizer, args.threads, args.batch)
         ref = greedy(runner, prompts, args.new_tokens)
-        rows = [("float32:none", None, perplexity(runner, text_ids))]
+        ppl_runner = make_runner("float32:none", tokenizer, args.threads, args.batch,
+                                 chunk=args.ppl_chunk)  # fmt: skip
+        rows = [("float32:none", None, perplexity(ppl_runner, text_ids))]
         for spec in args.configs.split(","):
             runner = make_runner(spec, tokenizer, args.threads, args.batch, hf_dir)
+            ppl_runner = make_runner(spec, tokenizer, args.threads, args.batch, hf_dir,
+                                     chunk=args.ppl_chunk)  # fmt: skip
             rows.append((spec, compare(*ref, *greedy(runner, prompts, args.new_tokens)),
-                         perplexity(runner, text_ids)))  # fmt: skip
+                         perplexity(ppl_runner, text_ids)))  # fmt: skip
             print(f"  {spec} done", flush=True)
     if args.llama_url:
         rows.append(("llama.cpp", compare(*ref, *llama_greedy(args.llama_url, prompts,

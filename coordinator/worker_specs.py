@@ -37,6 +37,7 @@ def engine_fields(config: TandemConfig, pool: PoolSection) -> dict:
         "dtype": config.model.dtype,
         "quantization": config.model.quantization,
         "keep_dense_weights": config.model.keep_dense_weights,
+        "quantize_activations": config.model.quantize_activations,
         "max_model_len": config.model.max_model_len,
         "device": "cuda" if on_gpu else "cpu",
         "block_size": kv.block_size,

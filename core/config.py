@@ -3,7 +3,8 @@
 Layout of a file (every key but ``model.name`` and ``pools`` has a default)::
 
     mode: disaggregated            # or colocated
-    model: {name, source, dtype, quantization, max_model_len}
+    model: {name, source, dtype, quantization, keep_dense_weights, quantize_activations,
+            max_model_len}
     pools:
       prefill:  {replicas, resources, scheduler, kv_cache}               # disaggregated only
       decode:   {replicas, resources, scheduler, kv_cache, speculative}  # disaggregated only
@@ -76,12 +77,26 @@ class ModelSection(_Section):
     # with quantization: also keep each weight dense (model dtype) for steps of more than 8 rows
     # (prefill chunks, large decode batches), where dense kernels win; costs the dense memory
     keep_dense_weights: bool = False
+    # with quantization, on CPU: steps of at most 8 rows round each quantized linear's input to
+    # int8 (blocks of 32) and take integer dot products, as llama.cpp does
+    # (kernels/csrc/quant_linear_a8.cpp): faster, and the outputs move (docs/benchmarks.md)
+    quantize_activations: bool = False
     max_model_len: PositiveInt = 2048
 
     @field_validator("source")
     @classmethod
     def _known_builtin(cls, source: str) -> str:
         return check_model_source(source)
+
+    @model_validator(mode="after")
+    def _activations_need_int4(self) -> ModelSection:
+        check_quantize_activations(self.quantize_activations, self.quantization)
+        return self
+
+
+def check_quantize_activations(quantize_activations: bool, quantization: str) -> None:
+    if quantize_activations and quantization == "none":
+        raise ValueError("quantize_activations: true needs quantization: int4 or int8 (got 'none')")
 
 
 def check_model_source(source: str) -> str:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from core.config import check_quantize_activations
 from engine.kv_cache import KV_DTYPES
 from engine.quantized_weight import QUANTIZATIONS
 
@@ -74,6 +75,7 @@ class EngineConfig:
     dtype: str = "float32"  # or auto (see auto_dtype), bfloat16, float16
     quantization: str = "none"  # none | int8 | int4: weight-only (engine/quantized_weight.py)
     keep_dense_weights: bool = False  # quantized: also a dense copy for large steps (linear.py)
+    quantize_activations: bool = False  # int8 activations for small quantized CPU steps (linear.py)
     max_model_len: int = 2048
     device: str = "auto"  # "auto": cuda if available, else cpu
     block_size: int = 16
@@ -100,6 +102,7 @@ class EngineConfig:
             raise ValueError(
                 f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}"
             )
+        check_quantize_activations(self.quantize_activations, self.quantization)
         if self.kv_cache_dtype not in ("auto", "fp8_e4m3"):
             raise ValueError(
                 f"kv_cache_dtype must be 'auto' or 'fp8_e4m3', got {self.kv_cache_dtype!r}"

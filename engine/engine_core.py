@@ -53,7 +53,9 @@ def build_model(
     model = model.to_empty(device=device).to(config.torch_dtype)
     model.rope.__init__(model_config, config.max_model_len)  # buffers were left on meta
     model.rope.to(device)
-    model.load_weights(weights, config.quantization, config.keep_dense_weights)
+    model.load_weights(
+        weights, config.quantization, config.keep_dense_weights, config.quantize_activations
+    )
     return model_config, model.eval()
 
 

@@ -4,8 +4,9 @@ Token-major and batch-free: every forward takes the packed tokens of all schedul
 ``input_ids [N]`` and ``positions [N]``, plus an ``AttentionMetadata`` that says where each token's
 K/V goes in the cache and what it attends to. Attention, norms and RoPE go through ``kernels``, so
 CPU tensors run the C++ kernels (or the torch references) and CUDA tensors the Triton ones. On CPU,
-a decode step of at most ``QUANT_MAX_ROWS`` rows through int4 / int8 layers runs each layer in one
-C++ call (``tandem_cpu::decoder_layer``: the same ops in the same order, so the same bits), not ~10.
+a decode step small enough for the quantized kernels (``Linear.max_quant_rows``: 8 rows, 16 with
+int8 activations) through int4 / int8 layers runs each layer in one C++ call
+(``tandem_cpu::decoder_layer``: the same ops in the same order, so the same bits), not ~10.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 import kernels
 from engine.attention_metadata import AttentionMetadata
 from engine.kv_cache import KVCache
-from engine.linear import QUANT_MAX_ROWS, Linear
+from engine.linear import Linear
 from engine.model_config import ModelConfig, RopeScaling
 from engine.quantized_weight import QuantizedWeight
 
@@ -216,11 +217,12 @@ class LlamaForCausalLM(nn.Module):
         tied = cfg.tie_word_embeddings
         self.lm_head = self.embed_tokens.table if tied else Linear(cfg.hidden_size, cfg.vocab_size)
         self.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings)
-        # a decode step of at most QUANT_MAX_ROWS rows runs each layer in one C++ call when the
+        # a decode step of at most max_quant_rows rows runs each layer in one C++ call when the
         # model allows it (bind_kernels, _fuses); False: always the per-op path (benchmarks)
         self.fuse_layers = True
         self._fused_op: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
         self._fused_args: list[tuple] = []
+        self.quantize_activations = False  # quantized CPU linears: int8 activations (load_weights)
 
     def forward(
         self,
@@ -256,9 +258,11 @@ class LlamaForCausalLM(nn.Module):
 
     def _fuses(self, rows: int, md: AttentionMetadata, kv_cache: KVCache) -> bool:
         """Whether this step runs its layers through ``tandem_cpu::decoder_layer``: a decode step
-        of at most QUANT_MAX_ROWS rows (every linear then takes its quantized kernel, as the
-        per-op path would) over a cache of the model dtype without FP8 scales."""
-        if self._fused_op is None or not self.fuse_layers or md.is_prefill or rows > QUANT_MAX_ROWS:
+        of at most ``Linear.max_quant_rows`` rows (every linear then takes its quantized kernel,
+        as the per-op path would) over a cache of the model dtype without FP8 scales."""
+        if self._fused_op is None or not self.fuse_layers or md.is_prefill:
+            return False
+        if rows > self.layers[0].self_attn.qkv_proj.max_quant_rows:
             return False
         return kv_cache.scales is None and kv_cache.data.dtype == self.norm.weight.dtype
 
@@ -277,7 +281,11 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def load_weights(
-        self, weights: dict[str, Weight], quantization: str = "none", keep_dense: bool = False
+        self,
+        weights: dict[str, Weight],
+        quantization: str = "none",
+        keep_dense: bool = False,
+        quantize_activations: bool = False,
     ) -> None:
         """Copy HF-named weights in, fusing q/k/v and gate/up. Every parameter must be covered.
 
@@ -286,8 +294,10 @@ class LlamaForCausalLM(nn.Module):
         matrix and the most sensitive); weights already quantized by the loader stay as they are.
         A tied embedding shares the head's table; an untied one stays dense (a lookup reads only
         the tokens' rows). ``keep_dense``: quantized linears also keep a dense copy for large
-        steps (engine/linear.py)."""
+        steps (engine/linear.py). ``quantize_activations``: the quantized linears (the LM head
+        too) on CPU take int8 activations for small steps (``Linear.bind``)."""
         cfg = self.config
+        self.quantize_activations = quantize_activations
         w = dict(weights)
         head_q = "none" if quantization == "none" else "int8"
 
@@ -331,19 +341,23 @@ class LlamaForCausalLM(nn.Module):
         (``kernels.bind``), instead of dispatching and checking inputs on every call."""
         device_type, dtype = self.norm.weight.device.type, self.norm.weight.dtype
         for module in self.modules():
-            if module is not self and hasattr(module, "bind"):
+            if isinstance(module, Linear):
+                module.bind(device_type, dtype, self.quantize_activations)
+            elif module is not self and hasattr(module, "bind"):
                 module.bind(device_type, dtype)
         self._fused_op, self._fused_args = None, []
         linears = [(a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
                    for a, m in ((ly.self_attn, ly.mlp) for ly in self.layers)]  # fmt: skip
         if device_type != "cpu" or any(w.quantized is None for ws in linears for w in ws):
             return  # the op covers quantized CPU layers (dense ones: oneDNN / MKL per op)
+        if any(w.a8 != self.quantize_activations for ws in linears for w in ws):
+            return  # int8 activations without the C++ kernel (its reference runs per op)
         from kernels import cpu_ext
 
         self._fused_op = cpu_ext.direct("decoder_layer", dtype)  # None: no extension / dtype
         self._fused_args = [
             (ly.input_layernorm.weight, ly.post_attention_layernorm.weight, ly.input_layernorm.eps,
-             *([*w.quantized.tensors()] for w in ws))
+             *([*w.kernel_tensors] for w in ws))
             for ly, ws in zip(self.layers, linears, strict=True)
         ]  # fmt: skip
 

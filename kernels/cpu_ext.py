@@ -1,6 +1,7 @@
 """C++ CPU kernels (JIT-built torch extension): paged decode attention, the KV store, fused
-RMSNorm(+residual) / SiLU-mul / RoPE, weight-only int4 / int8 linears, and one whole decoder layer
-of a small quantized decode step built from them (each file in csrc/ says why it exists).
+RMSNorm(+residual) / SiLU-mul / RoPE, weight-only int4 / int8 linears, int4 linears with int8
+activations, and one whole decoder layer of a small quantized decode step built from them (each
+file in csrc/ says why it exists).
 
 Why: on CPU, ``kernels.reference.decode_attention`` gathers the paged KV cache into a padded float32
 copy (``index_select``) and calls SDPA once per layer. The copy is most of its cost at large batch
@@ -54,11 +55,9 @@ def _cpu_tag() -> str:
 
 
 EXT_NAME = f"tandem_cpu_kernels_{_cpu_tag()}"
-SOURCES = [
-    Path(__file__).resolve().parent / "csrc" / name
-    for name in ("paged_decode.cpp", "store_kv.cpp", "fused.cpp", "quant_linear.cpp",
-                 "decoder_layer.cpp")
-]
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("paged_decode.cpp", "store_kv.cpp", "fused.cpp", "quant_linear.cpp",
+           "quant_linear_a8.cpp", "decoder_layer.cpp")  # fmt: skip
 # -ffp-contract=off: a * b + c stays two roundings, as in torch's separate ops (RoPE then equals
 # the reference bit for bit); the hot loops that want FMA spell it with intrinsics.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
@@ -80,6 +79,30 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _stable_sources() -> list[Path]:
+    """csrc/ copied into one fixed directory beside the builds, and the paths of the copies.
+
+    Why: torch's loader runs ninja in every new process, and ninja rebuilds each object whose
+    command line changed; the command names the source path, so every checkout or Ray job
+    working-dir copy of the repo (a new path each time) recompiled all of it, and the next run
+    from the old path did again: ~41 s each on 2 cores, against ~1.5 s to load a built one. A copy
+    is rewritten only when its content changed, so its mtime tells ninja what to rebuild."""
+    from torch.utils import cpp_extension  # imports setuptools: only when building
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    dst = Path(root) / f"{EXT_NAME}_src"
+    dst.mkdir(parents=True, exist_ok=True)
+    for src in sorted(CSRC.iterdir()):
+        if src.suffix not in (".cpp", ".h"):
+            continue
+        data, target = src.read_bytes(), dst / src.name
+        if not target.exists() or target.read_bytes() != data:
+            tmp = dst / f".{src.name}.{os.getpid()}.tmp"  # another process may be compiling
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+    return [dst / name for name in SOURCES]
+
+
 def load_ops():
     """The compiled ops, ``torch.ops.tandem_cpu`` (building them on the first call), or None if
     the build failed."""
@@ -94,7 +117,7 @@ def load_ops():
                 _put_ninja_on_path()
                 load(
                     name=EXT_NAME,
-                    sources=[str(s) for s in SOURCES],
+                    sources=[str(s) for s in _stable_sources()],
                     extra_cflags=CFLAGS,
                     extra_ldflags=["-fopenmp"],
                     is_python_module=False,
@@ -285,6 +308,17 @@ def int8_dequantize(qweight: Tensor, scales: Tensor, dtype: torch.dtype) -> Tens
     return ops.int8_dequantize(qweight, scales, dtype)
 
 
+def pack_a8(fmt: str, tensors: tuple[Tensor, ...]) -> tuple[Tensor, Tensor] | None:
+    """A quantized weight (``QuantizedWeight.tensors()`` of format ``fmt``, int4 or int8) repacked
+    for ``linear_a8`` (csrc/quant_linear_a8.cpp: 16 output rows interleaved per block of 32
+    inputs), or None: no extension, N not a multiple of 16, or an int8 group not of 32s."""
+    qweight, scales = tensors[0], tensors[1]
+    n, k = qweight.shape[0], qweight.shape[1] * (2 if fmt == "int4" else 1)
+    fits = n % 16 == 0 and (k // scales.shape[1]) % 32 == 0
+    ops = load_ops() if qweight.device.type == "cpu" and fits else None
+    return None if ops is None else getattr(ops, f"{fmt}_pack_a8")(*tensors)
+
+
 # Activation dtypes each op takes without a check or a conversion (see ``direct``).
 DIRECT_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "rms_norm": _FUSED_DTYPES,
@@ -293,6 +327,7 @@ DIRECT_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "rotary": _FUSED_DTYPES,
     "int4_linear": _FUSED_DTYPES,
     "int8_linear": _FUSED_DTYPES,
+    "linear_a8": _FUSED_DTYPES,  # on pack_a8's weights: int8 activations
     "decode_attention": Q_DTYPES,
     "store_kv": Q_DTYPES,  # cache dtype == key dtype (no FP8: quantized on store by the reference)
     "decoder_layer": _FUSED_DTYPES,  # a whole layer of a small quantized decode step (model.py)

@@ -15,7 +15,9 @@ weights of a layer concatenate along rows without requantizing):
 
 Activations stay in the model's dtype (float32 or bfloat16) and products are accumulated in
 float32: only the weights are quantized. So an ``int4`` model loaded from a Q4_1 GGUF computes
-with exactly the weights a float32 model dequantizes from that file.
+with exactly the weights a float32 model dequantizes from that file. The exception, on request
+(``model.quantize_activations``): ``int4_linear_a8`` / ``int8_linear_a8`` round the activations
+to int8 too (below).
 """
 
 from __future__ import annotations
@@ -84,3 +86,53 @@ def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     """x [M, K] @ dequantize_int8(...)^T -> [M, N] in x's dtype (float32 math)."""
     w = dequantize_int8(qweight, scales).to(x.device)
     return (x.float() @ w.t()).to(x.dtype)
+
+
+# ---- int8 activations (model.quantize_activations): llama.cpp's Q8 dot products ----
+#
+# Each row of x is quantized in blocks of 32 (the int4 group) before the product: dx = amax / 127,
+# xq = round-half-even(x * (1 / dx)) in -127..127 (0 where amax == 0). Block u's integer dot with
+# the weights' integers is exact; it is then scaled by d * dx (int4: plus m * dx * sum(xq)).
+
+
+def quantize_activations_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [M, K] (K % 32 == 0) -> (xq int8 [M, K], dx float32 [M, K / 32])."""
+    m, k = x.shape
+    g = x.float().reshape(m, k // INT4_GROUP, INT4_GROUP)
+    d = g.abs().amax(-1) / 127
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = (g * inv[..., None]).round().to(torch.int8)
+    return q.reshape(m, k), d
+
+
+def _block_dots(xq: Tensor, wq: Tensor) -> Tensor:
+    """xq [M, K], wq [N, K] integers -> exact per-block dot products [M, N, K / 32] (float64)."""
+    m, k = xq.shape
+    n = wq.shape[0]
+    xb = xq.double().reshape(m, 1, k // INT4_GROUP, INT4_GROUP)
+    wb = wq.double().reshape(1, n, k // INT4_GROUP, INT4_GROUP)
+    return (xb * wb).sum(-1)
+
+
+def int4_linear_a8(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
+    """x [M, K] @ W^T with x quantized by ``quantize_activations_int8`` (float64 math)."""
+    xq, dx = quantize_activations_int8(x)
+    n, groups = scales.shape
+    b = qweight.reshape(n, groups, 16)
+    wq = torch.cat([b & 0x0F, b >> 4], dim=-1).reshape(n, groups * INT4_GROUP)  # [N, K], 0..15
+    dots = _block_dots(xq, wq.to(xq.device))  # [M, N, G]
+    sums = xq.double().reshape(xq.shape[0], 1, groups, INT4_GROUP).sum(-1)  # [M, 1, G]
+    dx = dx.double()[:, None, :]
+    y = scales.double() * dx * dots + mins.double() * dx * sums
+    return y.sum(-1).to(x.dtype)
+
+
+
+def int8_linear_a8(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    """x [M, K] @ dequantize_int8(...)^T with x quantized by ``quantize_activations_int8``
+    (float64 math; the group size a multiple of 32)."""
+    xq, dx = quantize_activations_int8(x)
+    k = qweight.shape[1]
+    d = scales.repeat_interleave(k // scales.shape[1] // INT4_GROUP, dim=1)  # [N, K / 32]
+    dots = _block_dots(xq, qweight.to(xq.device))  # [M, N, K / 32]
+    return (d.double() * dx.double()[:, None, :] * dots).sum(-1).to(x.dtype)

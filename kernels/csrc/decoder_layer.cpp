@@ -9,7 +9,7 @@
 // test_one_call_decoder_layers_equal_the_per_op_path checks it), only the calls between them are gone.
 //
 // Scope (engine/model.py decides): CPU, float32 / bfloat16 activations, every linear int4 or int8
-// (weights as their QuantizedWeight.tensors(): 3 tensors int4, 2 int8), a cache of the model
+// (weights as their Linear.kernel_tensors: 3 tensors int4, 2 int8 or repacked), a cache of the model
 // dtype without FP8 scales, a decode step (no prefill), at most engine.linear.QUANT_MAX_ROWS rows.
 
 #include <ATen/ATen.h>
@@ -21,10 +21,12 @@
 
 namespace {
 
-// x [M, K] @ W^T with W quantized: (qweight, scales, mins) int4 or (qweight, scales) int8
+// x [M, K] @ W^T with W quantized: (qweight, scales, mins) int4, (qweight, scales) int8, or
+// (packed, dm) int4 / int8 repacked for int8 activations (Linear.kernel_tensors: uint8 marks it)
 at::Tensor quant_linear(const at::Tensor& x, at::TensorList w) {
   if (w.size() == 3) return tandem::ops::int4_linear(x, w[0], w[1], w[2]);
-  TORCH_CHECK(w.size() == 2, "a quantized weight is 3 tensors (int4) or 2 (int8)");
+  TORCH_CHECK(w.size() == 2, "a quantized weight is 3 tensors (int4), 2 (int8 or a *_pack_a8's)");
+  if (w[0].scalar_type() == at::kByte) return tandem::ops::linear_a8(x, w[0], w[1]);
   return tandem::ops::int8_linear(x, w[0], w[1]);
 }
 

@@ -109,14 +109,14 @@ def test_quantized_model_computes_with_its_dequantized_weights(quantization, tin
 
 @pytest.mark.parametrize("speculative", [None, {"method": "ngram", "num_speculative_tokens": 3}])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("quantization", ["int8", "int4", "int4+a8"])
 def test_one_call_decoder_layers_equal_the_per_op_path(quantization, dtype, speculative,
                                                        tiny_llama_dir):  # fmt: skip
     """``tandem_cpu::decoder_layer`` (kernels/csrc/decoder_layer.cpp) runs a small decode step's
     layers each in one C++ call: the same tokens and bit for bit the same logprobs as the per-op
     path, and it did run, for every layer of every decode step (with n-gram speculation: also
     verification steps of several rows per sequence)."""
-    runs, rows, num_layers = {}, {}, []
+    runs, rows, num_layers, limit = {}, {}, [], []
     for fuse in (True, False):
         calls: list[int] = []
 
@@ -131,16 +131,40 @@ def test_one_call_decoder_layers_equal_the_per_op_path(quantization, dtype, spec
 
             model._fused_op, model.fuse_layers = counted, fuse
             num_layers.append(len(model.layers))
+            limit.append(model.layers[0].mlp.down_proj.max_quant_rows)  # 8, 16 with int8 inputs
 
         extra = {} if speculative is None else {"speculative": speculative}
-        runs[fuse] = run_tiny(tiny_llama_dir, count_calls, dtype=dtype,
-                              quantization=quantization, **extra)  # fmt: skip
+        quant, _, a8 = quantization.partition("+")
+        runs[fuse] = run_tiny(tiny_llama_dir, count_calls, dtype=dtype, quantization=quant,
+                              quantize_activations=a8 == "a8", **extra)  # fmt: skip
         rows[fuse] = calls
     assert runs[True] == runs[False]  # tokens, logprobs and prompt logprobs: exactly equal
     assert rows[False] == [] and len(rows[True]) > 0
-    assert len(rows[True]) % num_layers[0] == 0 and max(rows[True]) <= 8
+    assert len(rows[True]) % num_layers[0] == 0 and max(rows[True]) <= limit[0]
     if speculative is not None:
         assert max(rows[True]) > 3  # a verification step: more rows than the 3 sequences
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_activations_move_only_small_steps_and_little(dtype, tiny_llama_dir):
+    """``quantize_activations``: calls of at most 16 rows take ``linear_a8`` on the repacked
+    weights (not its reference): the decode steps of the 3 sequences, and the LM head on the
+    5-token prompt's 4 prompt-logprob rows. The prefill's layers (64 rows) and the head on the
+    other prompts' 18 and 39 rows stay on the dense copy, bit for bit. What moves, moves by about
+    the activations' rounding."""
+    layers: list = []
+    config = {"dtype": dtype, "quantization": "int4", "keep_dense_weights": True}
+    tokens, lps, prompt = run_tiny(tiny_llama_dir, **config)
+    tokens8, lps8, prompt8 = run_tiny(tiny_llama_dir, lambda e: layers.append(e.model.layers),
+                                      quantize_activations=True, **config)  # fmt: skip
+    proj = layers[0][0].self_attn.qkv_proj
+    assert proj.kernel_tensors[0].dim() == 5 and "linear_a8" in str(proj._quant_kernel)
+    assert prompt8[4:] == prompt[4:]
+    diffs = [abs(a - b) for a, b in zip(prompt8[:4], prompt[:4], strict=True)]
+    for t8, t, lp8, lp in zip(tokens8, tokens, lps8, lps, strict=True):
+        same = next((i for i, (a, b) in enumerate(zip(t8, t, strict=True)) if a != b), len(t))
+        diffs += [abs(a - b) for a, b in zip(lp8[:same], lp[:same], strict=True)]
+    assert len(diffs) >= 16 and 0 < max(diffs) < 0.02, diffs  # measured: 40, max 0.0028
 
 
 def test_bfloat16_model_stays_close_to_float32(tiny_llama_dir):
@@ -163,13 +187,16 @@ def test_auto_dtype_follows_the_cpu(monkeypatch):
     assert (auto_dtype(cpu) == torch.bfloat16) == (native or engine_config.cpu_has_fast_bf16())
     with pytest.raises(ValueError, match="quantization must be one of"):
         EngineConfig(quantization="int3")
+    with pytest.raises(ValueError, match="quantize_activations: true needs quantization: int4"):
+        EngineConfig(quantization="none", quantize_activations=True)
 
 
 # The real model, against float32: 8 chat prompts x 32 greedy tokens and the held-out text, in
 # batches of 8 (decode steps on the quantized kernels). Measured with the same sizes (``python -m
 # bench.quant_quality --prompts 8 --new-tokens 32 --configs float32:int4,float32:int8``):
 # int4 8/8 identical, mean and max |dlp| < 5e-5, perplexity 27.463 both; int8 4/8 identical,
-# mean common prefix 22.0 / 32, mean |dlp| 0.030 (max 0.217), perplexity 27.656 (+0.7 %).
+# mean common prefix 22.0 / 32, mean |dlp| 0.030 (max 0.217), perplexity 27.656 (+0.7 %); and
+# int4 with int8 activations below.
 @pytest.mark.slow
 def test_real_model_quality_bounded():
     tokenizer = Tokenizer(load_tokenizer_files(MODEL))
@@ -188,3 +215,12 @@ def test_real_model_quality_bounded():
     a = compare(*ref, *greedy(runner, prompts, 32))
     assert a.num_identical >= 2 and a.mean_common_prefix >= 14 and a.mean_abs_dlogprob < 0.06, a
     assert 0 < a.max_abs_dlogprob and abs(perplexity(runner, text) / ppl_ref - 1) < 0.02
+    # int4 with int8 activations (quantize_activations, llama.cpp's arithmetic); measured (``...
+    # --configs float32:int4+a8 --ppl-chunk 8``): 4/8 identical, mean common prefix 19.5 / 32,
+    # mean |dlp| 0.024 (max 0.18), perplexity 27.594 (+0.5 %) with the held-out text prefilled 8
+    # tokens per step, so that its logprobs come from the int8-activation kernels too
+    runner = make_runner("float32:int4+a8", tokenizer, 2, 8)
+    a = compare(*ref, *greedy(runner, prompts, 32))
+    assert a.num_identical >= 2 and a.mean_common_prefix >= 12 and a.mean_abs_dlogprob < 0.05, a
+    ppl = perplexity(make_runner("float32:int4+a8", tokenizer, 2, 8, chunk=8), text)
+    assert 0 < a.max_abs_dlogprob and 0 < abs(ppl / ppl_ref - 1) < 0.02

@@ -121,6 +121,11 @@ def test_speculative_only_on_decode():
             "q4",
             "model.quantization: invalid value 'q4' (allowed: none, int8, int4)",
         ),
+        (
+            ("model", "quantize_activations"),
+            True,
+            "model: quantize_activations: true needs quantization: int4 or int8 (got 'none')",
+        ),
         (("coordinator", "port"), "8000", "coordinator.port: "),
         (("coordinator", "port"), 70000, "coordinator.port: "),
         (("coordinator", "routing"), "random", "(allowed: least_loaded, round_robin, kv_aware)"),

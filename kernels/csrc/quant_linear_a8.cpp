@@ -1,0 +1,358 @@
+// Quantized linear layers with int8 activations for CPU (llama.cpp's Q4_1 x Q8 and Q8_0 x Q8 dot
+// products, on a repacked weight): y [M, N] = x [M, K] @ W^T, W int4 (Q4_1 blocks) or int8
+// (group G) as in kernels/quant_reference.py, x quantized per row in blocks of 32 to int8 first.
+// kernels/quant_reference.py's quantize_activations_int8 / int4_linear_a8 / int8_linear_a8 are the
+// semantics and the references.
+//
+// Why: the float kernels (quant_linear.cpp) turn every weight into a float32 (~5 cycles per 32
+// weights) and reduce each output row horizontally; at SmolLM2's K = 576 a batch-1 call reads its
+// weights at ~8-10 GB/s per thread even from cache. Here the weights are repacked once
+// (int4_pack_a8 / int8_pack_a8) so that 16 output rows sit in the 16 int32 lanes of a vector: a
+// block of 32 inputs of 16 rows is 8 vpdpbusd (AVX512-VNNI: 4 u8 x s8 products per lane, the
+// activation bytes broadcast) after 4 loads and 12 bit ops (int4) or 8 loads (int8), then one
+// convert and two FMAs with the 16 rows' scales, which are contiguous too. No horizontal sums, no
+// per-row setup. The price: activations rounded to 8 bits (its quality cost is in
+// docs/benchmarks.md), so the engine takes this path only when the config asks
+// (model.quantize_activations).
+//
+// Per block u of 32 inputs of row m: dx = amax / 127, xq = round-half-even(x * (1 / dx)) in
+// -127..127 (all 0 if amax == 0), sx = dx * sum(xq). With the weights' unsigned integers wq, scale
+// d and "min" m per (row n, block u):
+//   y[m, n] = sum_u (d[n, u] * dx[m, u]) * sum_j wq[n, u, j] * xq[m, u, j] + m[n, u] * sx[m, u]
+// accumulated block after block in that order (FMA), per row: the integer sums are exact, so the
+// result differs from the reference's float64 only by float32 rounding, and a row's arithmetic is
+// the same whatever the batch it is in (batch invariance, as quant_linear.cpp). int4: wq = the
+// nibbles, m = the Q4_1 min. int8: wq = q + 128 and m = -128 d (see int8_pack_a8).
+//
+// Packed layout, for row group g (rows 16g .. 16g + 15) and block u:
+//   packed uint8 [N / 16, K / 32, C, 16, 4]: chunk c, row i, byte b
+//       int4 (C = 4): low nibble wq[16g + i, 32u + 8c + b], high nibble wq[.., 32u + 8c + 4 + b]
+//       int8 (C = 8): wq[16g + i, 32u + 4c + b]
+//   dm float16 [N / 16, K / 32, 2, 16]: d then m of the 16 rows (one 64-byte line per block)
+// Paths, chosen at compile time (-march=native): AVX512-VNNI (+BW/VL); AVX2 (+FMA/F16C), as
+// llama.cpp: int4 by vpmaddubsw (u8 x s8 pairs -> int16) for the 8 groups of 4 inputs, summed in
+// int16 (at most 8 * 2 * 15 * 127 = 30480: no saturation), then one vpmaddwd to int32; int8
+// widened to int16 first (255 * 127 pairs would saturate); 8 rows per register; a plain loop
+// otherwise.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "ops.h"
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define TANDEM_VNNI 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define TANDEM_AVX2 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;  // inputs per block (= the Q4_1 group)
+constexpr int64_t kRows = 16;   // output rows per group (the int32 lanes of a zmm)
+constexpr int kMaxTile = 8;     // activation rows per pass over the weights
+
+// x [M, K] quantized per block: xq int8 [M, K] (natural order), dx, sx float [M, K / 32]
+struct QuantizedRows {
+  int64_t M, K, units;
+  std::vector<int8_t> q;
+  std::vector<float> dx, sx;
+};
+
+QuantizedRows quantize_rows(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1), xs = x.stride(0);
+  QuantizedRows r{M, K, K / kBlock, std::vector<int8_t>(M * K), std::vector<float>(M * (K / kBlock)),
+                  std::vector<float>(M * (K / kBlock))};
+  const c10::BFloat16* xb = x.scalar_type() == at::kBFloat16 ? x.data_ptr<c10::BFloat16>() : nullptr;
+  const float* xf = xb == nullptr ? x.data_ptr<float>() : nullptr;
+  float v[kBlock];
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t u = 0; u < r.units; ++u) {
+      const int64_t off = m * xs + u * kBlock;
+      float amax = 0.f;
+      for (int j = 0; j < kBlock; ++j) {
+        v[j] = xb != nullptr ? static_cast<float>(xb[off + j]) : xf[off + j];
+        amax = std::max(amax, std::fabs(v[j]));
+      }
+      const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+      int32_t sum = 0;
+      for (int j = 0; j < kBlock; ++j) {
+        const int32_t q = static_cast<int32_t>(std::nearbyint(v[j] * id));  // half to even
+        r.q[m * K + u * kBlock + j] = static_cast<int8_t>(q);
+        sum += q;
+      }
+      r.dx[m * r.units + u] = d;
+      r.sx[m * r.units + u] = d * static_cast<float>(sum);
+    }
+  return r;
+}
+
+// y[m0 + m, 16g .. 16g + 16) for MT activation rows: acc[m] lane i = row 16g + i. B: bytes of
+// weights per block of 16 rows (256: int4 nibbles, 512: int8 + 128)
+template <int MT, int B, typename T>
+void group_tile(const uint8_t* packed, const c10::Half* dm, int64_t g, const QuantizedRows& xr, int64_t m0, T* y,
+                int64_t N) {
+  constexpr bool kInt4 = B == 256;
+  const int64_t units = xr.units, K = xr.K;
+  const uint8_t* p = packed + g * units * B;
+  const c10::Half* s = dm + g * units * 2 * kRows;
+#if TANDEM_VNNI
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t u = 0; u < units; ++u, p += B, s += 2 * kRows) {
+    for (int line = 0; line < B; line += 64)  // 8 blocks ahead
+      _mm_prefetch(reinterpret_cast<const char*>(p + 8 * B + line), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(s + 8 * 2 * kRows), _MM_HINT_T0);
+    __m512i w[8];  // w[c]: inputs 32u + 4c .. 4c + 3 of the 16 rows, unsigned bytes
+    for (int k = 0; k < B / 64; ++k) {
+      const __m512i raw = _mm512_loadu_si512(p + 64 * k);
+      if (kInt4) {
+        w[2 * k] = _mm512_and_si512(raw, low4);
+        w[2 * k + 1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+      } else {
+        w[k] = raw;
+      }
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+    const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + kRows)));
+    for (int m = 0; m < MT; ++m) {
+      int32_t x4[8];
+      std::memcpy(x4, xr.q.data() + (m0 + m) * K + u * kBlock, sizeof(x4));
+      __m512i i0 = _mm512_setzero_si512(), i1 = _mm512_setzero_si512();  // two chains: latency
+      for (int c = 0; c < 8; c += 2) {
+        i0 = _mm512_dpbusd_epi32(i0, w[c], _mm512_set1_epi32(x4[c]));
+        i1 = _mm512_dpbusd_epi32(i1, w[c + 1], _mm512_set1_epi32(x4[c + 1]));
+      }
+      const float dx = xr.dx[(m0 + m) * units + u], sx = xr.sx[(m0 + m) * units + u];
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[m]);
+      acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(sx), acc[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    alignas(64) float out[kRows];
+    _mm512_store_ps(out, acc[m]);
+    for (int i = 0; i < kRows; ++i) y[(m0 + m) * N + g * kRows + i] = static_cast<T>(out[i]);
+  }
+#elif TANDEM_AVX2
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[MT][2];  // [m][h]: rows 16g + 8h .. 16g + 8h + 7
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t u = 0; u < units; ++u, p += B, s += 2 * kRows) {
+    for (int h = 0; h < 2; ++h) {
+      __m256i w[8];  // w[c]: inputs 32u + 4c .. 4c + 3 of rows 8h .. 8h + 7, unsigned bytes
+      for (int k = 0; k < B / 64; ++k) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * k + 32 * h));
+        if (kInt4) {
+          w[2 * k] = _mm256_and_si256(raw, low4);
+          w[2 * k + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+        } else {
+          w[k] = raw;
+        }
+      }
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 8 * h)));
+      const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + kRows + 8 * h)));
+      for (int m = 0; m < MT; ++m) {
+        int32_t x4[8];
+        std::memcpy(x4, xr.q.data() + (m0 + m) * K + u * kBlock, sizeof(x4));
+        __m256i isum;
+        if (kInt4) {
+          __m256i s16 = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(x4[0]));
+          for (int c = 1; c < 8; ++c) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[c], _mm256_set1_epi32(x4[c])));
+          isum = _mm256_madd_epi16(s16, ones);
+        } else {  // bytes up to 255: vpmaddubsw could saturate, so widen to int16 and vpmaddwd
+          isum = _mm256_setzero_si256();
+          for (int c = 0; c < 8; ++c) {
+            const __m256i x16 = _mm256_cvtepi8_epi16(_mm_set1_epi32(x4[c]));  // 4 inputs, twice
+            const __m256i lo = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(w[c]));  // rows 0-3
+            const __m256i hi = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(w[c], 1));  // rows 4-7
+            // pairs summed: lane 2r, 2r + 1 of each half -> row r's two halves of 4 inputs
+            const __m256i a = _mm256_madd_epi16(lo, x16), b = _mm256_madd_epi16(hi, x16);
+            isum = _mm256_add_epi32(isum, _mm256_permute4x64_epi64(_mm256_hadd_epi32(a, b), 0xD8));
+          }
+        }
+        const float dx = xr.dx[(m0 + m) * units + u], sx = xr.sx[(m0 + m) * units + u];
+        acc[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(dx)), acc[m][h]);
+        acc[m][h] = _mm256_fmadd_ps(mn, _mm256_set1_ps(sx), acc[m][h]);
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    alignas(32) float out[kRows];
+    _mm256_store_ps(out, acc[m][0]);
+    _mm256_store_ps(out + 8, acc[m][1]);
+    for (int i = 0; i < kRows; ++i) y[(m0 + m) * N + g * kRows + i] = static_cast<T>(out[i]);
+  }
+#else
+  float acc[MT][kRows] = {};
+  for (int64_t u = 0; u < units; ++u, p += B, s += 2 * kRows)
+    for (int m = 0; m < MT; ++m) {
+      const int8_t* xq = xr.q.data() + (m0 + m) * K + u * kBlock;
+      const float dx = xr.dx[(m0 + m) * units + u], sx = xr.sx[(m0 + m) * units + u];
+      for (int i = 0; i < kRows; ++i) {
+        int32_t isum = 0;
+        for (int c = 0; c < 8; ++c)
+          for (int b = 0; b < 4; ++b) {
+            const int32_t wv = kInt4 ? (p[((c / 2) * kRows + i) * 4 + b] >> (4 * (c % 2))) & 0x0F
+                                     : p[(c * kRows + i) * 4 + b];
+            isum += wv * xq[4 * c + b];
+          }
+        acc[m][i] += static_cast<float>(isum) * (static_cast<float>(s[i]) * dx);
+        acc[m][i] += static_cast<float>(s[kRows + i]) * sx;
+      }
+    }
+  for (int m = 0; m < MT; ++m)
+    for (int i = 0; i < kRows; ++i) y[(m0 + m) * N + g * kRows + i] = static_cast<T>(acc[m][i]);
+#endif
+}
+
+template <int B, typename T>
+void group_all_m(const uint8_t* packed, const c10::Half* dm, int64_t g, const QuantizedRows& xr, T* y, int64_t N) {
+  int64_t m0 = 0;
+  auto step = [&](auto mt_tag) {
+    constexpr int MT = decltype(mt_tag)::value;
+    group_tile<MT, B>(packed, dm, g, xr, m0, y, N);
+    m0 += MT;
+  };
+  while (xr.M - m0 >= kMaxTile) step(std::integral_constant<int, kMaxTile>{});
+  if (xr.M - m0 >= 4) step(std::integral_constant<int, 4>{});
+  if (xr.M - m0 >= 2) step(std::integral_constant<int, 2>{});
+  if (xr.M - m0 >= 1) step(std::integral_constant<int, 1>{});
+}
+
+// packed [N / 16, K / 32, C, 16, 4] and dm [N / 16, K / 32, 2, 16] from per-element functions:
+// byte(n, u, c, b) the packed byte of inputs 4c + b of block u; d(n, u), m(n, u) the scales
+template <typename Byte, typename D, typename M>
+std::tuple<at::Tensor, at::Tensor> pack(int64_t N, int64_t K, int64_t C, Byte byte, D d, M m) {
+  const int64_t units = K / kBlock;
+  TORCH_CHECK(N % kRows == 0, "int8 activations: out_features must be a multiple of 16, got ", N);
+  TORCH_CHECK(K % kBlock == 0, "int8 activations: in_features must be a multiple of 32, got ", K);
+  at::Tensor packed = at::empty({N / kRows, units, C, kRows, 4}, at::TensorOptions().dtype(at::kByte));
+  at::Tensor dm = at::empty({N / kRows, units, 2, kRows}, at::TensorOptions().dtype(at::kHalf));
+  uint8_t* po = packed.data_ptr<uint8_t>();
+  c10::Half* so = dm.data_ptr<c10::Half>();
+  for (int64_t g = 0; g < N / kRows; ++g)
+    for (int64_t u = 0; u < units; ++u) {
+      uint8_t* blk = po + (g * units + u) * C * kRows * 4;
+      c10::Half* s = so + (g * units + u) * 2 * kRows;
+      for (int64_t i = 0; i < kRows; ++i) {
+        const int64_t n = g * kRows + i;
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t b = 0; b < 4; ++b) blk[(c * kRows + i) * 4 + b] = byte(n, u, c, b);
+        s[i] = d(n, u);
+        s[kRows + i] = m(n, u);
+      }
+    }
+  return {packed, dm};
+}
+
+// Q4_1 (qweight uint8 [N, K / 2], scales, mins float16 [N, K / 32]) -> (packed, dm): chunk c of
+// a block holds inputs 8c .. 8c + 3 in the low nibbles and 8c + 4 .. 8c + 7 in the high ones
+std::tuple<at::Tensor, at::Tensor> int4_pack_a8(const at::Tensor& qweight, const at::Tensor& scales,
+                                                const at::Tensor& mins) {
+  TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == at::kByte && qweight.dim() == 2 &&
+                  qweight.is_contiguous(),
+              "int4: qweight must be contiguous CPU uint8 [N, K / 2]");
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2, units = K / kBlock;
+  for (const at::Tensor* t : {&scales, &mins})
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
+                    t->size(1) == units,
+                "int4: scales / mins must be contiguous float16 [N, K / 32]");
+  const uint8_t* q = qweight.data_ptr<uint8_t>();
+  const c10::Half *d = scales.data_ptr<c10::Half>(), *mn = mins.data_ptr<c10::Half>();
+  auto nibble = [&](int64_t n, int64_t u, int64_t j) -> uint8_t {  // q[n, 32u + j]
+    const uint8_t byte = q[n * (K / 2) + u * 16 + j % 16];
+    return j < 16 ? byte & 0x0F : byte >> 4;
+  };
+  return pack(
+      N, K, 4, [&](int64_t n, int64_t u, int64_t c, int64_t b) -> uint8_t {
+        return nibble(n, u, 8 * c + b) | (nibble(n, u, 8 * c + 4 + b) << 4);
+      },
+      [&](int64_t n, int64_t u) { return d[n * units + u]; }, [&](int64_t n, int64_t u) { return mn[n * units + u]; });
+}
+
+// int8 (qweight int8 [N, K], scales float16 [N, K / G]) -> (packed, dm): bytes q + 128 (the
+// unsigned operand), so a block's integer sum is sum(q * xq) + 128 sum(xq), and the "min" -128 d
+// (exact in float16) takes the second part away: y = sum_u d dx isum - 128 d sx.
+std::tuple<at::Tensor, at::Tensor> int8_pack_a8(const at::Tensor& qweight, const at::Tensor& scales) {
+  TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == at::kChar && qweight.dim() == 2 &&
+                  qweight.is_contiguous(),
+              "int8: qweight must be contiguous CPU int8 [N, K]");
+  const int64_t N = qweight.size(0), K = qweight.size(1);
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 2 &&
+                  scales.size(0) == N && scales.size(1) >= 1 && K % scales.size(1) == 0 &&
+                  (K / scales.size(1)) % kBlock == 0,
+              "int8: scales must be contiguous float16 [N, K / G], G a multiple of 32");
+  const int64_t G = K / scales.size(1);
+  const int8_t* q = qweight.data_ptr<int8_t>();
+  const c10::Half* d = scales.data_ptr<c10::Half>();
+  auto scale = [&](int64_t n, int64_t u) { return d[n * (K / G) + u * kBlock / G]; };
+  for (int64_t i = 0; i < scales.numel(); ++i)
+    TORCH_CHECK(std::fabs(static_cast<float>(d[i])) * 128.f <= 65504.f, "int8: a scale too large for -128 d in float16");
+  return pack(
+      N, K, 8, [&](int64_t n, int64_t u, int64_t c, int64_t b) -> uint8_t {
+        return static_cast<uint8_t>(q[n * K + u * kBlock + 4 * c + b] + 128);
+      },
+      scale, [&](int64_t n, int64_t u) { return static_cast<c10::Half>(-128.f * static_cast<float>(scale(n, u))); });
+}
+
+// y [M, N] = x [M, K] @ W^T for W packed by int4_pack_a8 (C = 4) or int8_pack_a8 (C = 8)
+at::Tensor linear_a8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1, "x must be CPU [M, K] with contiguous rows");
+  const bool bf = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf || x.scalar_type() == at::kFloat, "x must be float32 or bfloat16");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 5 && packed.is_contiguous() &&
+                  packed.size(1) * kBlock == K && (packed.size(2) == 4 || packed.size(2) == 8) &&
+                  packed.size(3) == kRows && packed.size(4) == 4,
+              "packed must be a uint8 [N / 16, K / 32, 4 or 8, 16, 4] from int4_pack_a8 / int8_pack_a8 for this x");
+  TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.dim() == 4 && dm.size(0) == packed.size(0) &&
+                  dm.size(1) == packed.size(1) && dm.size(2) == 2 && dm.size(3) == kRows,
+              "dm must be a float16 [N / 16, K / 32, 2, 16] from int4_pack_a8 / int8_pack_a8");
+  const int64_t groups = packed.size(0), N = groups * kRows;
+  const bool int4 = packed.size(2) == 4;
+  const QuantizedRows xr = quantize_rows(x);
+  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const c10::Half* dp = dm.data_ptr<c10::Half>();
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t grain = std::max<int64_t>(1, (groups + threads - 1) / threads);  // one range per thread
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      if (int4 && bf) group_all_m<256>(pp, dp, g, xr, y.data_ptr<c10::BFloat16>(), N);
+      else if (int4) group_all_m<256>(pp, dp, g, xr, y.data_ptr<float>(), N);
+      else if (bf) group_all_m<512>(pp, dp, g, xr, y.data_ptr<c10::BFloat16>(), N);
+      else group_all_m<512>(pp, dp, g, xr, y.data_ptr<float>(), N);
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+// for decoder_layer.cpp (ops.h)
+at::Tensor tandem::ops::linear_a8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm) {
+  return ::linear_a8(x, packed, dm);
+}
+
+TORCH_LIBRARY_FRAGMENT(tandem_cpu, m) {
+  m.def("int4_pack_a8(Tensor qweight, Tensor scales, Tensor mins) -> (Tensor, Tensor)");
+  m.def("int8_pack_a8(Tensor qweight, Tensor scales) -> (Tensor, Tensor)");
+  m.def("linear_a8(Tensor x, Tensor packed, Tensor dm) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) {
+  m.impl("int4_pack_a8", &int4_pack_a8);
+  m.impl("int8_pack_a8", &int8_pack_a8);
+  m.impl("linear_a8", &linear_a8);
+}

@@ -1,0 +1,131 @@
+"""Quantized linear layers with int8 activations (``model.quantize_activations``): the activation
+quantizer, the references against a plain dequantized product, and the C++ kernel on repacked
+weights (csrc/quant_linear_a8.cpp) against the references on fresh random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from paged_cases import rel_err
+
+from kernels import cpu_ext, quant_reference
+
+# The C++ kernel's integer block sums are exact; only its float32 scaling and summation order
+# differ from the float64 references (bfloat16: plus the output's rounding, one ulp).
+TOL = {torch.float32: 5e-6, torch.bfloat16: 8e-3}
+FORMATS = ["int4", "int8-g32", "int8"]  # int8: per channel (one group of K)
+
+
+def _x(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Rows of mixed scale, a block of zeros and a block with an outlier (amax sets the step)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 4
+    if k > 32:
+        x[0, :32] = 0
+    if m > 1:
+        x[1, k - 1] = 60.0
+    return x.to(dtype)
+
+
+def _w(fmt: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05 + torch.rand(n, 1, generator=g) * 0.02
+    if fmt == "int4":
+        return quant_reference.quantize_int4(w)
+    return quant_reference.quantize_int8(w, 32 if fmt == "int8-g32" else None)
+
+
+def _reference(fmt: str):
+    return quant_reference.int4_linear_a8 if fmt == "int4" else quant_reference.int8_linear_a8
+
+
+def test_activation_quantizer_rounds_each_block_to_its_own_step():
+    x = _x(3, 96, torch.float32, seed=1)
+    xq, dx = quant_reference.quantize_activations_int8(x)
+    assert xq.dtype == torch.int8 and xq.shape == (3, 96) and dx.shape == (3, 3)
+    assert dx[0, 0] == 0 and (xq[0, :32] == 0).all()  # an all-zero block
+    step = dx.repeat_interleave(32, dim=1)
+    assert ((xq.float() * step - x).abs() <= step / 2 * (1 + 1e-6)).all()
+    assert (xq.abs().amax(dim=1) == 127).all()  # each row's largest block uses the full range
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reference_is_the_product_of_the_dequantized_operands(fmt):
+    x, w = _x(5, 160, torch.float32, seed=2), _w(fmt, 48, 160, seed=3)
+    xq, dx = quant_reference.quantize_activations_int8(x)
+    x_deq = xq.double() * dx.double().repeat_interleave(32, dim=1)
+    dequantize = (
+        quant_reference.dequantize_int4 if fmt == "int4" else quant_reference.dequantize_int8
+    )
+    want = x_deq @ dequantize(*w).double().t()
+    got = _reference(fmt)(x, *w)
+    assert got.dtype == torch.float32
+    assert rel_err(got, want) < 1e-6  # float64 math, rounded to float32 once
+
+
+CASES = [  # (M, N, K): N a multiple of 16 (the kernel's row groups), K of 1-48 blocks
+    (1, 16, 32),
+    (1, 48, 576),
+    (2, 32, 96),
+    (3, 96, 576),
+    (8, 64, 160),
+    (11, 48, 1536),  # a tile of 8 rows, then 2, then 1
+]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("m", "n", "k"), CASES)
+def test_cpu_kernel_matches_reference(fmt, dtype, m, n, k):
+    ops = cpu_ext.load_ops()
+    assert ops is not None, f"C++ extension did not build: {cpu_ext._failed}"
+    seed = int(torch.randint(0, 1 << 30, ()).item())  # fresh inputs every run
+    x, w = _x(m, k, dtype, seed), _w(fmt, n, k, seed + 1)
+    out = ops.linear_a8(x, *cpu_ext.pack_a8(fmt[:4], w))
+    ref = _reference(fmt)(x, *w)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert rel_err(out, ref) < TOL[dtype], seed
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8-g32"])
+def test_cpu_kernel_is_batch_invariant(fmt):
+    """A row's output does not depend on how many rows share the call (tiles of 8 / 4 / 2 / 1):
+    speculative verification (k + 1 rows) reproduces plain decoding."""
+    ops = cpu_ext.load_ops()
+    x, w = _x(19, 192, torch.float32, seed=4), cpu_ext.pack_a8(fmt[:4], _w(fmt, 64, 192, seed=5))
+    full = ops.linear_a8(x, *w)
+    for m in (1, 2, 5, 9):
+        assert torch.equal(ops.linear_a8(x[:m].contiguous(), *w), full[:m])
+    assert torch.equal(ops.linear_a8(x[13:14].contiguous(), *w), full[13:14])
+
+
+def test_shapes_the_kernel_does_not_take():
+    ops = cpu_ext.load_ops()
+    w = _w("int4", 40, 64, seed=6)
+    assert cpu_ext.pack_a8("int4", w) is None  # 40 rows: Linear takes the reference instead
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ops.int4_pack_a8(*w)
+    assert cpu_ext.pack_a8("int8", _w("int8", 32, 48, seed=6)) is None  # a group of 48
+    packed = cpu_ext.pack_a8("int4", _w("int4", 32, 64, seed=7))
+    with pytest.raises(RuntimeError, match="from int4_pack_a8 / int8_pack_a8 for this x"):
+        ops.linear_a8(torch.randn(1, 96), *packed)  # K does not match the weight
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags",
+    ["-mno-avx512f", "-mno-avx2 -mno-fma -mno-avx512f"],  # the AVX2 path, the plain loop
+    ids=["avx2", "plain"],
+)
+def test_the_paths_of_other_cpus_match_reference(flags, tmp_path):
+    """The extension is built for the CPU it runs on (-march=native), so the paths for CPUs
+    without AVX512-VNNI (AVX2; neither) are built here with those features switched off, in a
+    child process, and checked the same way (~15 s to compile each)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("a8_isa_check.py")
+    res = subprocess.run([sys.executable, str(script), str(tmp_path), flags],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
