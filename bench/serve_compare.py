@@ -14,7 +14,8 @@ the same prompt tokens), ``max_tokens`` = ``--output-len`` (128), ``ignore_eos``
 
     tok/s   generated tokens (the streamed usage, else one per chunk) / wall time of the run
     TTFT    first streamed token - request sent (p50)
-    ITL     gap between consecutive streamed chunks after the first (p50)
+    ITL     gap between consecutive streamed chunks after the first (p50; the JSON lines also
+            give its p99 and mean)
 
 Tandem servers are ``tandem serve --config X --port 0 --num-cpus N``; ``llama-server`` runs on the
 builtin model's GGUF (the same file Tandem loads) with ``-t N`` threads and ``-np`` = the largest
@@ -86,8 +87,8 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str, prom
     return sample
 
 
-def p50_ms(values: list[float]) -> float:
-    return 1e3 * percentile(sorted(values), 50) if values else 0.0
+def percentile_ms(values: list[float], q: float = 50) -> float:
+    return 1e3 * percentile(sorted(values), q) if values else 0.0
 
 
 async def run_load(url: str, model: str, prompts: list[list[int]], concurrency: int,
@@ -112,13 +113,16 @@ async def run_load(url: str, model: str, prompts: list[list[int]], concurrency: 
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - start
     ok = [s for s in samples if s.error is None]
+    itls = [x for s in ok for x in s.itls]
     return {
         "concurrency": concurrency,
         "requests": len(samples),
         "errors": len(samples) - len(ok),
         "tok_s": sum(s.num_tokens for s in ok) / wall,
-        "ttft_p50_ms": p50_ms([s.ttft for s in ok if s.ttft is not None]),
-        "itl_p50_ms": p50_ms([x for s in ok for x in s.itls]),
+        "ttft_p50_ms": percentile_ms([s.ttft for s in ok if s.ttft is not None]),
+        "itl_p50_ms": percentile_ms(itls),
+        "itl_p99_ms": percentile_ms(itls, 99),  # (in the JSON lines only: the tail the p50 hides)
+        "itl_mean_ms": 1e3 * sum(itls) / len(itls) if itls else 0.0,
         "wall_s": wall,
         "first_error": next((s.error for s in samples if s.error), None),
     }
