@@ -23,10 +23,12 @@ Storage and kernel, by device and format (``Linear.load`` picks; ``forward`` fol
   ``load(keep_dense=True)`` kept one (above ``QUANT_MAX_ROWS``: decode batches of 9+, prefill),
   else the weight dequantized for the call (above ``QUANT_MAX_ROWS_NO_DENSE``: prefill chunks).
 - int4 / int8 with ``int8_activations`` (``model.quantize_activations``, CPU): ``linear_a8``
-  (``kernels/csrc/quant_linear_a8.cpp``) for steps of up to ``A8_MAX_ROWS`` (16) rows: each row
-  of x rounded to int8 in blocks of 32, integer dot products on a copy of the weight repacked at
-  load. For SmolLM2's int4 layers 2.0x faster than the float kernel at 1 row, 3.6x at 8 (2
-  threads), and faster than bfloat16 oneDNN up to 16 rows and more; not exact.
+  (``kernels/csrc/quant_linear_a8.cpp``) in place of the float kernel, up to ``A8_MAX_ROWS`` (16)
+  rows with a dense copy (without one, as far as the float kernel would go): each row of x
+  rounded to int8 in blocks of 32, integer dot products on a copy of the weight repacked at
+  load. Which kernel a row takes depends on the step's row count, so its result does too. For
+  SmolLM2's int4 layers 2.0x faster than the float kernel at 1 row, 3.6x at 8 (2 threads), and
+  faster than bfloat16 oneDNN up to 16 rows and more; not exact.
 - dense on CUDA: ``F.linear`` (cuBLAS).
 
 Figures: docs/benchmarks.md "Weight-only quantization" (``python -m bench.linear``).
@@ -76,20 +78,23 @@ class Linear(nn.Module):
         once (``kernels.bind``). ``int8_activations`` (on CPU, ``quantize_activations``):
         ``linear_a8`` on the weight repacked for it (the quantized tensors stay too: dequantizing
         and embedding lookups read them), or its torch reference (``int4_linear_a8`` /
-        ``int8_linear_a8``) where that kernel does not run (no extension, N % 16 != 0, float16)."""
+        ``int8_linear_a8``) where that kernel does not run (no extension, N % 16 != 0, float16).
+        Weights whose blocks of 32 inputs would straddle scale groups (K or an int8 group size
+        not a multiple of 32) keep float activations."""
         q = self.quantized
         if q is None:
             return
         self._quant_kernel = kernels.bind(f"{q.fmt}_linear", device_type, dtype)
         self.kernel_tensors = q.tensors()
         self.max_quant_rows, self.a8 = QUANT_MAX_ROWS, False
-        if int8_activations and device_type == "cpu":
-            self.max_quant_rows = A8_MAX_ROWS
+        blocks = self.in_features % 32 == 0 and (q.fmt == "int4" or q.group_size % 32 == 0)
+        if int8_activations and device_type == "cpu" and blocks:
             from kernels import cpu_ext, quant_reference
 
-            packed = cpu_ext.pack_a8(q.fmt, q.tensors())
-            op = None if packed is None else cpu_ext.direct("linear_a8", dtype)
-            if op is None:  # no extension, N % 16 != 0, or float16 activations
+            self.max_quant_rows = A8_MAX_ROWS
+            op = cpu_ext.direct("linear_a8", dtype)
+            packed = None if op is None else cpu_ext.pack_a8(q.fmt, q.tensors())
+            if packed is None:  # no extension, float16 activations, or N % 16 != 0
                 self._quant_kernel = getattr(quant_reference, f"{q.fmt}_linear_a8")
             else:
                 self._quant_kernel, self.kernel_tensors, self.a8 = op, tuple(packed), True
@@ -105,8 +110,8 @@ class Linear(nn.Module):
         """Set the weight. A dense ``w`` is quantized when ``quantization`` is int8 / int4 (int4
         in groups of 32, int8 per channel); a ``QuantizedWeight`` (a loader kept the file's
         blocks) is used as it is. ``keep_dense``: with a quantized weight, also keep it dense in
-        the model dtype for steps above QUANT_MAX_ROWS rows. ``pack``: keep a dense CPU weight in
-        oneDNN's layout too (16-bit dense weights on CPU always are)."""
+        the model dtype for steps above ``max_quant_rows`` rows. ``pack``: keep a dense CPU
+        weight in oneDNN's layout too (16-bit dense weights on CPU always are)."""
         if tuple(w.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"weight shape {tuple(w.shape)} != {(self.out_features, self.in_features)}"
@@ -134,7 +139,7 @@ class Linear(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes of weight data a decode step (at most max_quant_rows rows) reads."""
         if self.quantized is not None:
-            return self.quantized.nbytes
+            return sum(t.numel() * t.element_size() for t in self.kernel_tensors)
         return self.weight.numel() * self.weight.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """C++ CPU kernels (JIT-built torch extension): paged decode attention, the KV store, fused
-RMSNorm(+residual) / SiLU-mul / RoPE, weight-only int4 / int8 linears, int4 linears with int8
+RMSNorm(+residual) / SiLU-mul / RoPE, weight-only int4 / int8 linears, the same with int8
 activations, and one whole decoder layer of a small quantized decode step built from them (each
 file in csrc/ says why it exists).
 
@@ -54,13 +54,25 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
-EXT_NAME = f"tandem_cpu_kernels_{_cpu_tag()}"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("paged_decode.cpp", "store_kv.cpp", "fused.cpp", "quant_linear.cpp",
            "quant_linear_a8.cpp", "decoder_layer.cpp")  # fmt: skip
 # -ffp-contract=off: a * b + c stays two roundings, as in torch's separate ops (RoPE then equals
 # the reference bit for bit); the hot loops that want FMA spell it with intrinsics.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+
+
+def _sources_tag() -> str:
+    """Short hash of csrc/ and the flags: each version of the sources gets a build (and a source
+    copy, ``_stable_sources``) of its own, so two checkouts on one machine never mix files."""
+    h = hashlib.sha1(" ".join(CFLAGS).encode())
+    for src in sorted(CSRC.iterdir()):
+        if src.suffix in (".cpp", ".h"):
+            h.update(src.name.encode() + b"\0" + src.read_bytes())
+    return h.hexdigest()[:8]
+
+
+EXT_NAME = f"tandem_cpu_kernels_{_cpu_tag()}_{_sources_tag()}"
 
 Q_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # also the caches stored without scales
 CACHE_DTYPES = (*Q_DTYPES, torch.float8_e4m3fn)
@@ -80,13 +92,15 @@ def _put_ninja_on_path() -> None:
 
 
 def _stable_sources() -> list[Path]:
-    """csrc/ copied into one fixed directory beside the builds, and the paths of the copies.
+    """csrc/ copied into a directory beside the builds named after this CPU and these sources
+    (``EXT_NAME``), and the paths of the copies.
 
     Why: torch's loader runs ninja in every new process, and ninja rebuilds each object whose
     command line changed; the command names the source path, so every checkout or Ray job
     working-dir copy of the repo (a new path each time) recompiled all of it, and the next run
     from the old path did again: ~41 s each on 2 cores, against ~1.5 s to load a built one. A copy
-    is rewritten only when its content changed, so its mtime tells ninja what to rebuild."""
+    is rewritten only when its content differs (as after a process was killed mid-write), so its
+    mtime tells ninja what to rebuild. Old versions' builds stay in the cache (a few MB each)."""
     from torch.utils import cpp_extension  # imports setuptools: only when building
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
@@ -97,7 +111,8 @@ def _stable_sources() -> list[Path]:
             continue
         data, target = src.read_bytes(), dst / src.name
         if not target.exists() or target.read_bytes() != data:
-            tmp = dst / f".{src.name}.{os.getpid()}.tmp"  # another process may be compiling
+            # another process may be compiling from dst (an NFS cache: maybe on another host)
+            tmp = dst / f".{src.name}.{platform.node()}.{os.getpid()}.tmp"
             tmp.write_bytes(data)
             os.replace(tmp, target)
     return [dst / name for name in SOURCES]

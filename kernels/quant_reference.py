@@ -22,6 +22,8 @@ to int8 too (below).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -96,22 +98,28 @@ def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
 
 
 def quantize_activations_int8(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [M, K] (K % 32 == 0) -> (xq int8 [M, K], dx float32 [M, K / 32])."""
+    """x [M, K] (K % 32 == 0) -> (xq int8 [M, K], dx float32 [M, K / 32]). A block whose 1 / dx
+    is not finite (amax 0 or below ~4e-37) is all zeros; one holding a NaN / inf gets dx NaN."""
     m, k = x.shape
     g = x.float().reshape(m, k // INT4_GROUP, INT4_GROUP)
+    finite = torch.isfinite(g).all(-1)  # [M, G]
     d = g.abs().amax(-1) / 127
     inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
-    q = (g * inv[..., None]).round().to(torch.int8)
-    return q.reshape(m, k), d
+    usable = finite & torch.isfinite(inv)
+    inv = torch.where(usable, inv, torch.zeros_like(inv))
+    d = torch.where(usable, d, torch.zeros_like(d))
+    d = torch.where(finite, d, torch.full_like(d, math.nan))
+    q = (torch.where(usable[..., None], g, torch.zeros_like(g)) * inv[..., None]).round()
+    return q.to(torch.int8).reshape(m, k), d
 
 
 def _block_dots(xq: Tensor, wq: Tensor) -> Tensor:
     """xq [M, K], wq [N, K] integers -> exact per-block dot products [M, N, K / 32] (float64)."""
     m, k = xq.shape
     n = wq.shape[0]
-    xb = xq.double().reshape(m, 1, k // INT4_GROUP, INT4_GROUP)
-    wb = wq.double().reshape(1, n, k // INT4_GROUP, INT4_GROUP)
-    return (xb * wb).sum(-1)
+    xb = xq.double().reshape(m, k // INT4_GROUP, INT4_GROUP)
+    wb = wq.double().reshape(n, k // INT4_GROUP, INT4_GROUP)
+    return torch.einsum("mgj,ngj->mng", xb, wb)
 
 
 def int4_linear_a8(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor) -> Tensor:

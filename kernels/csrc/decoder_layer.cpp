@@ -10,7 +10,7 @@
 //
 // Scope (engine/model.py decides): CPU, float32 / bfloat16 activations, every linear int4 or int8
 // (weights as their Linear.kernel_tensors: 3 tensors int4, 2 int8 or repacked), a cache of the model
-// dtype without FP8 scales, a decode step (no prefill), at most engine.linear.QUANT_MAX_ROWS rows.
+// dtype without FP8 scales, a decode step (no prefill), at most Linear.max_quant_rows rows.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>

@@ -16,10 +16,12 @@
 // (model.quantize_activations).
 //
 // Per block u of 32 inputs of row m: dx = amax / 127, xq = round-half-even(x * (1 / dx)) in
-// -127..127 (all 0 if amax == 0), sx = dx * sum(xq). With the weights' unsigned integers wq, scale
+// -127..127, sx = dx * sum(xq); all 0 if 1 / dx is not finite (amax 0 or below ~4e-37), dx NaN
+// (so NaN outputs) if the block holds a NaN or an inf. With the weights' unsigned integers wq, scale
 // d and "min" m per (row n, block u):
 //   y[m, n] = sum_u (d[n, u] * dx[m, u]) * sum_j wq[n, u, j] * xq[m, u, j] + m[n, u] * sx[m, u]
-// accumulated block after block in that order (FMA), per row: the integer sums are exact, so the
+// accumulated block after block in that order (FMA in the SIMD paths; the plain loop rounds the
+// product and the sum apart), per row: the integer sums are exact, so the
 // result differs from the reference's float64 only by float32 rounding, and a row's arithmetic is
 // the same whatever the batch it is in (batch invariance, as quant_linear.cpp). int4: wq = the
 // nibbles, m = the Q4_1 min. int8: wq = q + 128 and m = -128 d (see int8_pack_a8).
@@ -44,6 +46,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "ops.h"
@@ -80,11 +83,18 @@ QuantizedRows quantize_rows(const at::Tensor& x) {
     for (int64_t u = 0; u < r.units; ++u) {
       const int64_t off = m * xs + u * kBlock;
       float amax = 0.f;
+      bool finite = true;
       for (int j = 0; j < kBlock; ++j) {
         v[j] = xb != nullptr ? static_cast<float>(xb[off + j]) : xf[off + j];
+        finite = finite && std::isfinite(v[j]);
         amax = std::max(amax, std::fabs(v[j]));
       }
-      const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+      float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+      if (!finite) {  // a NaN / inf input: the block's products are NaN (its q all 0)
+        d = std::numeric_limits<float>::quiet_NaN(), id = 0.f;
+      } else if (!std::isfinite(id)) {  // amax so small that 1 / dx overflows: a block of zeros
+        d = 0.f, id = 0.f;
+      }
       int32_t sum = 0;
       for (int j = 0; j < kBlock; ++j) {
         const int32_t q = static_cast<int32_t>(std::nearbyint(v[j] * id));  // half to even

@@ -90,13 +90,29 @@ def test_cpu_kernel_matches_reference(fmt, dtype, m, n, k):
 @pytest.mark.parametrize("fmt", ["int4", "int8-g32"])
 def test_cpu_kernel_is_batch_invariant(fmt):
     """A row's output does not depend on how many rows share the call (tiles of 8 / 4 / 2 / 1):
-    speculative verification (k + 1 rows) reproduces plain decoding."""
+    speculative verification (k + 1 rows) reproduces plain decoding, while a step stays within
+    the rows the engine gives this kernel (``engine.linear.A8_MAX_ROWS``)."""
     ops = cpu_ext.load_ops()
     x, w = _x(19, 192, torch.float32, seed=4), cpu_ext.pack_a8(fmt[:4], _w(fmt, 64, 192, seed=5))
     full = ops.linear_a8(x, *w)
     for m in (1, 2, 5, 9):
         assert torch.equal(ops.linear_a8(x[:m].contiguous(), *w), full[:m])
     assert torch.equal(ops.linear_a8(x[13:14].contiguous(), *w), full[13:14])
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8-g32"])
+def test_non_finite_and_tiny_blocks(fmt):
+    """A NaN or an inf in a block makes its row's outputs NaN, as in the reference (the integer
+    cast of NaN is undefined); a block too small for 1 / dx to be finite counts as zeros."""
+    ops = cpu_ext.load_ops()
+    x = _x(4, 96, torch.float32, seed=8)
+    x[0, 40], x[1, 70], x[2, :32] = float("nan"), float("inf"), 1e-38
+    w = _w(fmt, 32, 96, seed=9)
+    out, ref = ops.linear_a8(x, *cpu_ext.pack_a8(fmt[:4], w)), _reference(fmt)(x, *w)
+    assert out[:2].isnan().all() and ref[:2].isnan().all()
+    assert rel_err(out[2:], ref[2:]) < TOL[torch.float32]
+    xq, dx = quant_reference.quantize_activations_int8(x)
+    assert dx[2, 0] == 0 and (xq[2, :32] == 0).all() and (xq[:2] != 0).any()
 
 
 def test_shapes_the_kernel_does_not_take():
