@@ -46,11 +46,16 @@ def quantize_int4(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return packed.reshape(n, k // 2).contiguous(), d.contiguous(), m.contiguous()
 
 
+def int4_levels(qweight: Tensor, groups: int) -> Tensor:
+    """qweight uint8 [N, K / 2] -> the unpacked q in 0..15, uint8 [N, G, 32] (Q4_1 order)."""
+    b = qweight.reshape(qweight.shape[0], groups, 16)
+    return torch.cat([b & 0x0F, b >> 4], dim=-1)
+
+
 def dequantize_int4(qweight: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
     """-> float32 [N, K]."""
     n, groups = scales.shape
-    b = qweight.reshape(n, groups, 16)
-    q = torch.cat([b & 0x0F, b >> 4], dim=-1).float()  # [N, G, 32]
+    q = int4_levels(qweight, groups).float()  # [N, G, 32]
     w = q * scales.float()[..., None] + mins.float()[..., None]
     return w.reshape(n, groups * INT4_GROUP)
 
@@ -93,8 +98,9 @@ def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
 # ---- int8 activations (model.quantize_activations): llama.cpp's Q8 dot products ----
 #
 # Each row of x is quantized in blocks of 32 (the int4 group) before the product: dx = amax / 127,
-# xq = round-half-even(x * (1 / dx)) in -127..127 (0 where amax == 0). Block u's integer dot with
-# the weights' integers is exact; it is then scaled by d * dx (int4: plus m * dx * sum(xq)).
+# xq = round-half-even(x * (1 / dx)) in -127..127 (quantize_activations_int8 says what becomes of
+# zero, tiny and non-finite blocks). Block u's integer dot with the weights' integers is exact; it
+# is then scaled by d * dx (int4: plus m * dx * sum(xq)).
 
 
 def quantize_activations_int8(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -126,14 +132,12 @@ def int4_linear_a8(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor) -> 
     """x [M, K] @ W^T with x quantized by ``quantize_activations_int8`` (float64 math)."""
     xq, dx = quantize_activations_int8(x)
     n, groups = scales.shape
-    b = qweight.reshape(n, groups, 16)
-    wq = torch.cat([b & 0x0F, b >> 4], dim=-1).reshape(n, groups * INT4_GROUP)  # [N, K], 0..15
+    wq = int4_levels(qweight, groups).reshape(n, groups * INT4_GROUP)  # [N, K], 0..15
     dots = _block_dots(xq, wq.to(xq.device))  # [M, N, G]
     sums = xq.double().reshape(xq.shape[0], 1, groups, INT4_GROUP).sum(-1)  # [M, 1, G]
     dx = dx.double()[:, None, :]
     y = scales.double() * dx * dots + mins.double() * dx * sums
     return y.sum(-1).to(x.dtype)
-
 
 
 def int8_linear_a8(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
