@@ -23,12 +23,12 @@ Storage and kernel, by device and format (``Linear.load`` picks; ``forward`` fol
   ``load(keep_dense=True)`` kept one (above ``QUANT_MAX_ROWS``: decode batches of 9+, prefill),
   else the weight dequantized for the call (above ``QUANT_MAX_ROWS_NO_DENSE``: prefill chunks).
 - int4 / int8 with ``int8_activations`` (``model.quantize_activations``, CPU): ``linear_a8``
-  (``kernels/csrc/quant_linear_a8.cpp``) in place of the float kernel, up to ``A8_MAX_ROWS`` (16)
-  rows with a dense copy (without one, as far as the float kernel would go): each row of x
-  rounded to int8 in blocks of 32, integer dot products on a copy of the weight repacked at
-  load. Which kernel a row takes depends on the step's row count, so its result does too. For
-  SmolLM2's int4 layers 2.0x faster than the float kernel at 1 row, 3.6x at 8 (2 threads), and
-  faster than bfloat16 oneDNN up to 16 rows and more; not exact.
+  (``kernels/csrc/quant_linear_a8.cpp``) in place of the float kernel, up to ``A8_MAX_ROWS`` (64)
+  rows (or the float kernel's limit without a dense copy, if higher): each row of x rounded to
+  int8 in blocks of 32, integer dot products on a copy of the weight repacked at load. Which
+  kernel a row takes depends on the step's row count, so its result does too. For SmolLM2's
+  int4 layers 2.0x faster than the float kernel at 1 row, 3.6x at 8 (2 threads), and faster
+  than bfloat16 oneDNN up to 128 rows (~0.7x its time at 64); not exact.
 - dense on CUDA: ``F.linear`` (cuBLAS).
 
 Figures: docs/benchmarks.md "Weight-only quantization" (``python -m bench.linear``).
@@ -52,10 +52,11 @@ BLOCKS_PER_THREAD = 3
 # float32 (int4 vs int4-deq-f32: 43.8 vs 91.6 ms at 16, 167.6 vs 154.4 at 64).
 QUANT_MAX_ROWS = 8
 # The same with int8 activations (``linear_a8``), against bfloat16 oneDNN (``python -m bench.linear
-# --threads 2 --rows 1,8,12,16,24 --formats bf16-onednn,int4-a8,int8-g32-a8``, 30 layers): 7.3 vs
-# 12.8 ms at 8 rows, 12.1 vs 16.7 at 16, 19.0 vs 21.5 at 24; the LM head 3.2 vs 3.7 ms at 16 rows
-# and 4.8 vs 4.6 at 24.
-A8_MAX_ROWS = 16
+# --threads 2 --rows 1,8,16,32,64,128 --formats bf16-onednn,int4-a8,int8-g32-a8``, 30 layers, two
+# runs): 37.4 / 41.0 vs 54.0 / 54.2 ms at 64 rows, 75.8 / 70.5 vs 89.2 / 81.4 at 128; the LM head
+# (int8 group 32) 9.3 / 7.5 vs 10.5 / 13.8 ms at 64. 64 rows: a full decode batch of the configs'
+# max_num_seqs; prefill chunks above it keep the dense copy (and its bfloat16 activations).
+A8_MAX_ROWS = 64
 QUANT_MAX_ROWS_NO_DENSE = {torch.float32: 48, torch.bfloat16: 16, torch.float16: 16}
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 

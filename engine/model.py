@@ -4,7 +4,7 @@ Token-major and batch-free: every forward takes the packed tokens of all schedul
 ``input_ids [N]`` and ``positions [N]``, plus an ``AttentionMetadata`` that says where each token's
 K/V goes in the cache and what it attends to. Attention, norms and RoPE go through ``kernels``, so
 CPU tensors run the C++ kernels (or the torch references) and CUDA tensors the Triton ones. On CPU,
-a decode step small enough for the quantized kernels (``Linear.max_quant_rows``: 8 rows, 16 with
+a decode step small enough for the quantized kernels (``Linear.max_quant_rows``: 8 rows, 64 with
 int8 activations) through int4 / int8 layers runs each layer in one C++ call
 (``tandem_cpu::decoder_layer``: the same ops in the same order, so the same bits), not ~10.
 """

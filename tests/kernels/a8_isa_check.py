@@ -27,7 +27,7 @@ def main(build_dir: str, flags: list[str]) -> None:
     ops = torch.ops.tandem_cpu
     g = torch.Generator().manual_seed(0)
     for fmt in ("int4", "int8"):
-        for m, n, k in ((1, 16, 32), (1, 48, 576), (3, 96, 576), (11, 48, 1536)):
+        for m, n, k in ((1, 16, 32), (1, 48, 576), (3, 96, 576), (11, 48, 1536), (70, 32, 576)):
             for dtype, tol in ((torch.float32, 5e-6), (torch.bfloat16, 8e-3)):
                 x = (torch.randn(m, k, generator=g) * 3).to(dtype)
                 w = torch.randn(n, k, generator=g) * 0.05

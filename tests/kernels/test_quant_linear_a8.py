@@ -70,6 +70,7 @@ CASES = [  # (M, N, K): N a multiple of 16 (the kernel's row groups), K of 1-48 
     (3, 96, 576),
     (8, 64, 160),
     (11, 48, 1536),  # a tile of 8 rows, then 2, then 1
+    (70, 32, 576),  # a 70-row decode step: 8 tiles of 8, then 4, then 2; rows quantized in parallel
 ]
 
 
@@ -93,9 +94,9 @@ def test_cpu_kernel_is_batch_invariant(fmt):
     speculative verification (k + 1 rows) reproduces plain decoding, while a step stays within
     the rows the engine gives this kernel (``engine.linear.A8_MAX_ROWS``)."""
     ops = cpu_ext.load_ops()
-    x, w = _x(19, 192, torch.float32, seed=4), cpu_ext.pack_a8(fmt[:4], _w(fmt, 64, 192, seed=5))
+    x, w = _x(70, 192, torch.float32, seed=4), cpu_ext.pack_a8(fmt[:4], _w(fmt, 64, 192, seed=5))
     full = ops.linear_a8(x, *w)
-    for m in (1, 2, 5, 9):
+    for m in (1, 2, 5, 9, 19, 64):
         assert torch.equal(ops.linear_a8(x[:m].contiguous(), *w), full[:m])
     assert torch.equal(ops.linear_a8(x[13:14].contiguous(), *w), full[13:14])
 

@@ -24,6 +24,7 @@ from bench.quant_quality import HELDOUT, MODEL, compare, greedy, make_runner, pe
 from core.sampling_params import SamplingParams
 from core.tokenizer import Tokenizer
 from engine import engine_config
+from engine import linear as engine_linear
 from engine.engine_config import EngineConfig, auto_dtype
 from engine.engine_core import EngineCore
 from engine.loader import load_model
@@ -131,7 +132,7 @@ def test_one_call_decoder_layers_equal_the_per_op_path(quantization, dtype, spec
 
             model._fused_op, model.fuse_layers = counted, fuse
             num_layers.append(len(model.layers))
-            limit.append(model.layers[0].mlp.down_proj.max_quant_rows)  # 8, 16 with int8 inputs
+            limit.append(model.layers[0].mlp.down_proj.max_quant_rows)  # 8, 64 with int8 inputs
 
         extra = {} if speculative is None else {"speculative": speculative}
         quant, _, a8 = quantization.partition("+")
@@ -146,12 +147,14 @@ def test_one_call_decoder_layers_equal_the_per_op_path(quantization, dtype, spec
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_int8_activations_move_only_small_steps_and_little(dtype, tiny_llama_dir):
-    """``quantize_activations``: calls of at most 16 rows take ``linear_a8`` on the repacked
-    weights (not its reference): the decode steps of the 3 sequences, and the LM head on the
-    5-token prompt's 4 prompt-logprob rows. The prefill's layers (64 rows) and the head on the
-    other prompts' 18 and 39 rows stay on the dense copy, bit for bit. What moves, moves by about
-    the activations' rounding."""
+def test_int8_activations_move_only_small_steps_and_little(dtype, tiny_llama_dir, monkeypatch):
+    """``quantize_activations``: calls of at most ``A8_MAX_ROWS`` rows (16 here, so that these
+    prompts fall on both sides of it) take ``linear_a8`` on the repacked weights (not its
+    reference): the decode steps of the 3 sequences, and the LM head on the 5-token prompt's 4
+    prompt-logprob rows. The prefill's layers (64 rows) and the head on the other prompts' 18 and
+    39 rows stay on the dense copy, bit for bit. What moves, moves by about the activations'
+    rounding."""
+    monkeypatch.setattr(engine_linear, "A8_MAX_ROWS", 16)
     layers: list = []
     config = {"dtype": dtype, "quantization": "int4", "keep_dense_weights": True}
     tokens, lps, prompt = run_tiny(tiny_llama_dir, **config)
