@@ -75,12 +75,13 @@ class ModelSection(_Section):
     dtype: ModelDtype = "float32"
     quantization: Quantization = "none"  # weight-only int8 (per channel) / int4 (groups of 32)
     # with quantization: also keep each weight dense (model dtype) for steps of more than 8 rows
-    # (prefill chunks, large decode batches), where dense kernels win; costs the dense memory
+    # (64 with quantize_activations: prefill chunks, large decode batches), where dense kernels
+    # win; costs the dense memory
     keep_dense_weights: bool = False
-    # with quantization, on CPU: the steps that take the quantized kernels (up to 64 rows with
-    # keep_dense_weights) round each quantized linear's input to int8 (blocks of 32) and take
-    # integer dot products, as llama.cpp does (kernels/csrc/quant_linear_a8.cpp): faster, and
-    # the outputs move (docs/benchmarks.md)
+    # with quantization, on CPU: the steps that take the quantized kernels (up to 64 rows) round
+    # each quantized linear's input to int8 (blocks of 32) and take integer dot products, as
+    # llama.cpp does (kernels/csrc/quant_linear_a8.cpp): faster, and the outputs move
+    # (docs/benchmarks.md)
     quantize_activations: bool = False
     max_model_len: PositiveInt = 2048
 

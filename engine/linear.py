@@ -24,8 +24,9 @@ Storage and kernel, by device and format (``Linear.load`` picks; ``forward`` fol
   else the weight dequantized for the call (above ``QUANT_MAX_ROWS_NO_DENSE``: prefill chunks).
 - int4 / int8 with ``int8_activations`` (``model.quantize_activations``, CPU): ``linear_a8``
   (``kernels/csrc/quant_linear_a8.cpp``) in place of the float kernel, up to ``A8_MAX_ROWS`` (64)
-  rows (or the float kernel's limit without a dense copy, if higher): each row of x rounded to
-  int8 in blocks of 32, integer dot products on a copy of the weight repacked at load. Which
+  rows with or without a dense copy: each row of x rounded to int8 in blocks of 32, integer dot
+  products on a copy of the weight repacked at load (where that kernel cannot run, its torch
+  reference, within the float kernel's row limits). Which
   kernel a row takes depends on the step's row count, so its result does too. For SmolLM2's
   int4 layers 2.0x faster than the float kernel at 1 row, 3.6x at 8 (2 threads), and faster
   than bfloat16 oneDNN up to 128 rows (~0.7x its time at 64); not exact.
@@ -92,13 +93,14 @@ class Linear(nn.Module):
         if int8_activations and device_type == "cpu" and blocks:
             from kernels import cpu_ext, quant_reference
 
-            self.max_quant_rows = A8_MAX_ROWS
             op = cpu_ext.direct("linear_a8", dtype)
             packed = None if op is None else cpu_ext.pack_a8(q.fmt, q.tensors())
-            if packed is None:  # no extension, float16 activations, or N % 16 != 0
+            if packed is None:  # no extension, float16 activations, or N % 16 != 0: the
+                # reference (float64, [M, N, K / 32] block sums), at the float kernels' limit
                 self._quant_kernel = getattr(quant_reference, f"{q.fmt}_linear_a8")
             else:
                 self._quant_kernel, self.kernel_tensors, self.a8 = op, tuple(packed), True
+                self.max_quant_rows = A8_MAX_ROWS
 
     @torch.no_grad()
     def load(

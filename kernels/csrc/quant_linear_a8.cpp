@@ -46,6 +46,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "ops.h"
@@ -81,6 +82,20 @@ inline int32_t quantize_block(const float* v, int8_t* q, float& d) {
   const bool finite = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_mul_ps(v0, _mm512_setzero_ps()),
                                                          _mm512_mul_ps(v1, _mm512_setzero_ps()))) == 0.f;
   const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+#elif TANDEM_AVX2
+  __m256 vs[4], zero = _mm256_setzero_ps(), nan_or_zero = zero, mx = zero;
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int i = 0; i < 4; ++i) {
+    vs[i] = _mm256_loadu_ps(v + 8 * i);
+    nan_or_zero = _mm256_add_ps(nan_or_zero, _mm256_mul_ps(vs[i], zero));  // as above
+    mx = _mm256_max_ps(mx, _mm256_and_ps(vs[i], abs_mask));
+  }
+  alignas(32) float lanes[8], nz[8];
+  _mm256_store_ps(lanes, mx);
+  _mm256_store_ps(nz, nan_or_zero);
+  float amax = 0.f, nzs = 0.f;
+  for (int i = 0; i < 8; ++i) amax = std::max(amax, lanes[i]), nzs += nz[i];
+  const bool finite = nzs == 0.f;
 #else
   float amax = 0.f;
   bool finite = true;
@@ -91,11 +106,12 @@ inline int32_t quantize_block(const float* v, int8_t* q, float& d) {
 #endif
   d = amax / 127.f;
   float id = d > 0.f ? 1.f / d : 0.f;
-  if (!finite) {  // a NaN / inf input: the block's products are NaN (its q all 0)
-    d = std::numeric_limits<float>::quiet_NaN(), id = 0.f;
-  } else if (!std::isfinite(id)) {  // amax so small that 1 / dx overflows: a block of zeros
-    d = 0.f, id = 0.f;
+  if (!finite) {  // a NaN / inf input: the block's products are NaN, its q all 0 (not rounded:
+    d = std::numeric_limits<float>::quiet_NaN();  // NaN * 0 has no integer value)
+    std::fill(q, q + kBlock, static_cast<int8_t>(0));
+    return 0;
   }
+  if (!std::isfinite(id)) d = 0.f, id = 0.f;  // amax so small that 1 / dx overflows: zeros
 #if TANDEM_VNNI
   // explicit round to nearest even (std::nearbyint in the default mode); |v * id| <= 127 (+1 ulp)
   const __m512 s = _mm512_set1_ps(id);
@@ -104,6 +120,23 @@ inline int32_t quantize_block(const float* v, int8_t* q, float& d) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(q0));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(q1));
   return _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+#elif TANDEM_AVX2
+  // round half to even (_mm256_round_ps), then int32 -> int16 -> int8 packs (no saturation
+  // happens: |q| <= 127); the packs interleave 128-bit lanes, put back in order by a permute
+  const __m256 s = _mm256_set1_ps(id);
+  __m256i qi[4], sum = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    qi[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(vs[i], s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    sum = _mm256_add_epi32(sum, qi[i]);
+  }
+  const __m256i w16 = _mm256_packs_epi32(qi[0], qi[1]), x16 = _mm256_packs_epi32(qi[2], qi[3]);
+  const __m256i b8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16, x16), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), b8);
+  alignas(32) int32_t part[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(part), sum);
+  int32_t total = 0;
+  for (int i = 0; i < 8; ++i) total += part[i];
+  return total;
 #else
   int32_t sum = 0;
   for (int j = 0; j < kBlock; ++j) {
@@ -122,7 +155,7 @@ QuantizedRows quantize_rows(const at::Tensor& x) {
   QuantizedRows r{M, K, units, std::vector<int8_t>(M * K), std::vector<float>(M * units), std::vector<float>(M * units)};
   const c10::BFloat16* xb = x.scalar_type() == at::kBFloat16 ? x.data_ptr<c10::BFloat16>() : nullptr;
   const float* xf = xb == nullptr ? x.data_ptr<float>() : nullptr;
-  at::parallel_for(0, M, std::max<int64_t>(1, 8192 / K), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
     alignas(64) float v[kBlock];
     for (int64_t m = begin; m < end; ++m)
       for (int64_t u = 0; u < units; ++u) {
@@ -135,6 +168,11 @@ QuantizedRows quantize_rows(const at::Tensor& x) {
           for (int h = 0; h < 2; ++h) {
             const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + off + 16 * h));
             _mm512_store_si512(v + 16 * h, _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+          }
+#elif TANDEM_AVX2
+          for (int h = 0; h < 4; ++h) {
+            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + off + 8 * h));
+            _mm256_store_si256(reinterpret_cast<__m256i*>(v + 8 * h), _mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
           }
 #else
           for (int j = 0; j < kBlock; ++j) v[j] = static_cast<float>(xb[off + j]);
@@ -391,6 +429,20 @@ at::Tensor linear_a8(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return y;
 }
 
+// The rows as linear_a8 quantizes them: (xq int8 [M, K], dx float32 [M, K / 32]), for tests
+// (quant_reference.quantize_activations_int8 is the definition; they must be equal, bit for bit)
+std::tuple<at::Tensor, at::Tensor> quantize_a8(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1 && x.size(1) % kBlock == 0 &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be CPU float32 / bfloat16 [M, K] with contiguous rows, K a multiple of 32");
+  const QuantizedRows r = quantize_rows(x);
+  at::Tensor xq = at::empty({r.M, r.K}, at::TensorOptions().dtype(at::kChar));
+  at::Tensor dx = at::empty({r.M, r.units}, at::TensorOptions().dtype(at::kFloat));
+  std::copy(r.q.begin(), r.q.end(), xq.data_ptr<int8_t>());
+  std::copy(r.dx.begin(), r.dx.end(), dx.data_ptr<float>());
+  return {xq, dx};
+}
+
 }  // namespace
 
 // for decoder_layer.cpp (ops.h)
@@ -402,10 +454,12 @@ TORCH_LIBRARY_FRAGMENT(tandem_cpu, m) {
   m.def("int4_pack_a8(Tensor qweight, Tensor scales, Tensor mins) -> (Tensor, Tensor)");
   m.def("int8_pack_a8(Tensor qweight, Tensor scales) -> (Tensor, Tensor)");
   m.def("linear_a8(Tensor x, Tensor packed, Tensor dm) -> Tensor");
+  m.def("quantize_a8(Tensor x) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) {
   m.impl("int4_pack_a8", &int4_pack_a8);
   m.impl("int8_pack_a8", &int8_pack_a8);
   m.impl("linear_a8", &linear_a8);
+  m.impl("quantize_a8", &quantize_a8);
 }

@@ -40,6 +40,16 @@ def main(build_dir: str, flags: list[str]) -> None:
                 assert err < tol, (fmt, m, n, k, dtype, err)
                 if m > 1:  # batch invariance
                     assert torch.equal(ops.linear_a8(x[1:2].contiguous(), *packed)[0], out[1])
+    for dtype in (torch.float32, torch.bfloat16):  # the quantizer alone, bit for bit
+        x = torch.randn(70, 192, generator=g) * 3
+        x[0, :8] = torch.tensor([127.0, 2.5, 3.5, -0.5, -2.5, 0.5, 1.5, -127.0])  # ties, dx = 1
+        x[1, :32], x[2, 40], x[3, 70], x[4, :32] = 0.0, float("nan"), float("inf"), 1e-38
+        for rows in (x, torch.cat([x, x], 1)[:, 16:208]):  # contiguous and strided
+            xq, dx = ops.quantize_a8(rows.to(dtype))
+            want_q, want_dx = quant_reference.quantize_activations_int8(rows.to(dtype))
+            assert torch.equal(xq, want_q), dtype
+            assert torch.equal(dx.nan_to_num(), want_dx.nan_to_num()), dtype
+            assert torch.equal(dx.isnan(), want_dx.isnan()), dtype
     print("ok")
 
 
