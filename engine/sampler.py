@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels
 from core.outputs import TokenLogprob
 from core.sampling_params import SamplingParams
 from engine.sequence import Sequence
@@ -56,7 +57,7 @@ class Sampler:
         return logits if out is None else out
 
     def _pick(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
-        tokens = logits.argmax(dim=-1)  # [B]: greedy for all; sampled rows overwrite
+        tokens = kernels.argmax_rows(logits)  # [B]: greedy for all; sampled rows overwrite
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if rows:
             idx = torch.tensor(rows, device=logits.device)
@@ -92,7 +93,7 @@ def race(probs: torch.Tensor, gens: Seq[torch.Generator | None]) -> torch.Tensor
     for r, gen in enumerate(gens):
         if gen is not None:
             noise[r].exponential_(generator=gen)
-    return (probs / noise).argmax(dim=-1)
+    return kernels.argmax_rows(probs / noise)
 
 
 def token_logprobs(

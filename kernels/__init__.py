@@ -22,6 +22,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
+from kernels import reference
 from kernels.reference import dequantize_fp8, quantize_fp8
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "rotary",
     "int4_linear",
     "int8_linear",
+    "argmax_rows",
     "KERNELS",
 ]
 
@@ -146,6 +148,17 @@ def decode_attention(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_query_len, sm_scale,
         k_scale, v_scale,
     )  # fmt: skip
+
+
+def argmax_rows(x: Tensor) -> Tensor:
+    """Greedy picks of logits x [B, V] float32 -> int64 [B] (``reference.argmax_rows``): on CPU
+    the C++ op (torch's runs on one thread), elsewhere torch's own (no table entry: CUDA's argmax
+    is already parallel, so it has no Triton twin)."""
+    if x.device.type == "cpu":
+        from kernels import cpu_ext
+
+        return cpu_ext.argmax_rows(x)
+    return reference.argmax_rows(x)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

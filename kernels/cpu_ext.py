@@ -56,7 +56,7 @@ def _cpu_tag() -> str:
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("paged_decode.cpp", "store_kv.cpp", "fused.cpp", "quant_linear.cpp",
-           "quant_linear_a8.cpp", "decoder_layer.cpp")  # fmt: skip
+           "quant_linear_a8.cpp", "decoder_layer.cpp", "argmax.cpp")  # fmt: skip
 # -ffp-contract=off: a * b + c stays two roundings, as in torch's separate ops (RoPE then equals
 # the reference bit for bit); the hot loops that want FMA spell it with intrinsics.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
@@ -237,6 +237,14 @@ def _rows(*xs: Tensor) -> bool:
         x.device.type == "cpu" and x.dtype in _FUSED_DTYPES and x.dim() == 2 and x.stride(1) == 1
         for x in xs
     )
+
+
+def argmax_rows(x: Tensor) -> Tensor:
+    """``reference.argmax_rows`` with the rows over the threads and vectorised (csrc/argmax.cpp:
+    torch's runs on one thread); float32 CPU rows, else the reference."""
+    usable = x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
+    ops = load_ops() if usable and x.stride(1) == 1 and x.shape[1] > 0 else None
+    return reference.argmax_rows(x) if ops is None else ops.argmax_rows(x)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

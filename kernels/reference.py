@@ -277,3 +277,9 @@ def decode_attention(
     out = out[i[None, :] < n_q[:, None]]  # [N, Hq, D] in packed order
     assert out.shape[0] == q.shape[0]
     return out.to(q.dtype)
+
+
+def argmax_rows(x: Tensor) -> Tensor:
+    """Greedy picks: x [B, V] float32 -> int64 [B], the first index of each row's largest value
+    (a NaN counts as the largest: its first index), as ``torch.argmax(dim=-1)``."""
+    return x.argmax(dim=-1)
