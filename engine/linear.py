@@ -26,10 +26,10 @@ Storage and kernel, by device and format (``Linear.load`` picks; ``forward`` fol
   (``kernels/csrc/quant_linear_a8.cpp``) in place of the float kernel, up to ``A8_MAX_ROWS`` (64)
   rows with or without a dense copy: each row of x rounded to int8 in blocks of 32, integer dot
   products on a copy of the weight repacked at load (where that kernel cannot run, its torch
-  reference, within the float kernel's row limits). Which
-  kernel a row takes depends on the step's row count, so its result does too. For SmolLM2's
-  int4 layers 2.0x faster than the float kernel at 1 row, 3.6x at 8 (2 threads), and faster
-  than bfloat16 oneDNN up to 128 rows (~0.7x its time at 64); not exact.
+  reference, within the float kernel's row limits). Which kernel a row takes depends on the
+  step's row count, so its result does too. For SmolLM2's int4 layers 2.0x faster than the float
+  kernel at 1 row, 3.6x at 8 (2 threads), and faster than bfloat16 oneDNN up to 128 rows (~0.7x
+  its time at 64); not exact.
 - dense on CUDA: ``F.linear`` (cuBLAS).
 
 Figures: docs/benchmarks.md "Weight-only quantization" (``python -m bench.linear``).

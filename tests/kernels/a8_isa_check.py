@@ -19,6 +19,20 @@ sys.path.insert(0, str(ROOT))
 from kernels import cpu_ext, quant_reference  # noqa: E402
 
 
+def special_rows(k: int, seed: int) -> torch.Tensor:
+    """Float32 rows [6, k] (k >= 128) whose blocks hit each rule of the activation quantizer:
+    exact ties (amax 127, so dx = 1 and x / dx = x: 2.5 -> 2, 3.5 -> 4, -0.5 -> -0), a zero
+    block, -0.0, a NaN, -inf and +inf, a block too small for 1 / dx and denormals; the rest random.
+    (test_quant_linear_a8.py uses them too.)"""
+    x = torch.randn(6, k, generator=torch.Generator().manual_seed(seed)) * 4
+    x[0, :8] = torch.tensor([127.0, 2.5, 3.5, -0.5, -2.5, 0.5, 1.5, -127.0])
+    x[1, :32], x[1, 32:64] = 0.0, -0.0
+    x[2, 40], x[3, 70], x[3, 100] = float("nan"), float("-inf"), float("inf")
+    x[4, :32], x[4, 32:64] = 1e-38, 3e-39  # 1 / dx overflows: zeros
+    x[5, 96:128] = torch.linspace(-1e-35, 1e-35, 32)
+    return x
+
+
 def main(build_dir: str, flags: list[str]) -> None:
     cpu_ext._put_ninja_on_path()
     source = ROOT / "kernels" / "csrc" / "quant_linear_a8.cpp"
@@ -41,9 +55,7 @@ def main(build_dir: str, flags: list[str]) -> None:
                 if m > 1:  # batch invariance
                     assert torch.equal(ops.linear_a8(x[1:2].contiguous(), *packed)[0], out[1])
     for dtype in (torch.float32, torch.bfloat16):  # the quantizer alone, bit for bit
-        x = torch.randn(70, 192, generator=g) * 3
-        x[0, :8] = torch.tensor([127.0, 2.5, 3.5, -0.5, -2.5, 0.5, 1.5, -127.0])  # ties, dx = 1
-        x[1, :32], x[2, 40], x[3, 70], x[4, :32] = 0.0, float("nan"), float("inf"), 1e-38
+        x = torch.cat([torch.randn(64, 192, generator=g) * 3, special_rows(192, 0)])  # 70 rows
         for rows in (x, torch.cat([x, x], 1)[:, 16:208]):  # contiguous and strided
             xq, dx = ops.quantize_a8(rows.to(dtype))
             want_q, want_dx = quant_reference.quantize_activations_int8(rows.to(dtype))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from a8_isa_check import special_rows
 from paged_cases import rel_err
 
 from kernels import cpu_ext, quant_reference
@@ -49,31 +50,18 @@ def test_activation_quantizer_rounds_each_block_to_its_own_step():
     assert (xq.abs().amax(dim=1) == 127).all()  # each row's largest block uses the full range
 
 
-def special_rows(k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Rows [6, k] (k >= 128) whose blocks hit each rule of the quantizer: exact ties (amax 127,
-    so dx = 1 and x / dx = x: 2.5 -> 2, 3.5 -> 4, -0.5 -> -0), a zero block, -0.0, a NaN, an
-    inf, a block too small for 1 / dx and denormals; the rest random."""
-    x = _x(6, k, torch.float32, seed)
-    x[0, :8] = torch.tensor([127.0, 2.5, 3.5, -0.5, -2.5, 0.5, 1.5, -127.0])
-    x[1, :32], x[1, 32:64] = 0.0, -0.0
-    x[2, 40], x[3, 70] = float("nan"), float("-inf")
-    x[4, :32], x[4, 32:64] = 1e-38, 3e-39  # 1 / dx overflows: zeros
-    x[5, 96:128] = torch.linspace(-1e-35, 1e-35, 32)
-    return x.to(dtype)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("m", "k"), [(1, 32), (3, 576), (70, 192)])
 def test_cpu_quantizer_equals_the_reference_bit_for_bit(dtype, m, k):
     """``quantize_a8`` returns linear_a8's own int8 rows and steps (vectorised per ISA, rows
     split over threads): equal to ``quantize_activations_int8``, NaN steps included, on fresh
-    random rows, the special blocks above and a strided view (x.stride(0) > K)."""
+    random rows, ``a8_isa_check.special_rows``' blocks and a strided view (x.stride(0) > K)."""
     ops = cpu_ext.load_ops()
     seed = int(torch.randint(0, 1 << 30, ()).item())
     wide = _x(m, k + 64, dtype, seed)
     cases = [_x(m, k, dtype, seed + 1), wide[:, 32 : 32 + k]]
     if k >= 128:
-        cases.append(special_rows(k, dtype, seed + 2))
+        cases.append(special_rows(k, seed + 2).to(dtype))
     for x in cases:
         xq, dx = ops.quantize_a8(x)
         want_q, want_dx = quant_reference.quantize_activations_int8(x)
