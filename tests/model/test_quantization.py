@@ -170,6 +170,21 @@ def test_int8_activations_move_only_small_steps_and_little(dtype, tiny_llama_dir
     assert len(diffs) >= 16 and 0 < max(diffs) < 0.02, diffs  # measured: 40, max 0.0028
 
 
+def test_int8_activation_row_limit_follows_the_kernel_that_runs():
+    """``linear_a8`` on the repacked weight takes steps of up to ``A8_MAX_ROWS`` rows; where it
+    cannot run (float16 activations, N % 16 != 0) its torch reference does, within the float
+    kernels' limit (its float64 block sums grow with the rows: ~450 MB for SmolLM2's head at 64)."""
+    g = torch.Generator().manual_seed(0)
+    for dtype, n, a8 in ((torch.bfloat16, 48, True), (torch.float16, 48, False),
+                         (torch.bfloat16, 40, False)):  # fmt: skip
+        layer = engine_linear.Linear(64, n).to(dtype)
+        layer.load(torch.randn(n, 64, generator=g) * 0.05, quantization="int4")
+        layer.bind("cpu", dtype, int8_activations=True)
+        assert layer.a8 == a8, (dtype, n)
+        want = engine_linear.A8_MAX_ROWS if a8 else engine_linear.QUANT_MAX_ROWS
+        assert layer.max_quant_rows == want, (dtype, n)
+
+
 def test_bfloat16_model_stays_close_to_float32(tiny_llama_dir):
     _, _, f32 = run_tiny(tiny_llama_dir)
     for quantization in ("none", "int4"):
