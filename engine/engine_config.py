@@ -22,11 +22,15 @@ def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or usable AMX tiles), as
     torch's cpuinfo and oneDNN see it. Without either, oneDNN emulates bf16 matmuls with float32
     ones plus conversions (slower than float32), so ``auto`` stays on float32."""
-    cpu = torch.cpu
-    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
         return True
-    # AMX is listed on some VMs whose kernel does not grant the tile state: ask for it first
-    return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    return cpu_has_amx()
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles that this process may use (oneDNN's bf16 matmuls then run
+    on them). AMX is listed on some VMs whose kernel does not grant the tile state: ask for it."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
                 and torch._C._cpu._init_amx())  # fmt: skip
 
 

@@ -24,12 +24,13 @@ Storage and kernel, by device and format (``Linear.load`` picks; ``forward`` fol
   else the weight dequantized for the call (above ``QUANT_MAX_ROWS_NO_DENSE``: prefill chunks).
 - int4 / int8 with ``int8_activations`` (``model.quantize_activations``, CPU): ``linear_a8``
   (``kernels/csrc/quant_linear_a8.cpp``) in place of the float kernel, up to ``A8_MAX_ROWS`` (64)
-  rows with or without a dense copy: each row of x rounded to int8 in blocks of 32, integer dot
-  products on a copy of the weight repacked at load (where that kernel cannot run, its torch
-  reference, within the float kernel's row limits). Which kernel a row takes depends on the
-  step's row count, so its result does too. For SmolLM2's int4 layers 2.0x faster than the float
-  kernel at 1 row, 3.6x at 8 (2 threads), and faster than bfloat16 oneDNN up to 128 rows (~0.7x
-  its time at 64); not exact.
+  rows (``A8_MAX_ROWS_BESIDE_AMX_BF16``, 32, beside a bfloat16 dense copy on a CPU with AMX):
+  each row of x rounded to int8 in blocks of 32, integer dot products on a copy of the weight
+  repacked at load (where that kernel cannot run, its torch reference, within the float kernel's
+  row limits). Which kernel a row takes depends on the step's row count, so its result does too.
+  For SmolLM2's int4 layers 2.0x faster than the float kernel at 1 row, 3.6x at 8 (2 threads),
+  and on an AVX-512 CPU without AMX faster than bfloat16 oneDNN up to 128 rows (~0.7x its time
+  at 64); not exact.
 - dense on CUDA: ``F.linear`` (cuBLAS).
 
 Figures: docs/benchmarks.md "Weight-only quantization" (``python -m bench.linear``).
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from engine.engine_config import cpu_has_amx
 from engine.quantized_weight import QuantizedWeight
 
 SPLIT_MAX_ROWS = 512
@@ -58,6 +60,12 @@ QUANT_MAX_ROWS = 8
 # (int8 group 32) 9.3 / 7.5 vs 10.5 / 13.8 ms at 64. 64 rows: a full decode batch of the configs'
 # max_num_seqs; prefill chunks above it keep the dense copy (and its bfloat16 activations).
 A8_MAX_ROWS = 64
+# ... except against a bfloat16 dense copy on a CPU with AMX, where oneDNN's bfloat16 runs on the
+# tiles: there linear_a8 (AMX too from 16 rows, csrc/quant_linear_a8.cpp) is faster up to ~32
+# rows only (same command, Intel Xeon with AMX, 30 layers: 11.9 vs 12.8 ms at 32 rows, 17.1 vs
+# 13.3 at 48, 21.5 vs 14.6 at 64; the LM head ties at 16-32). Without a dense copy A8_MAX_ROWS
+# holds: dequantizing the weight for the call costs more.
+A8_MAX_ROWS_BESIDE_AMX_BF16 = 32
 QUANT_MAX_ROWS_NO_DENSE = {torch.float32: 48, torch.bfloat16: 16, torch.float16: 16}
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -101,6 +109,8 @@ class Linear(nn.Module):
             else:
                 self._quant_kernel, self.kernel_tensors, self.a8 = op, tuple(packed), True
                 self.max_quant_rows = A8_MAX_ROWS
+                if self.weight is not None and dtype == torch.bfloat16 and cpu_has_amx():
+                    self.max_quant_rows = A8_MAX_ROWS_BESIDE_AMX_BF16  # (a dense copy's there)
 
     @torch.no_grad()
     def load(

@@ -4,9 +4,11 @@ Token-major and batch-free: every forward takes the packed tokens of all schedul
 ``input_ids [N]`` and ``positions [N]``, plus an ``AttentionMetadata`` that says where each token's
 K/V goes in the cache and what it attends to. Attention, norms and RoPE go through ``kernels``, so
 CPU tensors run the C++ kernels (or the torch references) and CUDA tensors the Triton ones. On CPU,
-a decode step small enough for the quantized kernels (``Linear.max_quant_rows``: 8 rows, 64 with
-int8 activations) through int4 / int8 layers runs each layer in one C++ call
-(``tandem_cpu::decoder_layer``: the same ops in the same order, so the same bits), not ~10.
+a decode step runs each layer in one C++ call (``tandem_cpu::decoder_layer``: the same ops in the
+same order, so the same bits), not ~10, where every linear takes a kernel that op has: the int4 /
+int8 ones within their row limit (``Linear.max_quant_rows``: 8 rows, 64 with int8 activations, 32
+beside a bfloat16 dense copy with AMX), oneDNN on a packed bfloat16 weight above it or in a
+bfloat16 model (float32 dense layers take MKL, per op).
 """
 
 from __future__ import annotations
@@ -221,7 +223,10 @@ class LlamaForCausalLM(nn.Module):
         # model allows it (bind_kernels, _fuses); False: always the per-op path (benchmarks)
         self.fuse_layers = True
         self._fused_op: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+        # per layer, the op's arguments: with the quantized kernels' weights (steps of at most
+        # max_quant_rows rows) and with the oneDNN-packed dense ones (larger steps, dense models)
         self._fused_args: list[tuple] = []
+        self._fused_dense_args: list[tuple] = []
         self.quantize_activations = False  # quantized CPU linears: int8 activations (load_weights)
 
     def forward(
@@ -236,12 +241,13 @@ class LlamaForCausalLM(nn.Module):
         ``after_layer(i)`` runs once layer i's work is issued (its KV stored, on CPU; launched,
         on CUDA): a prefill worker sends finished layers' KV while the rest compute."""
         x, residual = self.embed_tokens(input_ids, self.norm.weight.dtype), None
-        if self._fuses(input_ids.shape[0], md, kv_cache):
+        fused_args = self._fused_layers(input_ids.shape[0], md, kv_cache)
+        if fused_args:
             assert self._fused_op is not None and md.seq_lens is not None
             attn = self.layers[0].self_attn
             step = (md.slot_mapping, md.block_tables, md.seq_lens, md.cu_seqlens, md.max_seqlen,
                     attn.scale, attn.num_heads, attn.num_kv_heads)  # fmt: skip
-            for i, layer_args in enumerate(self._fused_args):
+            for i, layer_args in enumerate(fused_args):
                 k_cache, v_cache, _, _ = kv_cache.layer(i)
                 x, residual = self._fused_op(x, residual, *layer_args, positions, self.rope.cos,
                                              self.rope.sin, k_cache, v_cache, *step)  # fmt: skip
@@ -256,15 +262,18 @@ class LlamaForCausalLM(nn.Module):
                 after_layer(i)
         return self.norm.add_forward(x, residual)[0]
 
-    def _fuses(self, rows: int, md: AttentionMetadata, kv_cache: KVCache) -> bool:
-        """Whether this step runs its layers through ``tandem_cpu::decoder_layer``: a decode step
-        of at most ``Linear.max_quant_rows`` rows (every linear then takes its quantized kernel,
-        as the per-op path would) over a cache of the model dtype without FP8 scales."""
+    def _fused_layers(self, rows: int, md: AttentionMetadata, kv_cache: KVCache) -> list[tuple]:
+        """Each layer's arguments for ``tandem_cpu::decoder_layer`` if this step runs its layers
+        through it, else []: a decode step over a cache of the model dtype without FP8 scales,
+        each linear taking the kernel the per-op path would (its quantized kernel up to
+        ``Linear.max_quant_rows`` rows, its oneDNN-packed dense weight above / in a dense model)."""
         if self._fused_op is None or not self.fuse_layers or md.is_prefill:
-            return False
-        if rows > self.layers[0].self_attn.qkv_proj.max_quant_rows:
-            return False
-        return kv_cache.scales is None and kv_cache.data.dtype == self.norm.weight.dtype
+            return []
+        if kv_cache.scales is not None or kv_cache.data.dtype != self.norm.weight.dtype:
+            return []
+        if self._fused_args and rows <= self.layers[0].self_attn.qkv_proj.max_quant_rows:
+            return self._fused_args
+        return self._fused_dense_args
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [M, vocab], float32 for sampling
@@ -345,21 +354,29 @@ class LlamaForCausalLM(nn.Module):
                 module.bind(device_type, dtype, self.quantize_activations)
             elif module is not self and hasattr(module, "bind"):
                 module.bind(device_type, dtype)
-        self._fused_op, self._fused_args = None, []
+        self._fused_op, self._fused_args, self._fused_dense_args = None, [], []
         linears = [(a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
                    for a, m in ((ly.self_attn, ly.mlp) for ly in self.layers)]  # fmt: skip
-        if device_type != "cpu" or any(w.quantized is None for ws in linears for w in ws):
-            return  # the op covers quantized CPU layers (dense ones: oneDNN / MKL per op)
-        if any(w.a8 != self.quantize_activations for ws in linears for w in ws):
-            return  # int8 activations without the C++ kernel (its reference runs per op)
+        if device_type != "cpu":
+            return
         from kernels import cpu_ext
 
         self._fused_op = cpu_ext.direct("decoder_layer", dtype)  # None: no extension / dtype
-        self._fused_args = [
-            (ly.input_layernorm.weight, ly.post_attention_layernorm.weight, ly.input_layernorm.eps,
-             *([*w.kernel_tensors] for w in ws))
-            for ly, ws in zip(self.layers, linears, strict=True)
-        ]  # fmt: skip
+        if self._fused_op is None:
+            return
+
+        def args(weights: Callable[[Linear], list[torch.Tensor]]) -> list[tuple]:
+            return [(ly.input_layernorm.weight, ly.post_attention_layernorm.weight,
+                     ly.input_layernorm.eps, *(weights(w) for w in ws))
+                    for ly, ws in zip(self.layers, linears, strict=True)]  # fmt: skip
+
+        every = [w for ws in linears for w in ws]
+        # int8 activations without the C++ kernel: its torch reference runs per op
+        if all(w.quantized is not None and w.a8 == self.quantize_activations for w in every):
+            self._fused_args = args(lambda w: [*w.kernel_tensors])
+        # dense float32 layers take MKL (engine/linear.py's split), which the op does not call
+        if all(w.packed is not None for w in every):
+            self._fused_dense_args = args(lambda w: [w.packed])
 
 
 def cat_rows(parts: list[Weight]) -> Weight:

@@ -353,7 +353,7 @@ DIRECT_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "linear_a8": _FUSED_DTYPES,  # on pack_a8's weights: int8 activations
     "decode_attention": Q_DTYPES,
     "store_kv": Q_DTYPES,  # cache dtype == key dtype (no FP8: quantized on store by the reference)
-    "decoder_layer": _FUSED_DTYPES,  # a whole layer of a small quantized decode step (model.py)
+    "decoder_layer": _FUSED_DTYPES,  # a whole layer of a decode step (model.py)
 }
 
 

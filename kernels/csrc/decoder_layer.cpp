@@ -1,19 +1,24 @@
-// One Llama decoder layer of a small decode step in ONE op call, for weight-only quantized models.
+// One Llama decoder layer of a decode step in ONE op call (quantized or oneDNN-packed linears).
 //
 // Why: a batch-1 decode step of a quantized small model on CPU is mostly fixed cost, not weight
-// reads: per layer the Python model issues ~10 op calls (norms, 4 linears, RoPE, KV store,
+// reads (and a bfloat16 one's is ~a third): per layer the Python model issues ~10 op calls (norms, 4 linears, RoPE, KV store,
 // attention, SiLU-mul) plus the views between them, each paying Python and dispatcher overhead.
 // Here the same ops (ops.h: the very functions registered as tandem_cpu::*) run back to back in
 // C++, in the order engine/model.py runs them, on the same intermediate tensors: the result is
 // bit-identical to the per-op path (tests/model/test_quantization.py::
 // test_one_call_decoder_layers_equal_the_per_op_path checks it), only the calls between them are gone.
 //
-// Scope (engine/model.py decides): CPU, float32 / bfloat16 activations, every linear int4 or int8
-// (weights as their Linear.kernel_tensors: 3 tensors int4, 2 int8 or repacked), a cache of the model
-// dtype without FP8 scales, a decode step (no prefill), at most Linear.max_quant_rows rows.
+// Scope (engine/model.py decides): CPU, float32 / bfloat16 activations, a cache of the model dtype
+// without FP8 scales, a decode step (no prefill), and every linear either quantized within its
+// kernel's row limit (Linear.max_quant_rows; weights as Linear.kernel_tensors: 3 tensors int4, 2
+// int8 or repacked) or dense in oneDNN's layout (Linear.packed: bfloat16 layers, or a bfloat16
+// dense copy of quantized ones above that limit).
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include <optional>
 
 #include <tuple>
 
@@ -21,9 +26,22 @@
 
 namespace {
 
-// x [M, K] @ W^T with W quantized: (qweight, scales, mins) int4, (qweight, scales) int8, or
-// (packed, dm) int4 / int8 repacked for int8 activations (Linear.kernel_tensors: uint8 marks it)
+// x [M, K] @ W^T with W dense in oneDNN's blocked layout (Linear.packed): the very op the per-op
+// path calls (engine/linear.py), through the dispatcher
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                               c10::string_view, c10::List<std::optional<at::Scalar>>,
+                                               std::optional<c10::string_view>)>();
+  return op.call(x, packed, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), c10::string_view(""));
+}
+
+// x [M, K] @ W^T with W (Linear.fused_weights): (qweight, scales, mins) int4, (qweight, scales)
+// int8, (packed, dm) int4 / int8 repacked for int8 activations (uint8 marks it), or (packed,) a
+// dense weight for oneDNN
 at::Tensor quant_linear(const at::Tensor& x, at::TensorList w) {
+  if (w.size() == 1) return onednn_linear(x, w[0]);
   if (w.size() == 3) return tandem::ops::int4_linear(x, w[0], w[1], w[2]);
   TORCH_CHECK(w.size() == 2, "a quantized weight is 3 tensors (int4), 2 (int8 or a *_pack_a8's)");
   if (w[0].scalar_type() == at::kByte) return tandem::ops::linear_a8(x, w[0], w[1]);
@@ -74,3 +92,6 @@ TORCH_LIBRARY_FRAGMENT(tandem_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) { m.impl("decoder_layer", &decoder_layer); }
+
+// oneDNN-packed weights are MkldnnCPU tensors, which then pick the kernel; the rest are CPU ones
+TORCH_LIBRARY_IMPL(tandem_cpu, MkldnnCPU, m) { m.impl("decoder_layer", &decoder_layer); }

@@ -31,6 +31,12 @@
 //       int4 (C = 4): low nibble wq[16g + i, 32u + 8c + b], high nibble wq[.., 32u + 8c + 4 + b]
 //       int8 (C = 8): wq[16g + i, 32u + 4c + b]
 //   dm float16 [N / 16, K / 32, 2, 16]: d then m of the 16 rows (one 64-byte line per block)
+// AMX (AMX-INT8 + AVX512-VNNI, Linux granting the tile state): each block of 16 activation rows
+// is one tdpbsud per block of 32 inputs (16 x 16 x 32 products; the int8 packed block already is
+// the B tile's layout, int4 nibbles are split into it once per row group), then the same convert
+// and FMAs as the VNNI path, per row: bit-identical to it. Rows left over (M % 16) take the VNNI
+// path. Why: VNNI at 64 rows is compute-bound (~0.4 ms a row for SmolLM2's layers, slower than
+// bfloat16 oneDNN on AMX from ~32 rows), AMX is ~16x the products per instruction.
 // Paths, chosen at compile time (-march=native): AVX512-VNNI (+BW/VL); AVX2 (+FMA/F16C), as
 // llama.cpp: int4 by vpmaddubsw (u8 x s8 pairs -> int16) for the 8 groups of 4 inputs, summed in
 // int16 (at most 8 * 2 * 15 * 127 = 30480: no saturation), then one vpmaddwd to int32; int8
@@ -54,6 +60,11 @@
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define TANDEM_VNNI 1
 #include <immintrin.h>
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+#define TANDEM_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define TANDEM_AVX2 1
 #include <immintrin.h>
@@ -307,9 +318,99 @@ void group_tile(const uint8_t* packed, const c10::Half* dm, int64_t g, const Qua
 #endif
 }
 
+#if TANDEM_AMX
+// Linux gives a thread the AMX tile data (8 KB more per thread to save on a context switch) only
+// once the process asks; a kernel without it or a VM that hides AMX says no: the VNNI path runs.
+bool amx_granted() {
+  static const bool ok = [] {
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+// palette 1, two sets (block u in set u % 2, so the next block's tile loads and product run
+// while this one's float part does): A = tmm0 / tmm3, 16 activation rows x 32 int8; B = tmm1 /
+// tmm4, 8 rows (inputs 4c .. 4c + 3) x 16 weight rows x 4 bytes; C = tmm2 / tmm5, 16 x 16 int32
+// (activation row, weight row)
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {32, 64, 64, 32, 64, 64};
+  uint8_t rows[16] = {16, 8, 16, 16, 8, 16};
+};
+
+// The B tiles of row group g, one per block: 8 rows of 64 bytes (unsigned weights), in `tiles`
+// (int4: the nibbles split as the VNNI path splits them) or in place (int8: the packed layout is it)
+template <int B>
+const uint8_t* b_tiles(const uint8_t* packed, int64_t g, int64_t units, uint8_t* tiles) {
+  const uint8_t* p = packed + g * units * B;
+  if (B == 512) return p;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int64_t u = 0; u < units; ++u)
+    for (int k = 0; k < 4; ++k) {
+      const __m512i raw = _mm512_loadu_si512(p + u * B + 64 * k);
+      _mm512_storeu_si512(tiles + u * 512 + 128 * k, _mm512_and_si512(raw, low4));
+      _mm512_storeu_si512(tiles + u * 512 + 128 * k + 64, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4));
+    }
+  return tiles;
+}
+
+// block u's integer sums of 16 activation rows x 16 weight rows into c, in tile set A, B, C (see
+// TileConfig; the intrinsics take literal tile numbers, hence a macro)
+#define TANDEM_BLOCK_SUMS(A, B, C, a, a_stride, b, c) \
+  do {                                                 \
+    _tile_loadd(A, a, a_stride);                       \
+    _tile_loadd(B, b, 64);                             \
+    _tile_zero(C);                                     \
+    _tile_dpbsud(C, A, B); /* signed activations x unsigned weights, as vpdpbusd's */ \
+    _tile_stored(C, c, 64);                            \
+  } while (0)
+
+// y[m0 .. m0 + 16, 16g .. 16g + 16): the VNNI group_tile's arithmetic, its integer sums from AMX
+template <typename T>
+void group_amx16(const uint8_t* tiles, const c10::Half* dm, int64_t g, const QuantizedRows& xr, int64_t m0, T* y,
+                 int64_t N) {
+  const int64_t units = xr.units, K = xr.K;
+  const int8_t* a = xr.q.data() + m0 * K;
+  const c10::Half* s = dm + g * units * 2 * kRows;
+  alignas(64) int32_t c[2][kRows * kRows];  // [set][activation row, weight row]
+  __m512 acc[kRows];
+  for (int m = 0; m < kRows; ++m) acc[m] = _mm512_setzero_ps();
+  TANDEM_BLOCK_SUMS(0, 1, 2, a, K, tiles, c[0]);
+  for (int64_t u = 0; u < units; ++u, s += 2 * kRows) {
+    if (u + 1 < units) {  // the next block's sums first: its tile work overlaps this block's floats
+      const int8_t* an = a + (u + 1) * kBlock;
+      const uint8_t* bn = tiles + (u + 1) * 512;
+      if (u % 2 == 0) TANDEM_BLOCK_SUMS(3, 4, 5, an, K, bn, c[1]);
+      else TANDEM_BLOCK_SUMS(0, 1, 2, an, K, bn, c[0]);
+    }
+    const int32_t* cu = c[u % 2];
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+    const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + kRows)));
+#pragma GCC unroll 16
+    for (int m = 0; m < kRows; ++m) {  // unrolled: acc stays in 16 registers
+      const float dx = xr.dx[(m0 + m) * units + u], sx = xr.sx[(m0 + m) * units + u];
+      const __m512i isum = _mm512_load_si512(cu + m * kRows);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[m]);
+      acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(sx), acc[m]);
+    }
+  }
+  for (int m = 0; m < kRows; ++m) {
+    alignas(64) float out[kRows];
+    _mm512_store_ps(out, acc[m]);
+    for (int i = 0; i < kRows; ++i) y[(m0 + m) * N + g * kRows + i] = static_cast<T>(out[i]);
+  }
+}
+#endif
+
+// amx_tiles: group g's B tiles (b_tiles) when this thread has AMX configured, else nullptr
 template <int B, typename T>
-void group_all_m(const uint8_t* packed, const c10::Half* dm, int64_t g, const QuantizedRows& xr, T* y, int64_t N) {
+void group_all_m(const uint8_t* packed, const c10::Half* dm, int64_t g, const QuantizedRows& xr, T* y, int64_t N,
+                 const uint8_t* amx_tiles = nullptr) {
   int64_t m0 = 0;
+#if TANDEM_AMX
+  for (; amx_tiles != nullptr && xr.M - m0 >= kRows; m0 += kRows) group_amx16(amx_tiles, dm, g, xr, m0, y, N);
+#endif
   auto step = [&](auto mt_tag) {
     constexpr int MT = decltype(mt_tag)::value;
     group_tile<MT, B>(packed, dm, g, xr, m0, y, N);
@@ -397,6 +498,18 @@ std::tuple<at::Tensor, at::Tensor> int8_pack_a8(const at::Tensor& qweight, const
       scale, [&](int64_t n, int64_t u) { return static_cast<c10::Half>(-128.f * static_cast<float>(scale(n, u))); });
 }
 
+// AMX for calls of at least kAmxMinRows rows (python -m bench.linear, int4-a8 against int4-a8
+// without AMX: see docs/benchmarks.md), where this build has it and Linux grants it
+constexpr int64_t kAmxMinRows = kRows;
+bool use_amx(int64_t M) {
+#if TANDEM_AMX
+  return M >= kAmxMinRows && amx_granted();
+#else
+  (void)M;
+  return false;
+#endif
+}
+
 // y [M, N] = x [M, K] @ W^T for W packed by int4_pack_a8 (C = 4) or int8_pack_a8 (C = 8)
 at::Tensor linear_a8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1, "x must be CPU [M, K] with contiguous rows");
@@ -418,13 +531,28 @@ at::Tensor linear_a8(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const c10::Half* dp = dm.data_ptr<c10::Half>();
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t grain = std::max<int64_t>(1, (groups + threads - 1) / threads);  // one range per thread
+  const bool amx = use_amx(xr.M);
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      if (int4 && bf) group_all_m<256>(pp, dp, g, xr, y.data_ptr<c10::BFloat16>(), N);
-      else if (int4) group_all_m<256>(pp, dp, g, xr, y.data_ptr<float>(), N);
-      else if (bf) group_all_m<512>(pp, dp, g, xr, y.data_ptr<c10::BFloat16>(), N);
-      else group_all_m<512>(pp, dp, g, xr, y.data_ptr<float>(), N);
+    const uint8_t* tiles = nullptr;
+#if TANDEM_AMX
+    std::vector<uint8_t> unpacked(amx && int4 ? xr.units * 512 : 0);
+    if (amx) {
+      const TileConfig cfg;
+      _tile_loadconfig(&cfg);  // per thread: the pool's threads each run a range
     }
+#endif
+    for (int64_t g = begin; g < end; ++g) {
+#if TANDEM_AMX
+      if (amx) tiles = int4 ? b_tiles<256>(pp, g, xr.units, unpacked.data()) : b_tiles<512>(pp, g, xr.units, nullptr);
+#endif
+      if (int4 && bf) group_all_m<256>(pp, dp, g, xr, y.data_ptr<c10::BFloat16>(), N, tiles);
+      else if (int4) group_all_m<256>(pp, dp, g, xr, y.data_ptr<float>(), N, tiles);
+      else if (bf) group_all_m<512>(pp, dp, g, xr, y.data_ptr<c10::BFloat16>(), N, tiles);
+      else group_all_m<512>(pp, dp, g, xr, y.data_ptr<float>(), N, tiles);
+    }
+#if TANDEM_AMX
+    if (amx) _tile_release();  // this thread's tile state back to init: cheaper context switches
+#endif
   });
   return y;
 }
@@ -443,6 +571,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_a8(const at::Tensor& x) {
   return {xq, dx};
 }
 
+// whether linear_a8 takes the AMX path for a call of `rows` rows (for tests and benchmarks)
+bool a8_uses_amx(int64_t rows) { return use_amx(rows); }
+
 }  // namespace
 
 // for decoder_layer.cpp (ops.h)
@@ -455,6 +586,7 @@ TORCH_LIBRARY_FRAGMENT(tandem_cpu, m) {
   m.def("int8_pack_a8(Tensor qweight, Tensor scales) -> (Tensor, Tensor)");
   m.def("linear_a8(Tensor x, Tensor packed, Tensor dm) -> Tensor");
   m.def("quantize_a8(Tensor x) -> (Tensor, Tensor)");
+  m.def("a8_uses_amx(int rows) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) {
@@ -463,3 +595,6 @@ TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) {
   m.impl("linear_a8", &linear_a8);
   m.impl("quantize_a8", &quantize_a8);
 }
+
+// no tensor argument to dispatch on
+TORCH_LIBRARY_IMPL(tandem_cpu, CompositeExplicitAutograd, m) { m.impl("a8_uses_amx", &a8_uses_amx); }

@@ -122,6 +122,34 @@ def test_cpu_kernel_is_batch_invariant(fmt):
     assert torch.equal(ops.linear_a8(x[13:14].contiguous(), *w), full[13:14])
 
 
+def _cpu_has_amx_int8() -> bool:
+    with open("/proc/cpuinfo") as f:
+        return "amx_int8" in f.read()
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8-g32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amx_path_equals_the_vnni_path_bit_for_bit(fmt, dtype):
+    """On a CPU with AMX-INT8 (and Linux granting it) calls of 16+ rows take AMX for each block
+    of 16 rows (tdpbsud), the rest the VNNI path: the integer sums are exact and the float part
+    is the same code, so every row equals the row computed alone (VNNI), bit for bit, with the
+    weight groups in both tile sets (odd and even blocks) and the leftover rows."""
+    ops = cpu_ext.load_ops()
+    if not _cpu_has_amx_int8():
+        assert not ops.a8_uses_amx(64)
+        pytest.skip("this CPU has no AMX-INT8: the VNNI path is tested above")
+    assert ops.a8_uses_amx(16) and not ops.a8_uses_amx(15)
+    seed = int(torch.randint(0, 1 << 30, ()).item())
+    for m, n, k in ((16, 16, 32), (37, 96, 576), (64, 48, 1536)):  # 1 block; 18; 48
+        x, w = _x(m, k, dtype, seed), _w(fmt, n, k, seed + 1)
+        packed = cpu_ext.pack_a8(fmt[:4], w)
+        full = ops.linear_a8(x, *packed)
+        for i in range(m):
+            alone = ops.linear_a8(x[i : i + 1].contiguous(), *packed)[0]
+            assert torch.equal(alone, full[i]), (m, i, seed)
+        assert rel_err(full, _reference(fmt)(x, *w)) < TOL[dtype], seed
+
+
 @pytest.mark.parametrize("fmt", ["int4", "int8-g32"])
 def test_non_finite_and_tiny_blocks(fmt):
     """A NaN or an inf in a block makes its row's outputs NaN, as in the reference (the integer
@@ -152,13 +180,15 @@ def test_shapes_the_kernel_does_not_take():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "flags",
-    ["-mno-avx512f", "-mno-avx2 -mno-fma -mno-avx512f"],  # the AVX2 path, the plain loop
-    ids=["avx2", "plain"],
+    # the VNNI path alone (on a CPU with AMX the main build takes AMX from 16 rows), AVX2, plain
+    ["-mno-amx-tile -mno-amx-int8", "-mno-avx512f", "-mno-avx2 -mno-fma -mno-avx512f"],
+    ids=["vnni", "avx2", "plain"],
 )
 def test_the_paths_of_other_cpus_match_reference(flags, tmp_path):
     """The extension is built for the CPU it runs on (-march=native), so the paths for CPUs
-    without AVX512-VNNI (AVX2; neither) are built here with those features switched off, in a
-    child process, and checked the same way (~15 s to compile each)."""
+    without AMX (VNNI at every row count), without AVX512-VNNI (AVX2) or neither are built here
+    with those features switched off, in a child process, and checked the same way (~15 s to
+    compile each; where the CPU lacks the feature anyway, that build is the native one)."""
     import subprocess
     import sys
     from pathlib import Path
