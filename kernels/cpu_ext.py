@@ -27,12 +27,14 @@ bfloat16 / float16; softmax and accumulation in float32.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import platform
 import shutil
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -91,6 +93,37 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _build_root() -> Path:
+    """Where torch's loader builds extensions (TORCH_EXTENSIONS_DIR, else its default)."""
+    from torch.utils import cpp_extension  # imports setuptools: only when building
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+
+
+@contextmanager
+def _builders_lock(build_dir: Path):
+    """Held while torch's loader builds or loads ``build_dir``: an ``flock`` on a file beside it.
+
+    Why: torch's loader makes processes take turns with a baton file (``build_dir/lock``) that a
+    builder killed mid-build leaves behind; every later load then waited for it forever (seen
+    here: a test run stopped during the build hung all that followed). The kernel releases an
+    flock with the process that held it, so whoever holds ours knows no builder of ours is alive,
+    and removes a baton it finds: a dead one's."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir.parent / f"{build_dir.name}.flock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            baton = build_dir / "lock"
+            if baton.exists():
+                logger.warning(
+                    "kernels.cpu_ext: removing %s, left by a build that was killed", baton
+                )
+                baton.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _stable_sources() -> list[Path]:
     """csrc/ copied into a directory beside the builds named after this CPU and these sources
     (``EXT_NAME``), and the paths of the copies.
@@ -101,10 +134,7 @@ def _stable_sources() -> list[Path]:
     from the old path did again: ~41 s each on 2 cores, against ~1.5 s to load a built one. A copy
     is rewritten only when its content differs (as after a process was killed mid-write), so its
     mtime tells ninja what to rebuild. Old versions' builds stay in the cache (a few MB each)."""
-    from torch.utils import cpp_extension  # imports setuptools: only when building
-
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    dst = Path(root) / f"{EXT_NAME}_src"
+    dst = _build_root() / f"{EXT_NAME}_src"
     dst.mkdir(parents=True, exist_ok=True)
     for src in sorted(CSRC.iterdir()):
         if src.suffix not in (".cpp", ".h"):
@@ -130,14 +160,15 @@ def load_ops():
                 from torch.utils.cpp_extension import load
 
                 _put_ninja_on_path()
-                load(
-                    name=EXT_NAME,
-                    sources=[str(s) for s in _stable_sources()],
-                    extra_cflags=CFLAGS,
-                    extra_ldflags=["-fopenmp"],
-                    is_python_module=False,
-                    verbose=False,
-                )
+                with _builders_lock(_build_root() / EXT_NAME):
+                    load(
+                        name=EXT_NAME,
+                        sources=[str(s) for s in _stable_sources()],
+                        extra_cflags=CFLAGS,
+                        extra_ldflags=["-fopenmp"],
+                        is_python_module=False,
+                        verbose=False,
+                    )
                 _ops = torch.ops.tandem_cpu
             except Exception as e:  # noqa: BLE001 - any build/load failure means: use the reference
                 _failed = f"{type(e).__name__}: {e}".strip()[:2000]

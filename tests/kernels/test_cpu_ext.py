@@ -166,6 +166,26 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch, caplog):
     assert torch.equal(first, ref) and torch.equal(second, ref)
 
 
+def test_a_baton_left_by_a_killed_build_does_not_hang_the_next():
+    """torch's loader waits on ``<build dir>/lock`` while another process builds; a builder
+    killed mid-build leaves it behind. The next process (our flock held: no builder alive)
+    removes it and loads, instead of waiting forever."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    assert cpu_ext.load_ops() is not None  # built here already: the child only loads it
+    baton = cpu_ext._build_root() / cpu_ext.EXT_NAME / "lock"
+    baton.touch()
+    code = "from kernels import cpu_ext; assert cpu_ext.load_ops() is not None, cpu_ext._failed"
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "left by a build that was killed" in res.stderr and not baton.exists()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_store_kv_matches_the_reference(dtype):
     """Strided key/value views (as the engine's fused qkv output), a strided layer view of a
