@@ -61,7 +61,7 @@ QUANT_MAX_ROWS = 8
 # max_num_seqs; prefill chunks above it keep the dense copy (and its bfloat16 activations).
 A8_MAX_ROWS = 64
 # ... except against a bfloat16 dense copy on a CPU with AMX, where oneDNN's bfloat16 runs on the
-# tiles: there linear_a8 (AMX too from 16 rows, csrc/quant_linear_a8.cpp) is faster up to ~32
+# tiles: there linear_a8 (on AMX too from 32 rows, csrc/quant_linear_a8.cpp) is faster up to ~32
 # rows only (same command, Intel Xeon with AMX, 30 layers: 11.9 vs 12.8 ms at 32 rows, 17.1 vs
 # 13.3 at 48, 21.5 vs 14.6 at 64; the LM head ties at 16-32). Without a dense copy A8_MAX_ROWS
 # holds: dequantizing the weight for the call costs more.

@@ -31,12 +31,13 @@
 //       int4 (C = 4): low nibble wq[16g + i, 32u + 8c + b], high nibble wq[.., 32u + 8c + 4 + b]
 //       int8 (C = 8): wq[16g + i, 32u + 4c + b]
 //   dm float16 [N / 16, K / 32, 2, 16]: d then m of the 16 rows (one 64-byte line per block)
-// AMX (AMX-INT8 + AVX512-VNNI, Linux granting the tile state): each block of 16 activation rows
-// is one tdpbsud per block of 32 inputs (16 x 16 x 32 products; the int8 packed block already is
-// the B tile's layout, int4 nibbles are split into it once per row group), then the same convert
-// and FMAs as the VNNI path, per row: bit-identical to it. Rows left over (M % 16) take the VNNI
-// path. Why: VNNI at 64 rows is compute-bound (~0.4 ms a row for SmolLM2's layers, slower than
-// bfloat16 oneDNN on AMX from ~32 rows), AMX is ~16x the products per instruction.
+// AMX (AMX-INT8 + AVX512-VNNI, Linux granting the tile state), calls of kAmxMinRows+ rows: each
+// block of 16 activation rows is one tdpbsud per block of 32 inputs (16 x 16 x 32 products; the
+// int8 packed block already is the B tile's layout, int4 nibbles are split into it once per row
+// group), then the same convert and FMAs as the VNNI path, per row: bit-identical to it. Rows
+// left over (M % 16) take the VNNI path. Why: VNNI at 64 rows is compute-bound (~0.35 ms a row
+// for SmolLM2's layers); AMX does 16x the products per instruction, though the per-block float
+// part (scales differ every 32 inputs) stays, so the gain is far smaller.
 // Paths, chosen at compile time (-march=native): AVX512-VNNI (+BW/VL); AVX2 (+FMA/F16C), as
 // llama.cpp: int4 by vpmaddubsw (u8 x s8 pairs -> int16) for the 8 groups of 4 inputs, summed in
 // int16 (at most 8 * 2 * 15 * 127 = 30480: no saturation), then one vpmaddwd to int32; int8
@@ -498,9 +499,11 @@ std::tuple<at::Tensor, at::Tensor> int8_pack_a8(const at::Tensor& qweight, const
       scale, [&](int64_t n, int64_t u) { return static_cast<c10::Half>(-128.f * static_cast<float>(scale(n, u))); });
 }
 
-// AMX for calls of at least kAmxMinRows rows (python -m bench.linear, int4-a8 against int4-a8
-// without AMX: see docs/benchmarks.md), where this build has it and Linux grants it
-constexpr int64_t kAmxMinRows = kRows;
+// AMX for calls of at least kAmxMinRows rows, where this build has it and Linux grants it. The
+// kernel alone is faster with it from 16 rows (0.84-0.96x the VNNI path's time at 16, 0.80x at
+// 64), but decode steps of 16-24 rows were 1.05x slower with it, 48-64 rows 0.94x (without a
+// dense copy; docs/benchmarks.md "AMX for int8 activations")
+constexpr int64_t kAmxMinRows = 2 * kRows;
 bool use_amx(int64_t M) {
 #if TANDEM_AMX
   return M >= kAmxMinRows && amx_granted();

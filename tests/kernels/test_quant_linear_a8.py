@@ -130,7 +130,7 @@ def _cpu_has_amx_int8() -> bool:
 @pytest.mark.parametrize("fmt", ["int4", "int8-g32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_amx_path_equals_the_vnni_path_bit_for_bit(fmt, dtype):
-    """On a CPU with AMX-INT8 (and Linux granting it) calls of 16+ rows take AMX for each block
+    """On a CPU with AMX-INT8 (and Linux granting it) calls of 32+ rows take AMX for each block
     of 16 rows (tdpbsud), the rest the VNNI path: the integer sums are exact and the float part
     is the same code, so every row equals the row computed alone (VNNI), bit for bit, with the
     weight groups in both tile sets (odd and even blocks) and the leftover rows."""
@@ -138,9 +138,9 @@ def test_amx_path_equals_the_vnni_path_bit_for_bit(fmt, dtype):
     if not _cpu_has_amx_int8():
         assert not ops.a8_uses_amx(64)
         pytest.skip("this CPU has no AMX-INT8: the VNNI path is tested above")
-    assert ops.a8_uses_amx(16) and not ops.a8_uses_amx(15)
+    assert ops.a8_uses_amx(32) and not ops.a8_uses_amx(31)
     seed = int(torch.randint(0, 1 << 30, ()).item())
-    for m, n, k in ((16, 16, 32), (37, 96, 576), (64, 48, 1536)):  # 1 block; 18; 48
+    for m, n, k in ((32, 16, 32), (37, 96, 576), (64, 48, 1536)):  # 1 block; 18; 48
         x, w = _x(m, k, dtype, seed), _w(fmt, n, k, seed + 1)
         packed = cpu_ext.pack_a8(fmt[:4], w)
         full = ops.linear_a8(x, *packed)
