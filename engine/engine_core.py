@@ -6,6 +6,7 @@ API, tests and benchmarks drive it directly; the prefill and decode workers use 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from collections.abc import Sequence as Seq
@@ -56,7 +57,20 @@ def build_model(
     model.load_weights(
         weights, config.quantization, config.keep_dense_weights, config.quantize_activations
     )
+    del weights
+    return_freed_memory()
     return model_config, model.eval()
+
+
+def return_freed_memory() -> None:
+    """Hand the heap memory freed since start-up back to the OS (glibc's ``malloc_trim``). The
+    loader's file-sized temporaries (the checkpoint in float32, repacking buffers) are freed once
+    the model is built, but glibc keeps most of them mapped: SmolLM2's engines held 140-420 MB
+    more resident without this (docs/benchmarks.md). Elsewhere (no glibc) it does nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def build_kv_cache(config: EngineConfig, model_config: ModelConfig, device) -> KVCache:

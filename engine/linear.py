@@ -82,6 +82,9 @@ class Linear(nn.Module):
         self.kernel_tensors: tuple[torch.Tensor, ...] = ()  # the weight as _quant_kernel takes it
         self.max_quant_rows = QUANT_MAX_ROWS  # steps up to this many rows take _quant_kernel
         self.a8 = False  # _quant_kernel is linear_a8 on kernel_tensors (repacked), see bind
+        self.dtype = self.weight.dtype  # the model dtype (set again by load)
+        self.has_dense = True  # a dense copy (weight or packed) for the steps the quantized kernel
+        # does not take; False once the quantized weight is the only one (see load)
 
     def bind(self, device_type: str, dtype: torch.dtype, int8_activations: bool = False) -> None:
         """The quantized kernel for ``dtype`` activations and the weight tensors it takes, bound
@@ -109,7 +112,7 @@ class Linear(nn.Module):
             else:
                 self._quant_kernel, self.kernel_tensors, self.a8 = op, tuple(packed), True
                 self.max_quant_rows = A8_MAX_ROWS
-                if self.weight is not None and dtype == torch.bfloat16 and cpu_has_amx():
+                if self.has_dense and dtype == torch.bfloat16 and cpu_has_amx():
                     self.max_quant_rows = A8_MAX_ROWS_BESIDE_AMX_BF16  # (a dense copy's there)
 
     @torch.no_grad()
@@ -119,19 +122,23 @@ class Linear(nn.Module):
         quantization: str = "none",
         pack: bool = False,
         keep_dense: bool = False,
+        lookups: bool = False,
     ) -> None:
         """Set the weight. A dense ``w`` is quantized when ``quantization`` is int8 / int4 (int4
         in groups of 32, int8 per channel); a ``QuantizedWeight`` (a loader kept the file's
         blocks) is used as it is. ``keep_dense``: with a quantized weight, also keep it dense in
         the model dtype for steps above ``max_quant_rows`` rows. ``pack``: keep a dense CPU
-        weight in oneDNN's layout too (16-bit dense weights on CPU always are)."""
+        weight in oneDNN's layout (16-bit dense weights on CPU always are), which every CPU call
+        then takes: the plain copy is dropped (~212 MB of SmolLM2's bfloat16 layers), unless
+        ``lookups`` (an embedding table reads rows of it)."""
         if tuple(w.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"weight shape {tuple(w.shape)} != {(self.out_features, self.in_features)}"
             )
-        if self.weight is None:
+        if self.weight is None or self.packed is not None or self.quantized is not None:
             raise ValueError("load() sets a layer's weight once")
         dtype, device = self.weight.dtype, self.weight.device
+        self.dtype = dtype
         if isinstance(w, torch.Tensor) and quantization != "none":
             w = QuantizedWeight.quantize(w, quantization)
         self.quantized = None
@@ -139,7 +146,7 @@ class Linear(nn.Module):
             self.quantized = w.to(device)
             self.bind(device.type, dtype)
             if not keep_dense:
-                self.weight = None  # the quantized copy is the only one
+                self.weight, self.has_dense = None, False  # the quantized copy is the only one
                 return
             w = self.quantized.dequantize(dtype) if device.type == "cpu" else (
                 self.quantized.dequantize().to(dtype))  # fmt: skip
@@ -147,22 +154,24 @@ class Linear(nn.Module):
         sixteen_bit = dtype in (torch.bfloat16, torch.float16)
         if (pack or sixteen_bit) and _ONEDNN and device.type == "cpu":
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+            if not lookups:
+                self.weight = None  # forward takes packed on CPU
 
     @property
     def weight_bytes(self) -> int:
         """Bytes of weight data a decode step (at most max_quant_rows rows) reads."""
         if self.quantized is not None:
             return sum(t.numel() * t.element_size() for t in self.kernel_tensors)
-        return self.weight.numel() * self.weight.element_size()
+        return self.in_features * self.out_features * self.dtype.itemsize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)  # [M, K]
         q = self.quantized
         rows = x2.shape[0]
-        if q is not None and (rows <= self.max_quant_rows or self.weight is None):
+        if q is not None and (rows <= self.max_quant_rows or not self.has_dense):
             limit = self.max_quant_rows
-            if self.weight is None:
+            if not self.has_dense:
                 limit = max(limit, QUANT_MAX_ROWS_NO_DENSE[x.dtype])
             if rows <= limit:
                 y = self._quant_kernel(x2, *self.kernel_tensors)

@@ -319,7 +319,7 @@ class LlamaForCausalLM(nn.Module):
         # tied: the table is the LM head (packed for oneDNN too when dense: engine/linear.py)
         self.embed_tokens.table.load(
             take("model.embed_tokens.weight"), head_q if tied else "none", pack=tied,
-            keep_dense=keep_dense,
+            keep_dense=keep_dense, lookups=True,
         )  # fmt: skip
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."

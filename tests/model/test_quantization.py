@@ -225,6 +225,26 @@ def test_int8_activation_row_limit_follows_the_kernel_that_runs(amx, monkeypatch
             assert calls == [r for r in sizes if r <= limit], (dtype, n, keep_dense, calls)
 
 
+def test_packed_layers_keep_no_plain_copy(tiny_llama_dir):
+    """A CPU layer packed for oneDNN (every bfloat16 one; an int4 layer's bfloat16 dense copy)
+    drops its plain weight: every CPU call takes the packed one. The tied embedding table keeps
+    it (its rows are looked up); the weight bytes a step reads are counted all the same."""
+    for quantization, keep_dense in (("none", False), ("int4", True)):
+        config = EngineConfig(model=str(tiny_llama_dir), dtype="bfloat16", num_blocks=16,
+                              num_threads=1, quantization=quantization,
+                              keep_dense_weights=keep_dense)  # fmt: skip
+        model = EngineCore(config).model
+        for layer in model.layers:
+            for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                        layer.mlp.gate_up_proj, layer.mlp.down_proj):  # fmt: skip
+                assert lin.packed is not None and lin.weight is None and lin.has_dense
+        table = model.embed_tokens.table
+        assert table.weight is not None or table.quantized is not None
+        if quantization == "none":
+            down = model.layers[0].mlp.down_proj
+            assert down.weight_bytes == down.in_features * down.out_features * 2
+
+
 def test_bfloat16_model_stays_close_to_float32(tiny_llama_dir):
     _, _, f32 = run_tiny(tiny_llama_dir)
     for quantization in ("none", "int4"):
