@@ -134,6 +134,38 @@ inline float silu_mul_one(float x, float u) {
   return rnd<T>(x * sig) * u;
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// silu(x) = x * sigmoid(x) on 8 lanes, sigmoid from exp(-|x|): silu_mul_one's arithmetic
+inline __m256 silu8(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 e = tandem::exp8_nonpos(_mm256_or_ps(x, _mm256_set1_ps(-0.0f)));  // exp(-|x|)
+  const __m256 num = _mm256_blendv_ps(e, one, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ));
+  return _mm256_mul_ps(x, _mm256_div_ps(num, _mm256_add_ps(one, e)));
+}
+
+inline __m256 load_bf16_8(const bf16* p) {  // the 16 bits move to the top of a float32
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
+}
+
+// c10's float -> bfloat16 (round to nearest even, NaN -> 0x7FC0) on 8 lanes: the bits, in int32s
+inline __m256i bf16_bits8(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+}
+
+inline __m256 round_bf16_8(__m256 v) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v), 16)); }
+
+inline void store_bf16_8(bf16* p, __m256 v) {
+  const __m256i r = bf16_bits8(v);  // each < 65536: the unsigned pack keeps them
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+#endif
+
 // [N, 2I] (gate | up) -> silu(gate) * up [N, I]
 at::Tensor silu_mul(const at::Tensor& gate_up) {
   check_rows(gate_up, "gate_up");
@@ -144,10 +176,18 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
     const bf16* gp = gate_up.data_ptr<bf16>();
     bf16* op = out.data_ptr<bf16>();
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        for (int64_t j = 0; j < I; ++j)
-          op[i * I + j] = static_cast<bf16>(
-              silu_mul_one<bf16>(static_cast<float>(gp[i * gs + j]), static_cast<float>(gp[i * gs + I + j])));
+      for (int64_t i = begin; i < end; ++i) {
+        const bf16* g = gp + i * gs;
+        const bf16* u = g + I;
+        bf16* o = op + i * I;
+        int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)  // (scalar: ~3x the time, ~1.9 ms of a batch-64 step)
+        for (; j + 8 <= I; j += 8)  // rounded where silu_mul_one rounds: silu(x), then the product
+          store_bf16_8(o + j, _mm256_mul_ps(round_bf16_8(silu8(load_bf16_8(g + j))), load_bf16_8(u + j)));
+#endif
+        for (; j < I; ++j)
+          o[j] = static_cast<bf16>(silu_mul_one<bf16>(static_cast<float>(g[j]), static_cast<float>(u[j])));
+      }
     });
     return out;
   }
@@ -160,15 +200,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
       float* o = op + i * I;
       int64_t j = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-      const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
-      const __m256 sign = _mm256_set1_ps(-0.0f);
-      for (; j + 8 <= I; j += 8) {
-        const __m256 x = _mm256_loadu_ps(g + j);
-        const __m256 e = tandem::exp8_nonpos(_mm256_or_ps(x, sign));  // exp(-|x|)
-        const __m256 num = _mm256_blendv_ps(e, one, _mm256_cmp_ps(x, zero, _CMP_GT_OQ));
-        const __m256 sig = _mm256_div_ps(num, _mm256_add_ps(one, e));
-        _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(u + j)));
-      }
+      for (; j + 8 <= I; j += 8)
+        _mm256_storeu_ps(o + j, _mm256_mul_ps(silu8(_mm256_loadu_ps(g + j)), _mm256_loadu_ps(u + j)));
 #endif
       for (; j < I; ++j) o[j] = silu_mul_one<float>(g[j], u[j]);
     }
