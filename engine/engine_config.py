@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
@@ -27,6 +28,7 @@ def cpu_has_fast_bf16() -> bool:
     return cpu_has_amx()
 
 
+@cache
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles that this process may use (oneDNN's bf16 matmuls then run
     on them). AMX is listed on some VMs whose kernel does not grant the tile state: ask for it."""

@@ -83,8 +83,6 @@ class Linear(nn.Module):
         self.max_quant_rows = QUANT_MAX_ROWS  # steps up to this many rows take _quant_kernel
         self.a8 = False  # _quant_kernel is linear_a8 on kernel_tensors (repacked), see bind
         self.dtype = self.weight.dtype  # the model dtype (set again by load)
-        self.has_dense = True  # a dense copy (weight or packed) for the steps the quantized kernel
-        # does not take; False once the quantized weight is the only one (see load)
 
     def bind(self, device_type: str, dtype: torch.dtype, int8_activations: bool = False) -> None:
         """The quantized kernel for ``dtype`` activations and the weight tensors it takes, bound
@@ -146,7 +144,7 @@ class Linear(nn.Module):
             self.quantized = w.to(device)
             self.bind(device.type, dtype)
             if not keep_dense:
-                self.weight, self.has_dense = None, False  # the quantized copy is the only one
+                self.weight = None  # the quantized copy is the only one
                 return
             w = self.quantized.dequantize(dtype) if device.type == "cpu" else (
                 self.quantized.dequantize().to(dtype))  # fmt: skip
@@ -156,6 +154,11 @@ class Linear(nn.Module):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
             if not lookups:
                 self.weight = None  # forward takes packed on CPU
+
+    @property
+    def has_dense(self) -> bool:
+        """A dense copy (plain or packed) for the steps the quantized kernel does not take."""
+        return self.weight is not None or self.packed is not None
 
     @property
     def weight_bytes(self) -> int:

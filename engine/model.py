@@ -219,8 +219,8 @@ class LlamaForCausalLM(nn.Module):
         tied = cfg.tie_word_embeddings
         self.lm_head = self.embed_tokens.table if tied else Linear(cfg.hidden_size, cfg.vocab_size)
         self.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings)
-        # a decode step of at most max_quant_rows rows runs each layer in one C++ call when the
-        # model allows it (bind_kernels, _fuses); False: always the per-op path (benchmarks)
+        # a decode step runs each layer in one C++ call when its linears allow it (bind_kernels,
+        # _fused_layers); False: always the per-op path (benchmarks)
         self.fuse_layers = True
         self._fused_op: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
         # per layer, the op's arguments: with the quantized kernels' weights (steps of at most

@@ -1,8 +1,9 @@
 // One Llama decoder layer of a decode step in ONE op call (quantized or oneDNN-packed linears).
 //
 // Why: a batch-1 decode step of a quantized small model on CPU is mostly fixed cost, not weight
-// reads (and a bfloat16 one's is ~a third): per layer the Python model issues ~10 op calls (norms, 4 linears, RoPE, KV store,
-// attention, SiLU-mul) plus the views between them, each paying Python and dispatcher overhead.
+// reads (a bfloat16 one's too, in part: 0.86x the per-op step time at batch 1): per layer the
+// Python model issues ~10 op calls (norms, 4 linears, RoPE, KV store, attention, SiLU-mul) plus
+// the views between them, each paying Python and dispatcher overhead.
 // Here the same ops (ops.h: the very functions registered as tandem_cpu::*) run back to back in
 // C++, in the order engine/model.py runs them, on the same intermediate tensors: the result is
 // bit-identical to the per-op path (tests/model/test_quantization.py::
@@ -19,7 +20,6 @@
 #include <torch/library.h>
 
 #include <optional>
-
 #include <tuple>
 
 #include "ops.h"
@@ -37,9 +37,9 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed) {
   return op.call(x, packed, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), c10::string_view(""));
 }
 
-// x [M, K] @ W^T with W (Linear.fused_weights): (qweight, scales, mins) int4, (qweight, scales)
-// int8, (packed, dm) int4 / int8 repacked for int8 activations (uint8 marks it), or (packed,) a
-// dense weight for oneDNN
+// x [M, K] @ W^T with W as engine/model.py's bind_kernels passes it: (qweight, scales, mins) int4,
+// (qweight, scales) int8, (packed, dm) int4 / int8 repacked for int8 activations (uint8 marks
+// it), or (packed,) a dense weight for oneDNN
 at::Tensor quant_linear(const at::Tensor& x, at::TensorList w) {
   if (w.size() == 1) return onednn_linear(x, w[0]);
   if (w.size() == 3) return tandem::ops::int4_linear(x, w[0], w[1], w[2]);

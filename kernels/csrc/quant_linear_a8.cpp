@@ -502,7 +502,7 @@ std::tuple<at::Tensor, at::Tensor> int8_pack_a8(const at::Tensor& qweight, const
 // AMX for calls of at least kAmxMinRows rows, where this build has it and Linux grants it. The
 // kernel alone is faster with it from 16 rows (0.84-0.96x the VNNI path's time at 16, 0.80x at
 // 64), but decode steps of 16-24 rows were 1.05x slower with it, 48-64 rows 0.94x (without a
-// dense copy; docs/benchmarks.md "AMX for int8 activations")
+// dense copy; docs/benchmarks.md "On an Intel Xeon with AMX")
 constexpr int64_t kAmxMinRows = 2 * kRows;
 bool use_amx(int64_t M) {
 #if TANDEM_AMX

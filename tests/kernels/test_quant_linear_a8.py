@@ -180,7 +180,7 @@ def test_shapes_the_kernel_does_not_take():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "flags",
-    # the VNNI path alone (on a CPU with AMX the main build takes AMX from 16 rows), AVX2, plain
+    # the VNNI path alone (on a CPU with AMX the main build takes AMX from 32 rows), AVX2, plain
     ["-mno-amx-tile -mno-amx-int8", "-mno-avx512f", "-mno-avx2 -mno-fma -mno-avx512f"],
     ids=["vnni", "avx2", "plain"],
 )
