@@ -1,7 +1,7 @@
 """C++ CPU kernels (JIT-built torch extension): paged decode attention, the KV store, fused
-RMSNorm(+residual) / SiLU-mul / RoPE, weight-only int4 / int8 linears, the same with int8
-activations, and one whole decoder layer of a small quantized decode step built from them (each
-file in csrc/ says why it exists).
+RMSNorm(+residual) / SiLU-mul / RoPE, weight-only int4 / int8 linears (int4 with bfloat16
+activations on AVX512-BF16 too), the same with int8 activations, and one whole decoder layer of a
+small quantized decode step built from them (each file in csrc/ says why it exists).
 
 Why: on CPU, ``kernels.reference.decode_attention`` gathers the paged KV cache into a padded float32
 copy (``index_select``) and calls SDPA once per layer. The copy is most of its cost at large batch
@@ -58,7 +58,8 @@ def _cpu_tag() -> str:
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("paged_decode.cpp", "store_kv.cpp", "fused.cpp", "quant_linear.cpp",
-           "quant_linear_a8.cpp", "decoder_layer.cpp", "argmax.cpp")  # fmt: skip
+           "quant_linear_a8.cpp", "quant_linear_bf16.cpp", "decoder_layer.cpp",
+           "argmax.cpp")  # fmt: skip
 # -ffp-contract=off: a * b + c stays two roundings, as in torch's separate ops (RoPE then equals
 # the reference bit for bit); the hot loops that want FMA spell it with intrinsics.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]

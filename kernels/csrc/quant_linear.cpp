@@ -12,7 +12,8 @@
 // exactly the float32 weights the reference dequantizes (int4: d * q + m as a multiply then an
 // add, like numpy's / torch's; int8: d * q), then multiplied with up to MT activation rows, each
 // row keeping one vector accumulator. So an int4 model from a Q4_1 GGUF computes with the very
-// weights of the float32 path; only the summation order differs. Threads split the output
+// weights of the float32 path; only the summation order differs. (One bfloat16 row on
+// AVX512-BF16: quant_linear_bf16.cpp, see int4_linear.) Threads split the output
 // features N; each processes its rows for all M, in tiles of MT rows (a tile's activations stay
 // in L1/L2 while the row's weights are dequantized once per tile).
 // int4 on AVX-512: the 16 possible values of a group, d * [0..15] + m, are one zmm register, and
@@ -333,6 +334,10 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
     TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
                     t->size(1) == K / kUnit,
                 "int4: scales / mins must be contiguous float16 [N, K / 32]");
+  // one bfloat16 row (a batch-1 decode step): vdpbf16ps (quant_linear_bf16.cpp says why only one)
+  if (x.scalar_type() == at::kBFloat16 && x.size(0) == 1 && x.stride(1) == 1 &&
+      tandem::ops::int4_linear_bf16_available())
+    return tandem::ops::int4_linear_bf16(x, qweight, scales, mins);
   Int4Rows rows{qweight.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), mins.data_ptr<c10::Half>(), K};
   return run(x, rows, N);
 }

@@ -123,6 +123,7 @@ def test_one_call_decoder_layers_equal_the_per_op_path(quantization, dtype, spec
     dense = quantization in ("none", "int4+dense")
     if quantization == "int4+dense":
         monkeypatch.setattr(engine_linear, "QUANT_MAX_ROWS", 1)
+        monkeypatch.setattr(engine_linear, "QUANT_MAX_ROWS_BESIDE_AMX_BF16", 1)
     runs, rows, num_layers, limit = {}, {}, [], []
     for fuse in (True, False):
         calls: list[int] = []
@@ -191,15 +192,18 @@ def test_int8_activation_row_limit_follows_the_kernel_that_runs(amx, monkeypatch
     bfloat16 dense copy on a CPU with AMX, ``A8_MAX_ROWS_BESIDE_AMX_BF16``: oneDNN's tiles win
     above); where it cannot run (float16 activations, N % 16 != 0) its torch reference does,
     within the float kernels' limit (its float64 block sums grow with the rows: ~450 MB for
-    SmolLM2's head at 64)."""
+    SmolLM2's head at 64). The float kernels' limit is ``QUANT_MAX_ROWS``, also cut beside a
+    bfloat16 dense copy on a CPU with AMX (``QUANT_MAX_ROWS_BESIDE_AMX_BF16``)."""
     monkeypatch.setattr(engine_linear, "cpu_has_amx", lambda: amx)
     g = torch.Generator().manual_seed(0)
     beside_amx = engine_linear.A8_MAX_ROWS_BESIDE_AMX_BF16 if amx else engine_linear.A8_MAX_ROWS
+    float_beside_amx = (engine_linear.QUANT_MAX_ROWS_BESIDE_AMX_BF16 if amx
+                        else engine_linear.QUANT_MAX_ROWS)  # fmt: skip
     for dtype, n, a8, dense_limit in (
         (torch.bfloat16, 48, True, beside_amx),
         (torch.float32, 48, True, engine_linear.A8_MAX_ROWS),
         (torch.float16, 48, False, engine_linear.QUANT_MAX_ROWS),
-        (torch.bfloat16, 40, False, engine_linear.QUANT_MAX_ROWS),
+        (torch.bfloat16, 40, False, float_beside_amx),
     ):
         w = torch.randn(n, 64, generator=g) * 0.05
         for keep_dense in (True, False):

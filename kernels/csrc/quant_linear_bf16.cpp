@@ -1,0 +1,245 @@
+// Int4 (Q4_1) weight-only linear for ONE bfloat16 activation row (a batch-1 decode step) on
+// AVX512-BF16: y [1, N] = x [1, K] @ W^T.
+//
+// Why: quant_linear.cpp dequantizes each group to float32 weights (d * q + m), ~10 instructions
+// per 32 weights before its two FMAs, and at batch 1 that, not the weight read, bounds it. Here a
+// group's dot product is factored (d * q + m = 16 d * (1 + q / 16) + (m - 16 d)):
+//     sum_k (d q_k + m) x_k = 16 d * sum_k (1 + q_k / 16) x_k + (m - 16 d) * sum_k x_k
+// 1 + q / 16 (q = 0..15) is a bfloat16 whose mantissa bits 3..6 are q, so a nibble becomes one
+// with a shift and one bit-select (vpternlogd), and vdpbf16ps multiplies it with bfloat16 x
+// exactly (8-bit significands), summing in float32. One 64-byte load (four groups of a row) ->
+// four shifts, four bit-selects, four vdpbf16ps, one FMA by the groups' 16 d; sum_k x_k is the
+// activations' own, once per call. No activation is rounded; the sums are float32 in another
+// order than the float path's (each output within one bfloat16 ulp of the float64 product, ~99.8 %
+// of them correctly rounded: tests/kernels/test_quant_linear.py).
+//
+// Why one row only (docs/benchmarks.md "int4 weight-only with bfloat16 activations"; SmolLM2's 30
+// layers, 2 threads, Intel Xeon with AMX): 0.87-0.92x the float path's time at 1 row, but
+// 1.03-1.12x at 2 and 0.97-1.14x at 4. With rows sharing the dequantization the float path's
+// per-row cost is eight FMAs per 128 weights, and four vdpbf16ps cost more than that here. So a
+// row's output differs by rounding (at most one bfloat16 ulp) between a one-row call and a call
+// of several rows; within each, it does not depend on the rows beside it.
+//
+// Built only where the compiler targets AVX512-BF16 (-march=native); elsewhere available() is
+// false and int4_linear keeps the float path.
+
+#include "ops.h"
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGroup = 32;  // weights per int4 group (16 bytes of nibbles)
+constexpr int64_t kQuad = 128;  // four groups: one 64-byte load, four vdpbf16ps
+// rows ahead whose weight lines are prefetched (quant_linear.cpp's kPrefetchRows: the
+// hardware prefetcher alone leaves one thread well below the memory bandwidth)
+constexpr int64_t kPrefetchRows = 16;
+
+// Where the nibbles of a 64-byte load of one row (groups 4c .. 4c + 3, 16 bytes each) go. As 32
+// 16-bit words, word i holds bytes 2i, 2i + 1 of the load, so its four nibbles are weights j,
+// j + 16, j + 1, j + 17 of group i / 8, j = 2i % 16 (Q4_1: byte j's low nibble is weight j, its
+// high one weight j + 16). Field f of every word is moved to bits 3..6 and 0x3F80 set, which
+// makes the bfloat16 1 + q / 16 (exact); vdpbf16ps sums words 2l, 2l + 1, so lane l of the four
+// products' sum belongs to group 4c + l / 4.
+constexpr int kFieldWeight[4] = {0, 16, 1, 17};  // weight of field f, relative to j
+
+// The activation row, rearranged once per call: per four groups, four blocks of 32 bfloat16
+// values, block f word i = the x that weight field f of word i meets (zeros past K). And each
+// group's float32 sum, zero-padded to a multiple of 16 groups.
+struct Acts {
+  int64_t quads, groups, gpad;
+  std::vector<c10::BFloat16> xs;  // [quads * 128]
+  std::vector<float> sums;        // [gpad]
+};
+
+Acts arrange(const c10::BFloat16* x, int64_t K) {
+  Acts a;
+  a.groups = K / kGroup;
+  a.quads = (a.groups + 3) / 4;
+  a.gpad = (a.groups + 15) / 16 * 16;
+  a.xs.assign(a.quads * kQuad, c10::BFloat16(0.0f));
+  a.sums.assign(a.gpad, 0.0f);
+  for (int64_t g = 0; g < a.groups; ++g) {
+    const c10::BFloat16* xg = x + g * kGroup;
+    c10::BFloat16* quad = a.xs.data() + (g / 4) * kQuad;
+    for (int64_t i = (g % 4) * 8; i < (g % 4) * 8 + 8; ++i)
+      for (int f = 0; f < 4; ++f) quad[f * 32 + i] = xg[(2 * i) % 16 + kFieldWeight[f]];
+    // bfloat16 -> float32 is a 16-bit shift; the sum's order is fixed: two 16-lane halves added
+    // lane by lane, then the 16 lanes reduced
+    const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg)));
+    const __m512i l = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 16)));
+    a.sums[g] = _mm512_reduce_add_ps(
+        _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(h, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(l, 16))));
+  }
+  return a;
+}
+
+// Groups 4c .. 4c + 3 of one weight row as bfloat16 1 + q / 16, the four fields (see
+// kFieldWeight); past the row's last group (``left`` < 4 groups) the nibbles are 0, so 1 meets a
+// zero activation.
+struct Levels {
+  __m512bh f[4];
+};
+inline Levels levels(const uint8_t* q, int64_t left) {
+  const __m512i w = left >= 4 ? _mm512_loadu_si512(q) : _mm512_maskz_loadu_epi8((1ull << (16 * left)) - 1, q);
+  const __m512i field = _mm512_set1_epi16(0x78), one = _mm512_set1_epi16(0x3F80);
+  // (v & 0x78) | 0x3F80 in one instruction: truth table 0xEA = (A & B) | C
+  auto pick = [&](__m512i v) { return (__m512bh)_mm512_ternarylogic_epi32(v, field, one, 0xEA); };
+  return {{pick(_mm512_slli_epi16(w, 3)), pick(_mm512_srli_epi16(w, 1)), pick(_mm512_srli_epi16(w, 5)),
+           pick(_mm512_srli_epi16(w, 9))}};
+}
+
+// 16 float16 values from p (fewer than 16 left: the rest 0) as float32
+inline __m512 halves16(const c10::Half* p, int64_t left) {
+  const __mmask16 k = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
+}
+
+// One (weight row, activation row) pair's step over one load's four groups: the 128 products of
+// the levels 1 + q / 16 summed per group (4 lanes each), scaled by the groups' 16 d (dv) into acc
+inline void row_step(const Levels& lv, const c10::BFloat16* xp, __m512 dv, __m512* acc) {
+  __m512 part = _mm512_setzero_ps();
+  for (int f = 0; f < 4; ++f) part = _mm512_dpbf16_ps(part, lv.f[f], (__m512bh)_mm512_loadu_si512(xp + 32 * f));
+  *acc = _mm512_fmadd_ps(part, dv, *acc);
+}
+
+// (m_g - 16 d_g) of a weight row's groups into corr [gpad] (zeros past the last group), since
+// d q + m = 16 d (1 + q / 16) + m - 16 d
+inline void row_corrections(const c10::Half* d, const c10::Half* mins, int64_t groups, float* corr) {
+  for (int64_t g = 0; g < groups; g += 16)
+    _mm512_storeu_ps(corr + g, _mm512_sub_ps(halves16(mins + g, groups - g),
+                                             _mm512_mul_ps(halves16(d + g, groups - g), _mm512_set1_ps(16.0f))));
+}
+
+// The output of one (weight row, activation row): 16 d sum (1 + q / 16) x per group (acc, two
+// accumulators) plus sum_g corr_g * sum_g(x), lane by lane in a fixed order, then one reduction
+inline float row_result(const __m512* acc, const float* corr, const float* sums, int64_t gpad) {
+  __m512 t = _mm512_add_ps(acc[0], acc[1]);
+  for (int64_t g = 0; g < gpad; g += 16) t = _mm512_fmadd_ps(_mm512_loadu_ps(corr + g), _mm512_loadu_ps(sums + g), t);
+  return _mm512_reduce_add_ps(t);
+}
+
+struct Weights {
+  const uint8_t* q;    // [N, K / 2]
+  const c10::Half* d;  // [N, K / 32]
+  const c10::Half* m;  // [N, K / 32]
+  int64_t K, groups;
+  const uint8_t* qrow(int64_t n) const { return q + n * (K / 2); }
+  const c10::Half* drow(int64_t n) const { return d + n * groups; }
+  const c10::Half* mrow(int64_t n) const { return m + n * groups; }
+};
+
+// 16 d of 16 groups from 4c on (a chunk of four loads), and the lanes of load c's groups in it
+inline __m512 scales16(const Weights& w, int64_t n, int64_t c) {
+  return _mm512_mul_ps(halves16(w.drow(n) + 4 * c, w.groups - 4 * c), _mm512_set1_ps(16.0f));
+}
+inline __m512i quad_index(int64_t c) {
+  return _mm512_add_epi32(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                          _mm512_set1_epi32(static_cast<int>(4 * (c % 4))));
+}
+
+// Calls step(c, k) for each load c in order, k = c % 2 as a compile-time constant (the
+// accumulator index: a runtime one keeps the accumulators in memory, on the FMA chain)
+template <typename Step>
+inline void for_quads(int64_t quads, Step step) {
+  int64_t c = 0;
+  for (; c + 2 <= quads; c += 2) {
+    step(c, std::integral_constant<int, 0>());
+    step(c + 1, std::integral_constant<int, 1>());
+  }
+  if (c < quads) step(c, std::integral_constant<int, 0>());
+}
+
+// y[n .. n + R] for R = 1 or 2 weight rows (two: the activation loads shared), prefetching the
+// rows kPrefetchRows ahead while they are below ``end``; each row runs the same operations in
+// either case, so its output does not depend on the rows beside it
+template <int R>
+inline void rows_m1(const Weights& w, int64_t n, int64_t end, const Acts& a, float* corr, float* out) {
+  static_assert(R == 1 || R == 2);
+  const bool ahead = n + kPrefetchRows + R <= end;
+  // named registers, not arrays indexed in a loop: GCC keeps those in memory, on the FMA chain
+  __m512 acc0[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, acc1[2] = {acc0[0], acc0[1]};
+  __m512 d0 = acc0[0], d1 = acc0[0];
+  for_quads(a.quads, [&](int64_t c, auto k) {
+    if (ahead) {  // one load = one 64-byte line of a row
+      for (int64_t r = n + kPrefetchRows; r < n + kPrefetchRows + R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(w.qrow(r) + c * 64), _MM_HINT_T0);
+        if (c == 0) {
+          _mm_prefetch(reinterpret_cast<const char*>(w.drow(r)), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(w.mrow(r)), _MM_HINT_T0);
+        }
+      }
+    }
+    const __m512i idx = quad_index(c);
+    const int64_t left = a.groups - 4 * c;
+    const c10::BFloat16* xq = a.xs.data() + c * kQuad;
+    if (c % 4 == 0) d0 = scales16(w, n, c);
+    row_step(levels(w.qrow(n) + c * 64, left), xq, _mm512_permutexvar_ps(idx, d0), &acc0[k]);
+    if constexpr (R == 2) {
+      if (c % 4 == 0) d1 = scales16(w, n + 1, c);
+      row_step(levels(w.qrow(n + 1) + c * 64, left), xq, _mm512_permutexvar_ps(idx, d1), &acc1[k]);
+    }
+  });
+  row_corrections(w.drow(n), w.mrow(n), a.groups, corr);
+  out[0] = row_result(acc0, corr, a.sums.data(), a.gpad);
+  if constexpr (R == 2) {
+    row_corrections(w.drow(n + 1), w.mrow(n + 1), a.groups, corr);
+    out[1] = row_result(acc1, corr, a.sums.data(), a.gpad);
+  }
+}
+
+}  // namespace
+
+bool tandem::ops::int4_linear_bf16_available() { return true; }
+
+// one row of x; shapes and dtypes checked by int4_linear (quant_linear.cpp)
+at::Tensor tandem::ops::int4_linear_bf16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                         const at::Tensor& mins) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(0) == 1 && x.stride(1) == 1 &&
+                  x.scalar_type() == at::kBFloat16,
+              "x must be one CPU bfloat16 row [1, K], contiguous");
+  const int64_t K = x.size(1), N = qweight.size(0);
+  const Acts a = arrange(x.data_ptr<c10::BFloat16>(), K);
+  const Weights w{qweight.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), mins.data_ptr<c10::Half>(), K,
+                  K / kGroup};
+  at::Tensor y = at::empty({1, N}, x.options());
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t grain = std::max<int64_t>(1, (N + threads - 1) / threads);  // one range per thread
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> corr(a.gpad, 0.0f);
+    float out[2];
+    int64_t n = begin;
+    for (; n + 2 <= end; n += 2) {
+      rows_m1<2>(w, n, end, a, corr.data(), out);
+      yp[n] = static_cast<c10::BFloat16>(out[0]);
+      yp[n + 1] = static_cast<c10::BFloat16>(out[1]);
+    }
+    if (n < end) {
+      rows_m1<1>(w, n, end, a, corr.data(), out);
+      yp[n] = static_cast<c10::BFloat16>(out[0]);
+    }
+  });
+  return y;
+}
+
+#else
+
+bool tandem::ops::int4_linear_bf16_available() { return false; }
+
+at::Tensor tandem::ops::int4_linear_bf16(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  TORCH_CHECK(false, "int4_linear_bf16: built without AVX512-BF16");
+}
+
+#endif

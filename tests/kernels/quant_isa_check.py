@@ -1,0 +1,49 @@
+"""Build csrc/quant_linear.cpp (with quant_linear_bf16.cpp, which it calls) alone with extra
+compiler flags (a child process of test_quant_linear.py: its ops would clash with the main
+extension's in one process) and check ``int4_linear`` / ``int8_linear`` against the reference on
+random inputs, float32 and bfloat16, with batch invariance; prints "ok".
+
+    python tests/kernels/quant_isa_check.py BUILD_DIR "-mno-avx512bf16"
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.cpp_extension import load
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from kernels import cpu_ext, quant_reference  # noqa: E402
+
+
+def main(build_dir: str, flags: list[str]) -> None:
+    cpu_ext._put_ninja_on_path()
+    csrc = ROOT / "kernels" / "csrc"
+    sources = [str(csrc / "quant_linear.cpp"), str(csrc / "quant_linear_bf16.cpp")]
+    load(name="tandem_quant_isa_check", sources=sources, extra_cflags=[*cpu_ext.CFLAGS, *flags],
+         extra_ldflags=["-fopenmp"], build_directory=build_dir, is_python_module=False)  # fmt: skip
+    ops = torch.ops.tandem_cpu
+    g = torch.Generator().manual_seed(0)
+    for fmt in ("int4", "int8"):
+        for m, n, k in ((1, 37, 96), (2, 24, 160), (4, 48, 576), (11, 48, 1536)):
+            for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 8e-3)):
+                x = (torch.randn(m, k, generator=g) * 3).to(dtype)
+                w = torch.randn(n, k, generator=g) * 0.05
+                wq = quant_reference.quantize_int4(w) if fmt == "int4" else \
+                    quant_reference.quantize_int8(w, 32)  # fmt: skip
+                op = getattr(ops, f"{fmt}_linear")
+                out = op(x, *wq)
+                ref = getattr(quant_reference, f"{fmt}_linear")(x, *wq)
+                err = float((out.double() - ref.double()).abs().max() / ref.double().abs().max())
+                assert err < tol, (fmt, m, n, k, dtype, err)
+                if m > 1:  # batch invariance
+                    assert torch.equal(op(x[1:2].contiguous(), *wq)[0], out[1])
+    print("ok")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2].split())
