@@ -22,7 +22,9 @@ Storage and kernel, by device and format (``Linear.load`` picks; ``forward`` fol
   while the weight read dominates. Steps of more rows take the dense path: the dense copy when
   ``load(keep_dense=True)`` kept one (above ``QUANT_MAX_ROWS``: decode batches of 9+, prefill;
   ``QUANT_MAX_ROWS_BESIDE_AMX_BF16``, 4, for a bfloat16 copy on a CPU with AMX), else the weight
-  dequantized for the call (above ``QUANT_MAX_ROWS_NO_DENSE``: prefill chunks).
+  dequantized for the call (above ``QUANT_MAX_ROWS_NO_DENSE``: prefill chunks). A step of one
+  bfloat16 row on an AVX512-BF16 CPU takes int4's one-row kernel (``csrc/quant_linear_bf16.cpp``),
+  so a row's result also depends on whether it is alone in its step (by one bfloat16 ulp at most).
 - int4 / int8 with ``int8_activations`` (``model.quantize_activations``, CPU): ``linear_a8``
   (``kernels/csrc/quant_linear_a8.cpp``) in place of the float kernel, up to ``A8_MAX_ROWS`` (64)
   rows (``A8_MAX_ROWS_BESIDE_AMX_BF16``, 32, beside a bfloat16 dense copy on a CPU with AMX):
