@@ -21,10 +21,8 @@ Storage and kernel, by device and format (``Linear.load`` picks; ``forward`` fol
   4-8x fewer bytes than float32 but do the multiply-adds on dequantized floats, so they win only
   while the weight read dominates. Steps of more rows take the dense path: the dense copy when
   ``load(keep_dense=True)`` kept one (above ``QUANT_MAX_ROWS``: decode batches of 9+, prefill;
-  ``QUANT_MAX_ROWS_BESIDE_AMX_BF16``, 4, for a bfloat16 copy on a CPU with AMX), else the weight
-  dequantized for the call (above ``QUANT_MAX_ROWS_NO_DENSE``: prefill chunks). A step of one
-  bfloat16 row on an AVX512-BF16 CPU takes int4's one-row kernel (``csrc/quant_linear_bf16.cpp``),
-  so a row's result also depends on whether it is alone in its step (by one bfloat16 ulp at most).
+  ``QUANT_MAX_ROWS_BESIDE_AMX_BF16``, 5, for a bfloat16 copy on a CPU with AMX), else the weight
+  dequantized for the call (above ``QUANT_MAX_ROWS_NO_DENSE``: prefill chunks).
 - int4 / int8 with ``int8_activations`` (``model.quantize_activations``, CPU): ``linear_a8``
   (``kernels/csrc/quant_linear_a8.cpp``) in place of the float kernel, up to ``A8_MAX_ROWS`` (64)
   rows (``A8_MAX_ROWS_BESIDE_AMX_BF16``, 32, beside a bfloat16 dense copy on a CPU with AMX):
@@ -57,11 +55,13 @@ BLOCKS_PER_THREAD = 3
 # rows for bfloat16 (int4 43.8 vs 60.7 ms at 16, 167.6 vs 75.3 at 64) and between 32 and 64 for
 # float32 (int4 vs int4-deq-f32: 43.8 vs 91.6 ms at 16, 167.6 vs 154.4 at 64).
 QUANT_MAX_ROWS = 8
-# ... but 4 against a bfloat16 dense copy on a CPU with AMX, where oneDNN's bfloat16 runs on the
-# tiles (``python -m bench.linear --threads 2 --rows 1,2,4,8 --formats int4-bf16,bf16-onednn``, 30
-# layers, Intel Xeon with AMX, two runs: oneDNN 9.3-9.7 ms flat from 1 to 8 rows; int4 with
-# bfloat16 x 5.3 / 5.4 at 2 rows, 8.3 / 8.4 at 4, 11.6 / 14.4 at 8)
-QUANT_MAX_ROWS_BESIDE_AMX_BF16 = 4
+# ... but 5 against a bfloat16 dense copy on a CPU with AMX, where oneDNN's bfloat16 runs on the
+# tiles (``python -m bench.linear --threads 2 --rows 1,2,4,5,8 --formats int4-bf16,bf16-onednn``,
+# 30 layers, Intel Xeon with AMX, two runs: oneDNN ~10 ms flat from 1 to 8 rows; int4 with
+# bfloat16 x 3.2 / 3.5 at 1 row, 8.3 / 9.1 at 4, 11.5 / 11.8 at 5, 15.6 / 16.1 at 8). 4 would be
+# the crossover; 5 keeps a batch-1 verification step of k = 4 tokens on the int4 kernel, so it
+# computes each row as the decode steps it replaces do (csrc/quant_linear_bf16.cpp).
+QUANT_MAX_ROWS_BESIDE_AMX_BF16 = 5
 # The same with int8 activations (``linear_a8``), against bfloat16 oneDNN (``python -m bench.linear
 # --threads 2 --rows 1,8,16,32,64,128 --formats bf16-onednn,int4-a8,int8-g32-a8``, 30 layers, two
 # runs): 37.4 / 41.0 vs 54.0 / 54.2 ms at 64 rows, 75.8 / 70.5 vs 89.2 / 81.4 at 128; the LM head

@@ -24,8 +24,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                        const at::Tensor& mins);
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales);
-// int4_linear's path for one bfloat16 row on AVX512-BF16 (quant_linear_bf16.cpp; int4_linear checks
-// the shapes and calls it where available() says it was built)
+// int4_linear's path for bfloat16 x of up to 8 rows on AVX512-BF16 (quant_linear_bf16.cpp;
+// int4_linear checks the shapes and calls it where available() says it was built)
 bool int4_linear_bf16_available();
 at::Tensor int4_linear_bf16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             const at::Tensor& mins);

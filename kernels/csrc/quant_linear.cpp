@@ -12,7 +12,7 @@
 // exactly the float32 weights the reference dequantizes (int4: d * q + m as a multiply then an
 // add, like numpy's / torch's; int8: d * q), then multiplied with up to MT activation rows, each
 // row keeping one vector accumulator. So an int4 model from a Q4_1 GGUF computes with the very
-// weights of the float32 path; only the summation order differs. (One bfloat16 row on
+// weights of the float32 path; only the summation order differs. (bfloat16 x of up to 8 rows on
 // AVX512-BF16: quant_linear_bf16.cpp, see int4_linear.) Threads split the output
 // features N; each processes its rows for all M, in tiles of MT rows (a tile's activations stay
 // in L1/L2 while the row's weights are dequantized once per tile).
@@ -41,6 +41,7 @@
 namespace {
 
 constexpr int64_t kUnit = 32;  // weights per work unit (= the int4 group)
+constexpr int64_t kBf16DotMaxRows = 8;  // int4, bfloat16 x: quant_linear_bf16.cpp up to here
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 constexpr int kLanes = 16;
@@ -334,8 +335,9 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
     TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
                     t->size(1) == K / kUnit,
                 "int4: scales / mins must be contiguous float16 [N, K / 32]");
-  // one bfloat16 row (a batch-1 decode step): vdpbf16ps (quant_linear_bf16.cpp says why only one)
-  if (x.scalar_type() == at::kBFloat16 && x.size(0) == 1 && x.stride(1) == 1 &&
+  // bfloat16 x of up to 8 rows (engine.linear's QUANT_MAX_ROWS: every step the engine gives this
+  // kernel beside a dense copy): vdpbf16ps (quant_linear_bf16.cpp); batch-invariant among those
+  if (x.scalar_type() == at::kBFloat16 && x.size(0) <= kBf16DotMaxRows && x.stride(1) == 1 &&
       tandem::ops::int4_linear_bf16_available())
     return tandem::ops::int4_linear_bf16(x, qweight, scales, mins);
   Int4Rows rows{qweight.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), mins.data_ptr<c10::Half>(), K};

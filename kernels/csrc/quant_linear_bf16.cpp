@@ -1,5 +1,5 @@
-// Int4 (Q4_1) weight-only linear for ONE bfloat16 activation row (a batch-1 decode step) on
-// AVX512-BF16: y [1, N] = x [1, K] @ W^T.
+// Int4 (Q4_1) weight-only linear with bfloat16 activations on AVX512-BF16, for calls of up to 8
+// rows (decode steps the engine gives the int4 kernel): y [M, N] = x [M, K] @ W^T.
 //
 // Why: quant_linear.cpp dequantizes each group to float32 weights (d * q + m), ~10 instructions
 // per 32 weights before its two FMAs, and at batch 1 that, not the weight read, bounds it. Here a
@@ -8,17 +8,23 @@
 // 1 + q / 16 (q = 0..15) is a bfloat16 whose mantissa bits 3..6 are q, so a nibble becomes one
 // with a shift and one bit-select (vpternlogd), and vdpbf16ps multiplies it with bfloat16 x
 // exactly (8-bit significands), summing in float32. One 64-byte load (four groups of a row) ->
-// four shifts, four bit-selects, four vdpbf16ps, one FMA by the groups' 16 d; sum_k x_k is the
-// activations' own, once per call. No activation is rounded; the sums are float32 in another
-// order than the float path's (each output within one bfloat16 ulp of the float64 product, ~99.8 %
-// of them correctly rounded: tests/kernels/test_quant_linear.py).
+// four shifts, four bit-selects, then per activation row four vdpbf16ps and one FMA by the groups'
+// 16 d; sum_k x_k is the activations' own, once per call. No activation is rounded; the sums are
+// float32 in another order than the float path's (each output within one bfloat16 ulp of the
+// float64 product, nearly all correctly rounded: tests/kernels/test_quant_linear.py).
 //
-// Why one row only (docs/benchmarks.md "int4 weight-only with bfloat16 activations"; SmolLM2's 30
-// layers, 2 threads, Intel Xeon with AMX): 0.87-0.92x the float path's time at 1 row, but
-// 1.03-1.12x at 2 and 0.97-1.14x at 4. With rows sharing the dequantization the float path's
-// per-row cost is eight FMAs per 128 weights, and four vdpbf16ps cost more than that here. So a
-// row's output differs by rounding (at most one bfloat16 ulp) between a one-row call and a call
-// of several rows; within each, it does not depend on the rows beside it.
+// Measured (docs/benchmarks.md "int4 weight-only with bfloat16 activations"; SmolLM2's 30 layers,
+// 2 threads, Intel Xeon with AMX): 0.85-0.92x the float path's time at 1 row; from 2 rows, where
+// the float path shares each group's dequantization among the rows and pays eight FMAs per 128
+// weights and row, the four vdpbf16ps cost more: 1.10-1.19x at 2 rows, 1.05-1.07x at 4, ~1.0 at
+// 5, 1.03-1.10x at 8. It still takes every call of up to 8 rows, for batch invariance below.
+//
+// Batch invariance: every output (n, m) is computed by the same sequence of operations whatever
+// the number of rows in the call (up to 8) and where it falls (the one-row path's two weight rows
+// at a time, the tiles of 4 / 2 / 1 activation rows all run row_step on each (n, m) over the loads
+// in order, then row_corrections and row_result). So a verification step of k + 1 rows at batch 1
+// reproduces the plain decode steps bit for bit, and with it greedy speculative decoding the
+// output without speculation, as with quant_linear.cpp.
 //
 // Built only where the compiler targets AVX512-BF16 (-march=native); elsewhere available() is
 // false and int4_linear keeps the float path.
@@ -54,33 +60,38 @@ constexpr int64_t kPrefetchRows = 16;
 // products' sum belongs to group 4c + l / 4.
 constexpr int kFieldWeight[4] = {0, 16, 1, 17};  // weight of field f, relative to j
 
-// The activation row, rearranged once per call: per four groups, four blocks of 32 bfloat16
-// values, block f word i = the x that weight field f of word i meets (zeros past K). And each
-// group's float32 sum, zero-padded to a multiple of 16 groups.
+// The activation rows, rearranged once per call: per row and four groups, four blocks of 32
+// bfloat16 values, block f word i = the x that weight field f of word i meets (zeros past K). And
+// each group's float32 sum, zero-padded to a multiple of 16 groups.
 struct Acts {
   int64_t quads, groups, gpad;
-  std::vector<c10::BFloat16> xs;  // [quads * 128]
-  std::vector<float> sums;        // [gpad]
+  std::vector<c10::BFloat16> xs;  // [M, quads * 128]
+  std::vector<float> sums;        // [M, gpad]
+  const c10::BFloat16* row(int64_t m) const { return xs.data() + m * quads * kQuad; }
+  const float* sum(int64_t m) const { return sums.data() + m * gpad; }
 };
 
-Acts arrange(const c10::BFloat16* x, int64_t K) {
+Acts arrange(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1), stride = x.stride(0);
   Acts a;
   a.groups = K / kGroup;
   a.quads = (a.groups + 3) / 4;
   a.gpad = (a.groups + 15) / 16 * 16;
-  a.xs.assign(a.quads * kQuad, c10::BFloat16(0.0f));
-  a.sums.assign(a.gpad, 0.0f);
-  for (int64_t g = 0; g < a.groups; ++g) {
-    const c10::BFloat16* xg = x + g * kGroup;
-    c10::BFloat16* quad = a.xs.data() + (g / 4) * kQuad;
-    for (int64_t i = (g % 4) * 8; i < (g % 4) * 8 + 8; ++i)
-      for (int f = 0; f < 4; ++f) quad[f * 32 + i] = xg[(2 * i) % 16 + kFieldWeight[f]];
-    // bfloat16 -> float32 is a 16-bit shift; the sum's order is fixed: two 16-lane halves added
-    // lane by lane, then the 16 lanes reduced
-    const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg)));
-    const __m512i l = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 16)));
-    a.sums[g] = _mm512_reduce_add_ps(
-        _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(h, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(l, 16))));
+  a.xs.assign(M * a.quads * kQuad, c10::BFloat16(0.0f));
+  a.sums.assign(M * a.gpad, 0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < a.groups; ++g) {
+      const c10::BFloat16* xg = x.data_ptr<c10::BFloat16>() + m * stride + g * kGroup;
+      c10::BFloat16* quad = a.xs.data() + m * a.quads * kQuad + (g / 4) * kQuad;
+      for (int64_t i = (g % 4) * 8; i < (g % 4) * 8 + 8; ++i)
+        for (int f = 0; f < 4; ++f) quad[f * 32 + i] = xg[(2 * i) % 16 + kFieldWeight[f]];
+      // bfloat16 -> float32 is a 16-bit shift; the sum's order is fixed: two 16-lane halves added
+      // lane by lane, then the 16 lanes reduced
+      const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg)));
+      const __m512i l = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 16)));
+      a.sums[m * a.gpad + g] = _mm512_reduce_add_ps(
+          _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(h, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(l, 16))));
+    }
   }
   return a;
 }
@@ -161,9 +172,9 @@ inline void for_quads(int64_t quads, Step step) {
   if (c < quads) step(c, std::integral_constant<int, 0>());
 }
 
-// y[n .. n + R] for R = 1 or 2 weight rows (two: the activation loads shared), prefetching the
-// rows kPrefetchRows ahead while they are below ``end``; each row runs the same operations in
-// either case, so its output does not depend on the rows beside it
+// M = 1: y[n .. n + R] for R = 1 or 2 weight rows (two: the activation loads shared),
+// prefetching the rows kPrefetchRows ahead while they are below ``end``; per row the same
+// operations as row_tile's
 template <int R>
 inline void rows_m1(const Weights& w, int64_t n, int64_t end, const Acts& a, float* corr, float* out) {
   static_assert(R == 1 || R == 2);
@@ -183,7 +194,7 @@ inline void rows_m1(const Weights& w, int64_t n, int64_t end, const Acts& a, flo
     }
     const __m512i idx = quad_index(c);
     const int64_t left = a.groups - 4 * c;
-    const c10::BFloat16* xq = a.xs.data() + c * kQuad;
+    const c10::BFloat16* xq = a.row(0) + c * kQuad;
     if (c % 4 == 0) d0 = scales16(w, n, c);
     row_step(levels(w.qrow(n) + c * 64, left), xq, _mm512_permutexvar_ps(idx, d0), &acc0[k]);
     if constexpr (R == 2) {
@@ -192,28 +203,65 @@ inline void rows_m1(const Weights& w, int64_t n, int64_t end, const Acts& a, flo
     }
   });
   row_corrections(w.drow(n), w.mrow(n), a.groups, corr);
-  out[0] = row_result(acc0, corr, a.sums.data(), a.gpad);
+  out[0] = row_result(acc0, corr, a.sum(0), a.gpad);
   if constexpr (R == 2) {
     row_corrections(w.drow(n + 1), w.mrow(n + 1), a.groups, corr);
-    out[1] = row_result(acc1, corr, a.sums.data(), a.gpad);
+    out[1] = row_result(acc1, corr, a.sum(0), a.gpad);
   }
+}
+
+// y[m0 .. m0 + MT, n] for one weight row n (MT = 1, 2, 4): its levels made once per load for the
+// MT rows; each row's operations are those of rows_m1's
+template <int MT>
+inline void row_tile(const Weights& w, int64_t n, const Acts& a, int64_t m0, float* corr, float* out) {
+  static_assert(MT == 1 || MT == 2 || MT == 4);
+  // named accumulators (see rows_m1): acc<i>[k] for activation row m0 + i
+  const __m512 z = _mm512_setzero_ps();
+  __m512 acc0[2] = {z, z}, acc1[2] = {z, z}, acc2[2] = {z, z}, acc3[2] = {z, z};
+  __m512 dchunk = z;
+  for_quads(a.quads, [&](int64_t c, auto k) {
+    if (c % 4 == 0) dchunk = scales16(w, n, c);
+    const __m512 dv = _mm512_permutexvar_ps(quad_index(c), dchunk);
+    const Levels lv = levels(w.qrow(n) + c * 64, a.groups - 4 * c);
+    row_step(lv, a.row(m0) + c * kQuad, dv, &acc0[k]);
+    if constexpr (MT >= 2) row_step(lv, a.row(m0 + 1) + c * kQuad, dv, &acc1[k]);
+    if constexpr (MT == 4) {
+      row_step(lv, a.row(m0 + 2) + c * kQuad, dv, &acc2[k]);
+      row_step(lv, a.row(m0 + 3) + c * kQuad, dv, &acc3[k]);
+    }
+  });
+  row_corrections(w.drow(n), w.mrow(n), a.groups, corr);
+  out[0] = row_result(acc0, corr, a.sum(m0), a.gpad);
+  if constexpr (MT >= 2) out[1] = row_result(acc1, corr, a.sum(m0 + 1), a.gpad);
+  if constexpr (MT == 4) {
+    out[2] = row_result(acc2, corr, a.sum(m0 + 2), a.gpad);
+    out[3] = row_result(acc3, corr, a.sum(m0 + 3), a.gpad);
+  }
+}
+
+template <int MT>
+inline void emit_tile(const Weights& w, int64_t n, const Acts& a, int64_t& m0, float* corr, c10::BFloat16* y,
+                      int64_t N) {
+  float out[MT];
+  row_tile<MT>(w, n, a, m0, corr, out);
+  for (int i = 0; i < MT; ++i) y[(m0 + i) * N + n] = static_cast<c10::BFloat16>(out[i]);
+  m0 += MT;
 }
 
 }  // namespace
 
 bool tandem::ops::int4_linear_bf16_available() { return true; }
 
-// one row of x; shapes and dtypes checked by int4_linear (quant_linear.cpp)
+// shapes and dtypes checked by int4_linear (quant_linear.cpp)
 at::Tensor tandem::ops::int4_linear_bf16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                          const at::Tensor& mins) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(0) == 1 && x.stride(1) == 1 &&
-                  x.scalar_type() == at::kBFloat16,
-              "x must be one CPU bfloat16 row [1, K], contiguous");
-  const int64_t K = x.size(1), N = qweight.size(0);
-  const Acts a = arrange(x.data_ptr<c10::BFloat16>(), K);
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kBFloat16,
+              "x must be CPU bfloat16 [M, K] with contiguous rows");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  const Acts a = arrange(x);
   const Weights w{qweight.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), mins.data_ptr<c10::Half>(), K,
                   K / kGroup};
-  at::Tensor y = at::empty({1, N}, x.options());
+  at::Tensor y = at::empty({M, N}, x.options());
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t grain = std::max<int64_t>(1, (N + threads - 1) / threads);  // one range per thread
@@ -221,14 +269,21 @@ at::Tensor tandem::ops::int4_linear_bf16(const at::Tensor& x, const at::Tensor& 
     std::vector<float> corr(a.gpad, 0.0f);
     float out[2];
     int64_t n = begin;
-    for (; n + 2 <= end; n += 2) {
+    for (; M == 1 && n + 2 <= end; n += 2) {
       rows_m1<2>(w, n, end, a, corr.data(), out);
       yp[n] = static_cast<c10::BFloat16>(out[0]);
       yp[n + 1] = static_cast<c10::BFloat16>(out[1]);
     }
-    if (n < end) {
+    if (M == 1 && n < end) {
       rows_m1<1>(w, n, end, a, corr.data(), out);
       yp[n] = static_cast<c10::BFloat16>(out[0]);
+      return;
+    }
+    for (; M > 1 && n < end; ++n) {
+      int64_t m0 = 0;
+      while (m0 + 4 <= M) emit_tile<4>(w, n, a, m0, corr.data(), yp, N);
+      if (M - m0 >= 2) emit_tile<2>(w, n, a, m0, corr.data(), yp, N);
+      if (M - m0 >= 1) emit_tile<1>(w, n, a, m0, corr.data(), yp, N);
     }
   });
   return y;
