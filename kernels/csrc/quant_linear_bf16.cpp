@@ -9,7 +9,8 @@
 // with a shift and one bit-select (vpternlogd), and vdpbf16ps multiplies it with bfloat16 x
 // exactly (8-bit significands), summing in float32. One 64-byte load (four groups of a row) ->
 // four shifts, four bit-selects, then per activation row four vdpbf16ps and one FMA by the groups'
-// 16 d; sum_k x_k is the activations' own, once per call. No activation is rounded; the sums are
+// 16 d; sum_k x_k is the activations' own, once per call. No activation is rounded (vdpbf16ps
+// does count a subnormal bfloat16 x, below ~1.2e-38, as 0); the sums are
 // float32 in another order than the float path's (each output within one bfloat16 ulp of the
 // float64 product, nearly all correctly rounded: tests/kernels/test_quant_linear.py).
 //

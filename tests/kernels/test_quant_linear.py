@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from isa_builds import check_build
 from paged_cases import rel_err
 
 from kernels import cpu_ext, quant_reference, triton_quant_linear
@@ -175,11 +176,4 @@ def test_the_paths_of_other_cpus_match_reference(flags, tmp_path):
     without AVX512-BF16, without AVX-512 or without AVX2 are built here with those features
     switched off, in a child process, and checked against the reference (where the CPU lacks the
     feature anyway, that build is the native one)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).with_name("quant_isa_check.py")
-    res = subprocess.run([sys.executable, str(script), str(tmp_path), flags],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+    check_build("quant_isa_check.py", flags, tmp_path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from a8_isa_check import special_rows
+from isa_builds import check_build
 from paged_cases import rel_err
 
 from kernels import cpu_ext, quant_reference
@@ -189,11 +190,4 @@ def test_the_paths_of_other_cpus_match_reference(flags, tmp_path):
     without AMX (VNNI at every row count), without AVX512-VNNI (AVX2) or neither are built here
     with those features switched off, in a child process, and checked the same way (~15 s to
     compile each; where the CPU lacks the feature anyway, that build is the native one)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).with_name("a8_isa_check.py")
-    res = subprocess.run([sys.executable, str(script), str(tmp_path), flags],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+    check_build("a8_isa_check.py", flags, tmp_path)
