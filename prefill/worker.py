@@ -8,6 +8,7 @@ Request life on this side::
                        reservation); else the blocks are handed over (lease SENDING) and sent with
                        that token in the tag
     TransferDone    -> source blocks freed        TransferFailed -> freed, error delta (fault)
+    its decode worker forgotten (died) before the send -> freed, error delta (fault), no KV moves
     abort()         -> queued / computing: freed at once; in flight: freed when the transfer
                        ends (the WRITE reads them until then)
 
@@ -186,11 +187,16 @@ class PrefillWorker(WorkerBase):
                 eng.seqs.pop(rid, None)
                 self.faults.reach("after_first_token", [rid])
                 self.kv.hand_over(rid)
-                going = going or Outgoing(rid, self.peers[dest.peer], seq.num_prompt_tokens,
+                peer_key = self.peers.get(dest.peer)
+                going = going or Outgoing(rid, peer_key or "", seq.num_prompt_tokens,
                                           seq.num_output_tokens)  # fmt: skip
                 going.num_output_tokens = seq.num_output_tokens
-                tag = encode_first_token(d.token_ids[-1])
-                self._send(self._spec(seq, dest, tag, lo), going)
+                if peer_key is None:  # its decode worker died (forget) while the prompt ran:
+                    # no KV moves; the blocks are freed and the coordinator retries the request
+                    self._settle(going, f"decode worker {dest.peer!r} is gone")
+                else:
+                    tag = encode_first_token(d.token_ids[-1])
+                    self._send(self._spec(seq, dest, tag, lo), going)
             self._step_seqs.remove(seq)  # done with: a later failure of the step is not its own
         if self._step_seqs:  # prompts with chunks still to compute
             self.faults.reach("mid_prefill", [s.request_id for s in self._step_seqs])
@@ -225,6 +231,8 @@ class PrefillWorker(WorkerBase):
             ready = layer_done(self.engine.device)
             for seq, dest in finishing:
                 rid = seq.request_id
+                if dest.peer not in self.peers:  # gone: _iteration settles the request
+                    continue
                 going = self.in_flight.get(rid) or Outgoing(
                     rid, self.peers[dest.peer], seq.num_prompt_tokens, seq.num_output_tokens
                 )

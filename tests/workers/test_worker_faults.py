@@ -121,3 +121,23 @@ def test_a_restarted_decode_worker_replaces_its_dead_incarnation(pair, tiny_mode
     assert prefill.sender.peers == []
     with pytest.raises(ConnectionError, match="not connected"):
         prefill.prefill("s", PROMPT, GREEDY.to_dict(), "decode-0", blocks)
+
+
+def test_a_prompt_whose_decode_worker_died_meanwhile_frees_its_blocks(pair, sink):
+    """The decode worker dies (the coordinator's ``forget``) while a prompt bound for it is
+    queued: the prompt is computed, its KV has nowhere to go, so its blocks are freed and the
+    request ends with a transfer fault, which the coordinator retries. (Before, the hand-over
+    raised on the forgotten peer after leasing the blocks, which then stayed in use for good:
+    seen as 3 blocks left on the prefill pool in the kill -9 test of tests/e2e.)"""
+    pull = sink[0]
+    decode, prefill = pair["decode"], pair["prefill"]
+    with prefill.lock:  # the loop waits: the prompt is still queued when the peer goes
+        hand_off(decode, prefill, "orphan", PROMPT, GREEDY.to_dict())
+        prefill.forget("decode-0")
+    end = collect(pull, {"orphan"})["orphan"][-1]
+    assert end.fault == FAULT_TRANSFER_FAILED and "'decode-0' is gone" in end.error
+    wait_until(lambda: prefill.stats()["kv_blocks_used"] == 0)
+    prefill.kv.check()
+    assert prefill.stats()["loop_error"] is None
+    decode.release(["orphan"])
+    wait_until(lambda: decode.stats()["kv_blocks_used"] == 0)
