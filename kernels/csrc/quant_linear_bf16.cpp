@@ -15,17 +15,17 @@
 // float64 product, nearly all correctly rounded: tests/kernels/test_quant_linear.py).
 //
 // Measured (docs/benchmarks.md "int4 weight-only with bfloat16 activations"; SmolLM2's 30 layers,
-// 2 threads, Intel Xeon with AMX): 0.85-0.92x the float path's time at 1 row; from 2 rows, where
+// 2 threads, Intel Xeon with AMX): 0.85-0.93x the float path's time at 1 row; from 2 rows, where
 // the float path shares each group's dequantization among the rows and pays eight FMAs per 128
-// weights and row, the four vdpbf16ps cost more: 1.10-1.19x at 2 rows, 1.05-1.07x at 4, ~1.0 at
+// weights and row, the four vdpbf16ps cost more: 1.10-1.19x at 2 rows, 1.04-1.07x at 4, ~1.0 at
 // 5, 1.03-1.10x at 8. It still takes every call of up to 8 rows, for batch invariance below.
 //
 // Batch invariance: every output (n, m) is computed by the same sequence of operations whatever
 // the number of rows in the call (up to 8) and where it falls (the one-row path's two weight rows
 // at a time, the tiles of 4 / 2 / 1 activation rows all run row_step on each (n, m) over the loads
 // in order, then row_corrections and row_result). So a verification step of k + 1 rows at batch 1
-// reproduces the plain decode steps bit for bit, and with it greedy speculative decoding the
-// output without speculation, as with quant_linear.cpp.
+// reproduces the plain decode steps bit for bit while the engine gives it to this kernel
+// (engine.linear: up to 8 rows, 5 beside a bfloat16 dense copy on AMX), as with quant_linear.cpp.
 //
 // Built only where the compiler targets AVX512-BF16 (-march=native); elsewhere available() is
 // false and int4_linear keeps the float path.
@@ -152,10 +152,11 @@ struct Weights {
   const c10::Half* mrow(int64_t n) const { return m + n * groups; }
 };
 
-// 16 d of 16 groups from 4c on (a chunk of four loads), and the lanes of load c's groups in it
+// 16 d of 16 groups from 4c on (a chunk of four loads)
 inline __m512 scales16(const Weights& w, int64_t n, int64_t c) {
   return _mm512_mul_ps(halves16(w.drow(n) + 4 * c, w.groups - 4 * c), _mm512_set1_ps(16.0f));
 }
+// the lanes of scales16's chunk that hold load c's four groups, each four times
 inline __m512i quad_index(int64_t c) {
   return _mm512_add_epi32(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
                           _mm512_set1_epi32(static_cast<int>(4 * (c % 4))));
@@ -173,19 +174,16 @@ inline void for_quads(int64_t quads, Step step) {
   if (c < quads) step(c, std::integral_constant<int, 0>());
 }
 
-// M = 1: y[n .. n + R] for R = 1 or 2 weight rows (two: the activation loads shared),
-// prefetching the rows kPrefetchRows ahead while they are below ``end``; per row the same
-// operations as row_tile's
-template <int R>
-inline void rows_m1(const Weights& w, int64_t n, int64_t end, const Acts& a, float* corr, float* out) {
-  static_assert(R == 1 || R == 2);
-  const bool ahead = n + kPrefetchRows + R <= end;
+// M = 1: y[n], y[n + 1] (the activation loads shared), prefetching the rows kPrefetchRows ahead
+// while they are below ``end``; per row the same operations as row_tile's
+inline void row_pair_m1(const Weights& w, int64_t n, int64_t end, const Acts& a, float* corr, float* out) {
+  const bool ahead = n + kPrefetchRows + 2 <= end;
   // named registers, not arrays indexed in a loop: GCC keeps those in memory, on the FMA chain
   __m512 acc0[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, acc1[2] = {acc0[0], acc0[1]};
   __m512 d0 = acc0[0], d1 = acc0[0];
   for_quads(a.quads, [&](int64_t c, auto k) {
     if (ahead) {  // one load = one 64-byte line of a row
-      for (int64_t r = n + kPrefetchRows; r < n + kPrefetchRows + R; ++r) {
+      for (int64_t r = n + kPrefetchRows; r < n + kPrefetchRows + 2; ++r) {
         _mm_prefetch(reinterpret_cast<const char*>(w.qrow(r) + c * 64), _MM_HINT_T0);
         if (c == 0) {
           _mm_prefetch(reinterpret_cast<const char*>(w.drow(r)), _MM_HINT_T0);
@@ -198,25 +196,21 @@ inline void rows_m1(const Weights& w, int64_t n, int64_t end, const Acts& a, flo
     const c10::BFloat16* xq = a.row(0) + c * kQuad;
     if (c % 4 == 0) d0 = scales16(w, n, c);
     row_step(levels(w.qrow(n) + c * 64, left), xq, _mm512_permutexvar_ps(idx, d0), &acc0[k]);
-    if constexpr (R == 2) {
-      if (c % 4 == 0) d1 = scales16(w, n + 1, c);
-      row_step(levels(w.qrow(n + 1) + c * 64, left), xq, _mm512_permutexvar_ps(idx, d1), &acc1[k]);
-    }
+    if (c % 4 == 0) d1 = scales16(w, n + 1, c);
+    row_step(levels(w.qrow(n + 1) + c * 64, left), xq, _mm512_permutexvar_ps(idx, d1), &acc1[k]);
   });
   row_corrections(w.drow(n), w.mrow(n), a.groups, corr);
   out[0] = row_result(acc0, corr, a.sum(0), a.gpad);
-  if constexpr (R == 2) {
-    row_corrections(w.drow(n + 1), w.mrow(n + 1), a.groups, corr);
-    out[1] = row_result(acc1, corr, a.sum(0), a.gpad);
-  }
+  row_corrections(w.drow(n + 1), w.mrow(n + 1), a.groups, corr);
+  out[1] = row_result(acc1, corr, a.sum(0), a.gpad);
 }
 
 // y[m0 .. m0 + MT, n] for one weight row n (MT = 1, 2, 4): its levels made once per load for the
-// MT rows; each row's operations are those of rows_m1's
+// MT rows; each row's operations are those of row_pair_m1's
 template <int MT>
 inline void row_tile(const Weights& w, int64_t n, const Acts& a, int64_t m0, float* corr, float* out) {
   static_assert(MT == 1 || MT == 2 || MT == 4);
-  // named accumulators (see rows_m1): acc<i>[k] for activation row m0 + i
+  // named accumulators (see row_pair_m1): acc<i>[k] for activation row m0 + i
   const __m512 z = _mm512_setzero_ps();
   __m512 acc0[2] = {z, z}, acc1[2] = {z, z}, acc2[2] = {z, z}, acc3[2] = {z, z};
   __m512 dchunk = z;
@@ -271,16 +265,11 @@ at::Tensor tandem::ops::int4_linear_bf16(const at::Tensor& x, const at::Tensor& 
     float out[2];
     int64_t n = begin;
     for (; M == 1 && n + 2 <= end; n += 2) {
-      rows_m1<2>(w, n, end, a, corr.data(), out);
+      row_pair_m1(w, n, end, a, corr.data(), out);
       yp[n] = static_cast<c10::BFloat16>(out[0]);
       yp[n + 1] = static_cast<c10::BFloat16>(out[1]);
     }
-    if (M == 1 && n < end) {
-      rows_m1<1>(w, n, end, a, corr.data(), out);
-      yp[n] = static_cast<c10::BFloat16>(out[0]);
-      return;
-    }
-    for (; M > 1 && n < end; ++n) {
+    for (; n < end; ++n) {  // M > 1, or the odd last row of a thread's range at M = 1
       int64_t m0 = 0;
       while (m0 + 4 <= M) emit_tile<4>(w, n, a, m0, corr.data(), yp, N);
       if (M - m0 >= 2) emit_tile<2>(w, n, a, m0, corr.data(), yp, N);
