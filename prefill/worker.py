@@ -9,6 +9,7 @@ Request life on this side::
                        that token in the tag
     TransferDone    -> source blocks freed        TransferFailed -> freed, error delta (fault)
     its decode worker forgotten (died) before the send -> freed, error delta (fault), no KV moves
+    the step raises after the hand-over, before a send is posted -> freed with the step's abort
     abort()         -> queued / computing: freed at once; in flight: freed when the transfer
                        ends (the WRITE reads them until then)
 
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 from core.outputs import FAULT_TRANSFER_FAILED, FINISH_ERROR, OutputDelta
 from decode.worker import DISCARD_TAG, encode_first_token
+from engine.kv_manager import LeaseState
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 from engine.worker_base import WorkerBase, layer_done
@@ -151,6 +153,11 @@ class PrefillWorker(WorkerBase):
                 self.kv.hand_over(rid)  # freed when its transfers end
                 self.in_flight[rid].report = False
         super()._abort(request_ids)  # frees what the scheduler holds; in-flight ones free later
+        # a delayed send still reads its blocks, and frees them when it ends
+        sending = set(self.in_flight) | {going.request_id for _, _, going in self.delayed}
+        for rid in request_ids:  # handed over, but the step raised before a transfer was posted
+            if self.kv.state(rid) == LeaseState.SENDING and rid not in sending:
+                self.kv.free(rid)  # nothing reads its blocks
 
     def _iteration(self) -> bool:
         eng = self.engine
@@ -231,10 +238,11 @@ class PrefillWorker(WorkerBase):
             ready = layer_done(self.engine.device)
             for seq, dest in finishing:
                 rid = seq.request_id
-                if dest.peer not in self.peers:  # gone: _iteration settles the request
+                peer_key = self.peers.get(dest.peer)
+                if peer_key is None:  # gone: _iteration settles the request
                     continue
                 going = self.in_flight.get(rid) or Outgoing(
-                    rid, self.peers[dest.peer], seq.num_prompt_tokens, seq.num_output_tokens
+                    rid, peer_key, seq.num_prompt_tokens, seq.num_output_tokens
                 )
                 spec = dataclasses.replace(self._spec(seq, dest, "", lo), layer_end=hi)
                 self._post(spec, going, ready)

@@ -141,3 +141,17 @@ def test_a_prompt_whose_decode_worker_died_meanwhile_frees_its_blocks(pair, sink
     assert prefill.stats()["loop_error"] is None
     decode.release(["orphan"])
     wait_until(lambda: decode.stats()["kv_blocks_used"] == 0)
+
+
+def test_a_step_that_raises_between_hand_over_and_send_frees_the_blocks(pair, sink):
+    """The step raises after the prompt's blocks were handed over (lease SENDING) but before a
+    transfer was posted (here the sender refuses destination ids past decode's cache, which
+    ``prefill`` does not check): nothing reads the blocks, so failing the step frees them (before,
+    the abort freed only ACTIVE leases and these stayed in use for good)."""
+    pull = sink[0]
+    prefill = pair["prefill"]
+    prefill.prefill("bad", PROMPT, GREEDY.to_dict(), "decode-0", [10_000, 10_001, 10_002])
+    end = collect(pull, {"bad"})["bad"][-1]
+    assert end.fault == FAULT_STEP_FAILED and "outside" in end.error
+    wait_until(lambda: prefill.stats()["kv_blocks_used"] == 0)
+    prefill.kv.check()
