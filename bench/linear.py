@@ -10,6 +10,8 @@ down; so they stream from DRAM as in a real step, not from cache), and separatel
     f32-mkl      float32 ``F.linear`` (MKL)
     f32-split    float32, the engine's split bmm (``engine.linear.linear``, bit-identical to MKL)
     bf16-onednn  bfloat16 weights packed for oneDNN (``torch.ops.mkldnn._linear_pointwise``)
+    bf16-packed  the same weights through the engine's op (kernels/csrc/dense_linear.cpp: our
+                 AMX tiles on oneDNN's bytes up to 16 rows where the CPU has AMX, else oneDNN)
     int8-torch   ``torch._weight_int8pack_mm`` (int8 per channel; float32 activations)
     int4-torch   ``torch._weight_int4pack_mm_for_cpu`` (int4, group 32; bfloat16 activations,
                  bfloat16 scale / zero point); int4-torch-f32: the same with float32 ones
@@ -75,11 +77,13 @@ def prepare(fmt: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.T
         return (lambda x: F.linear(x, w)), w.numel() * 4
     if fmt == "f32-split":
         return (lambda x: lin.linear(x, w)), w.numel() * 4
-    if fmt == "bf16-onednn":
+    if fmt in ("bf16-onednn", "bf16-packed"):
         packed = torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), None)
         n = w.shape[0]
 
         def run(x):
+            if fmt == "bf16-packed":
+                return ops.dense_linear(x.bfloat16(), packed)
             return torch.ops.mkldnn._linear_pointwise(x.bfloat16(), packed, None, "none", [], "")
 
         return run, n * w.shape[1] * 2
@@ -122,8 +126,8 @@ def prepare(fmt: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.T
 
 
 FORMATS = (
-    "f32-mkl f32-split bf16-onednn int8-torch int4-torch int4-torch-f32 int8 int8-g32 int4"
-    " int4-bf16 int4-a8 int8-g32-a8 int4-deq-f32 int4-deq-bf16".split()
+    "f32-mkl f32-split bf16-onednn bf16-packed int8-torch int4-torch int4-torch-f32 int8 int8-g32"
+    " int4 int4-bf16 int4-a8 int8-g32-a8 int4-deq-f32 int4-deq-bf16".split()
 )
 
 

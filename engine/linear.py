@@ -15,7 +15,10 @@ Storage and kernel, by device and format (``Linear.load`` picks; ``forward`` fol
   on a weight reordered once into its blocked layout. For the LM head (N = vocab >> K) that beats
   MKL and the split at every decode size (SmolLM2's [49152, 576] head, 2 threads, split ->
   packed: M=1 3.8 -> 3.8 ms, M=8 12.7 -> 5.9, M=64 32.7 -> 25.1); for 16-bit weights it is
-  the only fast kernel torch has on CPU (AVX512-BF16 / AMX when the CPU has them).
+  the only fast kernel torch has on CPU (AVX512-BF16 / AMX when the CPU has them). A bfloat16
+  call of up to 16 rows on a CPU with AMX runs on the same packed bytes in our C++ op instead
+  (csrc/dense_linear.cpp: the same tile arithmetic as oneDNN's, equal outputs, without its
+  ~17 us per call: SmolLM2's 30 layers at 1-16 rows ~7.9 vs ~11 ms).
 - int8 / int4 (``engine.quantized_weight``): ``kernels.int8_linear`` / ``kernels.int4_linear``,
   the C++ CPU kernels or the Triton ones on CUDA; activations stay in the model dtype. They read
   4-8x fewer bytes than float32 but do the multiply-adds on dequantized floats, so they win only
@@ -60,7 +63,10 @@ QUANT_MAX_ROWS = 8
 # 30 layers, Intel Xeon with AMX, two runs: oneDNN ~10 ms flat from 1 to 8 rows; int4 with
 # bfloat16 x 3.2 / 3.5 at 1 row, 8.3 / 9.1 at 4, 11.5 / 11.8 at 5, 15.6 / 16.1 at 8). 4 would be
 # the crossover; 5 keeps a batch-1 verification step of k = 4 tokens on the int4 kernel, so it
-# computes each row as the decode steps it replaces do (csrc/quant_linear_bf16.cpp).
+# computes each row as the decode steps it replaces do (csrc/quant_linear_bf16.cpp). Since the
+# dense copy's calls of up to 16 rows run on our tiles (csrc/dense_linear.cpp: 6.3-6.7 ms from 1
+# to 16 rows, best of 15; int4 3.35 at 1 row, 5.49 at 2, 8.75 at 3, 11.63 at 5) the crossover is
+# at 2-3 rows; 5 is kept for that same reason.
 QUANT_MAX_ROWS_BESIDE_AMX_BF16 = 5
 # The same with int8 activations (``linear_a8``), against bfloat16 oneDNN (``python -m bench.linear
 # --threads 2 --rows 1,8,16,32,64,128 --formats bf16-onednn,int4-a8,int8-g32-a8``, 30 layers, two
@@ -90,6 +96,7 @@ class Linear(nn.Module):
         self.kernel_tensors: tuple[torch.Tensor, ...] = ()  # the weight as _quant_kernel takes it
         self.max_quant_rows = QUANT_MAX_ROWS  # steps up to this many rows take _quant_kernel
         self.a8 = False  # _quant_kernel is linear_a8 on kernel_tensors (repacked), see bind
+        self._dense_kernel = onednn_linear  # x [M, K], packed -> y on CPU, see bind
         self.dtype = self.weight.dtype  # the model dtype (set again by load)
 
     def bind(self, device_type: str, dtype: torch.dtype, int8_activations: bool = False) -> None:
@@ -99,7 +106,14 @@ class Linear(nn.Module):
         and embedding lookups read them), or its torch reference (``int4_linear_a8`` /
         ``int8_linear_a8``) where that kernel does not run (no extension, N % 16 != 0, float16).
         Weights whose blocks of 32 inputs would straddle scale groups (K or an int8 group size
-        not a multiple of 32) keep float activations."""
+        not a multiple of 32) keep float activations. A packed bfloat16 weight on CPU takes
+        ``dense_linear`` (csrc/dense_linear.cpp: oneDNN, or up to 16 rows our AMX tiles on
+        oneDNN's own bytes) where the extension is built."""
+        self._dense_kernel = onednn_linear
+        if self.packed is not None and device_type == "cpu":
+            from kernels import cpu_ext
+
+            self._dense_kernel = cpu_ext.direct("dense_linear", dtype) or onednn_linear
         q = self.quantized
         if q is None:
             return
@@ -191,10 +205,15 @@ class Linear(nn.Module):
             else:  # a large step without a dense copy: dequantize once for all its rows
                 y = linear(x2, q.dequantize(x.dtype))
         elif self.packed is not None and x.device.type == "cpu":
-            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, None, "none", [], "")
+            y = self._dense_kernel(x2, self.packed)
         else:
             y = linear(x2, self.weight)
         return y.view(*lead, self.out_features)
+
+
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ W^T with W packed by ``torch.ops.mkldnn._reorder_linear_weight``."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """C++ CPU kernels (JIT-built torch extension): paged decode attention, the KV store, fused
 RMSNorm(+residual) / SiLU-mul / RoPE, weight-only int4 / int8 linears (int4 with bfloat16
-activations on AVX512-BF16 too), the same with int8 activations, and one whole decoder layer of a
-small quantized decode step built from them (each file in csrc/ says why it exists).
+activations on AVX512-BF16 too), the same with int8 activations, dense bfloat16 linears of decode
+steps on the AMX tiles (on oneDNN's packed weight), and one whole decoder layer of a decode step
+built from them (each file in csrc/ says why it exists).
 
 Why: on CPU, ``kernels.reference.decode_attention`` gathers the paged KV cache into a padded float32
 copy (``index_select``) and calls SDPA once per layer. The copy is most of its cost at large batch
@@ -58,7 +59,8 @@ def _cpu_tag() -> str:
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("paged_decode.cpp", "store_kv.cpp", "fused.cpp", "quant_linear.cpp",
-           "quant_linear_a8.cpp", "quant_linear_bf16.cpp", "decoder_layer.cpp",
+           "quant_linear_a8.cpp", "quant_linear_bf16.cpp", "dense_linear.cpp",
+           "decoder_layer.cpp",
            "argmax.cpp")  # fmt: skip
 # -ffp-contract=off: a * b + c stays two roundings, as in torch's separate ops (RoPE then equals
 # the reference bit for bit); the hot loops that want FMA spell it with intrinsics.
@@ -386,6 +388,7 @@ DIRECT_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "decode_attention": Q_DTYPES,
     "store_kv": Q_DTYPES,  # cache dtype == key dtype (no FP8: quantized on store by the reference)
     "decoder_layer": _FUSED_DTYPES,  # a whole layer of a decode step (model.py)
+    "dense_linear": (torch.bfloat16,),  # on a packed weight: oneDNN, or our AMX tiles (16 rows)
 }
 
 

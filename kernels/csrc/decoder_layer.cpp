@@ -16,32 +16,19 @@
 // dense copy of quantized ones above that limit).
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include <optional>
 #include <tuple>
 
 #include "ops.h"
 
 namespace {
 
-// x [M, K] @ W^T with W dense in oneDNN's blocked layout (Linear.packed): the very op the per-op
-// path calls (engine/linear.py), through the dispatcher
-at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                               c10::string_view, c10::List<std::optional<at::Scalar>>,
-                                               std::optional<c10::string_view>)>();
-  return op.call(x, packed, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), c10::string_view(""));
-}
-
 // x [M, K] @ W^T with W as engine/model.py's bind_kernels passes it: (qweight, scales, mins) int4,
 // (qweight, scales) int8, (packed, dm) int4 / int8 repacked for int8 activations (uint8 marks
 // it), or (packed,) a dense weight for oneDNN
 at::Tensor quant_linear(const at::Tensor& x, at::TensorList w) {
-  if (w.size() == 1) return onednn_linear(x, w[0]);
+  if (w.size() == 1) return tandem::ops::dense_linear(x, w[0]);
   if (w.size() == 3) return tandem::ops::int4_linear(x, w[0], w[1], w[2]);
   TORCH_CHECK(w.size() == 2, "a quantized weight is 3 tensors (int4), 2 (int8 or a *_pack_a8's)");
   if (w[0].scalar_type() == at::kByte) return tandem::ops::linear_a8(x, w[0], w[1]);

@@ -29,6 +29,11 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
 bool int4_linear_bf16_available();
 at::Tensor int4_linear_bf16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             const at::Tensor& mins);
+// x [M, K] @ W^T on a weight packed by mkldnn::_reorder_linear_weight: oneDNN's own call, or for
+// bfloat16 calls of up to 16 rows on a CPU with AMX our tiles on the same bytes (dense_linear.cpp;
+// direct: whether an [N, K] weight gets them)
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& packed);
+bool dense_linear_direct(int64_t N, int64_t K);
 at::Tensor linear_a8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm);
 
 }  // namespace tandem::ops

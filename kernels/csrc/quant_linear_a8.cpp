@@ -63,8 +63,7 @@
 #include <immintrin.h>
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
 #define TANDEM_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx.h"
 #endif
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define TANDEM_AVX2 1
@@ -320,15 +319,7 @@ void group_tile(const uint8_t* packed, const c10::Half* dm, int64_t g, const Qua
 }
 
 #if TANDEM_AMX
-// Linux gives a thread the AMX tile data (8 KB more per thread to save on a context switch) only
-// once the process asks; a kernel without it or a VM that hides AMX says no: the VNNI path runs.
-bool amx_granted() {
-  static const bool ok = [] {
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
+bool amx_granted() { return tandem::amx_tiles_granted(); }
 
 // palette 1, two sets (block u in set u % 2, so the next block's tile loads and product run
 // while this one's float part does): A = tmm0 / tmm3, 16 activation rows x 32 int8; B = tmm1 /

@@ -1,7 +1,8 @@
-"""Build csrc/quant_linear.cpp (with quant_linear_bf16.cpp, which it calls) alone with extra
-compiler flags (a child process of test_quant_linear.py: its ops would clash with the main
-extension's in one process) and check ``int4_linear`` / ``int8_linear`` against the reference on
-random inputs, float32 and bfloat16, with batch invariance; prints "ok".
+"""Build csrc/quant_linear.cpp (with quant_linear_bf16.cpp, which it calls) and dense_linear.cpp
+alone with extra compiler flags (a child process of test_quant_linear.py: its ops would clash with
+the main extension's in one process) and check ``int4_linear`` / ``int8_linear`` against the
+reference on random inputs, float32 and bfloat16, with batch invariance, and ``dense_linear``
+against oneDNN's own call (bit for bit); prints "ok".
 
     python tests/kernels/quant_isa_check.py BUILD_DIR "-mno-avx512bf16"
 """
@@ -23,7 +24,8 @@ from kernels import cpu_ext, quant_reference  # noqa: E402
 def main(build_dir: str, flags: list[str]) -> None:
     cpu_ext._put_ninja_on_path()
     csrc = ROOT / "kernels" / "csrc"
-    sources = [str(csrc / "quant_linear.cpp"), str(csrc / "quant_linear_bf16.cpp")]
+    names = ("quant_linear.cpp", "quant_linear_bf16.cpp", "dense_linear.cpp")
+    sources = [str(csrc / name) for name in names]
     load(name="tandem_quant_isa_check", sources=sources, extra_cflags=[*cpu_ext.CFLAGS, *flags],
          extra_ldflags=["-fopenmp"], build_directory=build_dir, is_python_module=False)  # fmt: skip
     ops = torch.ops.tandem_cpu
@@ -42,6 +44,11 @@ def main(build_dir: str, flags: list[str]) -> None:
                 assert err < tol, (fmt, m, n, k, dtype, err)
                 if m > 1:  # batch invariance
                     assert torch.equal(op(x[1:2].contiguous(), *wq)[0], out[1])
+    for m, n, k in ((1, 64, 96), (5, 576, 576), (9, 96, 64)):
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k, generator=g).bfloat16(), None)
+        x = torch.randn(m, k, generator=g).bfloat16()
+        ref = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        assert torch.equal(ops.dense_linear(x, w), ref), (m, n, k)
     print("ok")
 
 

@@ -1,0 +1,186 @@
+// Dense bfloat16 linear for decode steps on a CPU with AMX: y [M, N] = x [M, K] @ W^T for M <= 16
+// rows on the AMX tiles, reading the weight oneDNN already holds (Linear.packed:
+// mkldnn::_reorder_linear_weight's copy, so no second copy); other calls go to oneDNN itself.
+//
+// Why: oneDNN through torch (mkldnn::_linear_pointwise) costs ~17 us a call before it reads a
+// byte (a 64 x 64 layer at 1 row, Intel Xeon with AMX; its primitive runs ~5 us of that, the rest
+// is torch's ideep wrapper: primitive lookup, memory descriptors, scratchpad), and a bfloat16
+// decode step of SmolLM2 makes 121 such calls: ~2 ms of a ~14 ms step, besides the weight read.
+// Here a call is one parallel region over the weight's 32-output blocks (the 30 layers' linears
+// at 1-16 rows: ~7.9 vs ~11 ms, docs/benchmarks.md "Dense bfloat16 decode steps").
+//
+// The layout: oneDNN packs a [N, K] bfloat16 weight for its AVX-512 / AMX kernels as AB16b32a2b,
+// i.e. [N / 32][K / 32][16][32][2] = [N / 32][K / 2][32][2]: blocks of 32 outputs, in a block the
+// k-pairs in order, per pair the 32 outputs' (k even, k odd) side by side. 16 pair rows of a
+// block's first or last 64 bytes are an AMX B tile as they lie (a 128-byte stride). Nothing
+// promises that layout, so before the first call on a shape this file packs a probe weight of that
+// shape through the same torch op and compares its bytes with its own packing (layout_ok); any
+// difference, N or K not a multiple of 32 (oneDNN would pad), a CPU without AMX-BF16 or Linux not
+// granting the tiles, and the shape keeps oneDNN for every call.
+//
+// The arithmetic is oneDNN's own on these tiles (tdpbf16ps over k in blocks of 32, float32 sums,
+// each rounded to bfloat16 once): the outputs equal its call's bit for bit
+// (tests/kernels/test_dense_linear.py), and each row's are the same whatever the number of rows
+// in the call, up to 16: a verification step of k + 1 tokens at batch 1 reproduces the decode
+// steps it replaces.
+
+#include <torch/library.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <optional>
+
+#include "amx.h"
+#include "ops.h"
+
+namespace {
+
+// x [M, K] @ W^T on oneDNN's packed W: the very op engine/linear.py calls otherwise
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                               c10::string_view, c10::List<std::optional<at::Scalar>>,
+                                               std::optional<c10::string_view>)>();
+  return op.call(x, packed, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), c10::string_view(""));
+}
+
+}  // namespace
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <utility>
+
+namespace {
+
+constexpr int64_t kBlock = 32;    // outputs per packed block (two 16-column C tiles)
+constexpr int64_t kMaxRows = 16;  // rows of one A tile: calls up to this many take the tiles here
+
+// palette 1: tmm0 / tmm1 C, M rows x 16 float32 (outputs 0-15 / 16-31 of a block); tmm2 A, M
+// rows x 32 bfloat16 of x; tmm3 / tmm4 B, 16 k-pairs x (16 outputs x 2 k): the two halves of a
+// block's 128-byte pair rows, read in place with a 128-byte stride
+struct alignas(64) Tiles {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64};
+  uint8_t rows[16] = {};
+  explicit Tiles(int64_t M) {
+    rows[0] = rows[1] = rows[2] = static_cast<uint8_t>(M);
+    rows[3] = rows[4] = 16;
+  }
+};
+
+// y[:, 32 b .. 32 b + 32) for blocks b in [begin, end), all M rows; w: oneDNN's packed bytes
+void block_range(const c10::BFloat16* w, int64_t K, const c10::BFloat16* x, int64_t ldx, int64_t M, c10::BFloat16* y,
+                 int64_t N, int64_t begin, int64_t end) {
+  const Tiles cfg(M);
+  _tile_loadconfig(&cfg);  // per thread: the pool's threads each run a range
+  float out[kMaxRows * kBlock];
+  for (int64_t b = begin; b < end; ++b) {
+    const c10::BFloat16* wb = w + b * K * kBlock;
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t kc = 0; kc < K / 32; ++kc) {  // 32 inputs: 16 pair rows of 64 values
+      const c10::BFloat16* wk = wb + kc * 16 * 2 * kBlock;
+      _tile_loadd(2, x + kc * 32, ldx * 2);
+      _tile_loadd(3, wk, 128);
+      _tile_loadd(4, wk + 32, 128);
+      _tile_dpbf16ps(0, 2, 3);
+      _tile_dpbf16ps(1, 2, 4);
+    }
+    _tile_stored(0, out, kBlock * 4);
+    _tile_stored(1, out + 16, kBlock * 4);
+    for (int64_t m = 0; m < M; ++m)  // float32 -> bfloat16, round to nearest even, as oneDNN
+      for (int64_t c = 0; c < kBlock; c += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * N + b * kBlock + c),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(out + m * kBlock + c)));
+  }
+  _tile_release();  // this thread's tile state back to init: cheaper context switches
+}
+
+const c10::BFloat16* onednn_data(const at::Tensor& packed) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::data_ptr", "").typed<int64_t(const at::Tensor&)>();
+  return reinterpret_cast<const c10::BFloat16*>(op.call(packed));
+}
+
+// [N, K] -> [N / 32, K / 2, 32, 2]: the layout the kernel reads
+at::Tensor pack(const at::Tensor& weight) {
+  const int64_t N = weight.size(0), K = weight.size(1);
+  return weight.reshape({N / kBlock, kBlock, K / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+}
+
+// Whether Linux grants the tiles and oneDNN packs a [N, K] bfloat16 weight as pack() does: one
+// probe per shape and process (the layout oneDNN picks depends on the shape, dtype and CPU only)
+bool layout_ok(int64_t N, int64_t K) {
+  if (!tandem::amx_tiles_granted()) return false;
+  static std::mutex mu;
+  static std::map<std::pair<int64_t, int64_t>, bool> known;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find({N, K});
+  if (it != known.end()) return it->second;
+  bool ok = N % kBlock == 0 && K % kBlock == 0;
+  if (ok) {
+    static const auto reorder = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("mkldnn::_reorder_linear_weight", "")
+                                    .typed<at::Tensor(const at::Tensor&, std::optional<int64_t>)>();
+    // distinct values everywhere (a generator seeded per shape), so a permutation shows
+    const at::Tensor probe = at::randn({N, K}, at::Generator(at::detail::createCPUGenerator(N * 131 + K)),
+                                       at::TensorOptions().dtype(at::kBFloat16));
+    const at::Tensor theirs = reorder.call(probe, std::nullopt), ours = pack(probe);
+    static const auto nbytes = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("mkldnn::_nbytes", "")
+                                   .typed<int64_t(const at::Tensor&)>();
+    ok = nbytes.call(theirs) == ours.nbytes() && std::memcmp(onednn_data(theirs), ours.data_ptr(), ours.nbytes()) == 0;
+  }
+  known[{N, K}] = ok;
+  return ok;
+}
+
+}  // namespace
+
+bool tandem::ops::dense_linear_direct(int64_t N, int64_t K) { return layout_ok(N, K); }
+
+at::Tensor tandem::ops::dense_linear(const at::Tensor& x, const at::Tensor& packed) {
+  TORCH_CHECK(packed.is_mkldnn() && packed.dim() == 2, "packed must be a weight from mkldnn::_reorder_linear_weight");
+  const int64_t M = x.size(0), N = packed.size(0), K = packed.size(1);
+  const bool direct = packed.scalar_type() == at::kBFloat16 && x.device().is_cpu() && x.dim() == 2 &&
+                      x.stride(1) == 1 && x.scalar_type() == at::kBFloat16 && x.size(1) == K && M >= 1 &&
+                      M <= kMaxRows;
+  if (!direct || !layout_ok(N, K)) return onednn_linear(x, packed);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const c10::BFloat16* w = onednn_data(packed);
+  const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  const int64_t blocks = N / kBlock, ldx = x.stride(0), threads = std::max<int64_t>(1, at::get_num_threads());
+  // blocks split evenly over the threads (one range each: one contiguous stretch of W)
+  const int64_t grain = std::max<int64_t>(1, (blocks + threads - 1) / threads);
+  at::parallel_for(0, blocks, grain,
+                   [&](int64_t begin, int64_t end) { block_range(w, K, xp, ldx, M, yp, N, begin, end); });
+  return y;
+}
+
+#else
+
+bool tandem::ops::dense_linear_direct(int64_t, int64_t) { return false; }
+
+// a build without AMX-BF16: oneDNN for every call
+at::Tensor tandem::ops::dense_linear(const at::Tensor& x, const at::Tensor& packed) { return onednn_linear(x, packed); }
+
+#endif
+
+TORCH_LIBRARY_FRAGMENT(tandem_cpu, m) {
+  m.def("dense_linear_direct(int N, int K) -> bool", &tandem::ops::dense_linear_direct);
+  m.def("dense_linear(Tensor x, Tensor packed) -> Tensor");
+}
+
+// the packed weight is a MkldnnCPU tensor, which picks the kernel
+TORCH_LIBRARY_IMPL(tandem_cpu, MkldnnCPU, m) { m.impl("dense_linear", &tandem::ops::dense_linear); }

@@ -1,0 +1,90 @@
+"""csrc/dense_linear.cpp: x @ W^T on a weight packed by ``mkldnn::_reorder_linear_weight``, on
+our AMX tiles on oneDNN's own bytes for bfloat16 calls of up to 16 rows, oneDNN otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cpu_ext
+
+ops = cpu_ext.load_ops()
+pytestmark = pytest.mark.skipif(ops is None, reason="C++ extension not built")
+
+# SmolLM2's layer shapes (qkv, o, gate_up, down) and its LM head's K; a tiny Llama's
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (256, 64), (64, 96)]
+
+
+def packed(n: int, k: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+    return w, torch.ops.mkldnn._reorder_linear_weight(w, None)
+
+
+def onednn(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+
+
+def direct_here() -> bool:
+    """Whether this CPU runs our tiles (AMX-BF16 granted, and oneDNN packs as they read)."""
+    return ops is not None and ops.dense_linear_direct(576, 576)
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_outputs_equal_onednn_and_the_float64_product(n, k):
+    """Every row count 1..16 (our tiles where the CPU has AMX) and above (oneDNN): bit for bit
+    oneDNN's output on the same packed weight, and each output within one bfloat16 ulp of the
+    float64 product of the same bfloat16 inputs plus the float32 sum's own error (which shows
+    where the products nearly cancel)."""
+    g = torch.Generator().manual_seed(n * 7 + k)
+    w, p = packed(n, k, g)
+    for m in (1, 2, 3, 5, 8, 13, 16, 17, 33):
+        x = torch.randn(m, k, generator=g).bfloat16()
+        y = ops.dense_linear(x, p)
+        assert y.shape == (m, n) and y.dtype == torch.bfloat16
+        ref = x.double() @ w.double().T
+        # one ulp of the result: 2^(exponent - 7) for bfloat16's 8-bit significand
+        ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - 7)
+        sum_err = k * 2.0**-24 * (x.double().abs() @ w.double().abs().T)
+        assert ((y.double() - ref).abs() <= ulp + sum_err).all(), (n, k, m)
+        assert torch.equal(y, onednn(x, p)), (n, k, m)
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_rows_are_batch_invariant_up_to_16_rows(n, k):
+    """A row's output does not depend on the other rows of a call of up to 16 (a verification
+    step of k + 1 tokens then reproduces the decode steps it replaces)."""
+    if not direct_here():
+        pytest.skip("our tiles do not run on this CPU")
+    g = torch.Generator().manual_seed(n + k)
+    _, p = packed(n, k, g)
+    x = torch.randn(16, k, generator=g).bfloat16()
+    alone = torch.cat([ops.dense_linear(x[i : i + 1].contiguous(), p) for i in range(16)])
+    for m in range(2, 17):
+        assert torch.equal(ops.dense_linear(x[:m].contiguous(), p), alone[:m]), m
+
+
+def test_the_layout_probe_and_the_fallbacks():
+    """Shapes oneDNN pads (N or K not a multiple of 32), more than 16 rows, float16 and float32
+    weights take oneDNN's own call: bit for bit its output. On a CPU with AMX the SmolLM2 and
+    tiny-Llama shapes take our tiles."""
+    g = torch.Generator().manual_seed(3)
+    assert not ops.dense_linear_direct(100, 64) and not ops.dense_linear_direct(64, 48)
+    amx = "amx_bf16" in open("/proc/cpuinfo").read()
+    assert all(ops.dense_linear_direct(n, k) for n, k in SHAPES) == amx
+    for n, k, m, dtype in ((100, 64, 1, torch.bfloat16), (64, 48, 3, torch.bfloat16),
+                           (576, 576, 9, torch.bfloat16), (576, 576, 64, torch.bfloat16),
+                           (96, 64, 1, torch.float16), (96, 64, 2, torch.float32)):  # fmt: skip
+        w = torch.randn(n, k, generator=g).to(dtype)
+        p = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        x = torch.randn(m, k, generator=g).to(dtype)
+        assert torch.equal(ops.dense_linear(x, p), onednn(x, p)), (n, k, m, dtype)
+
+
+def test_non_contiguous_rows_and_empty_calls():
+    """x with a row stride (a view of a wider tensor) and x of 0 rows."""
+    g = torch.Generator().manual_seed(5)
+    w, p = packed(576, 576, g)
+    wide = torch.randn(3, 1152, generator=g).bfloat16()
+    x = wide[:, :576]
+    assert torch.equal(ops.dense_linear(x, p), ops.dense_linear(x.contiguous(), p))
+    assert ops.dense_linear(torch.empty(0, 576, dtype=torch.bfloat16), p).shape == (0, 576)
