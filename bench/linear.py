@@ -11,7 +11,7 @@ down; so they stream from DRAM as in a real step, not from cache), and separatel
     f32-split    float32, the engine's split bmm (``engine.linear.linear``, bit-identical to MKL)
     bf16-onednn  bfloat16 weights packed for oneDNN (``torch.ops.mkldnn._linear_pointwise``)
     bf16-packed  the same weights through the engine's op (kernels/csrc/dense_linear.cpp: our
-                 AMX tiles on oneDNN's bytes up to 16 rows where the CPU has AMX, else oneDNN)
+                 AMX tiles on oneDNN's bytes up to 32 rows where the CPU has AMX, else oneDNN)
     int8-torch   ``torch._weight_int8pack_mm`` (int8 per channel; float32 activations)
     int4-torch   ``torch._weight_int4pack_mm_for_cpu`` (int4, group 32; bfloat16 activations,
                  bfloat16 scale / zero point); int4-torch-f32: the same with float32 ones

@@ -388,7 +388,7 @@ DIRECT_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "decode_attention": Q_DTYPES,
     "store_kv": Q_DTYPES,  # cache dtype == key dtype (no FP8: quantized on store by the reference)
     "decoder_layer": _FUSED_DTYPES,  # a whole layer of a decode step (model.py)
-    "dense_linear": (torch.bfloat16,),  # on a packed weight: oneDNN, or our AMX tiles (16 rows)
+    "dense_linear": (torch.bfloat16,),  # on a packed weight: oneDNN, or our AMX tiles (32 rows)
 }
 
 

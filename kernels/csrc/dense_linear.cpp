@@ -1,4 +1,4 @@
-// Dense bfloat16 linear for decode steps on a CPU with AMX: y [M, N] = x [M, K] @ W^T for M <= 16
+// Dense bfloat16 linear for decode steps on a CPU with AMX: y [M, N] = x [M, K] @ W^T for M <= 32
 // rows on the AMX tiles, reading the weight oneDNN already holds (Linear.packed:
 // mkldnn::_reorder_linear_weight's copy, so no second copy); other calls go to oneDNN itself.
 //
@@ -7,7 +7,8 @@
 // is torch's ideep wrapper: primitive lookup, memory descriptors, scratchpad), and a bfloat16
 // decode step of SmolLM2 makes 121 such calls: ~2 ms of a ~14 ms step, besides the weight read.
 // Here a call is one parallel region over the weight's 32-output blocks (the 30 layers' linears
-// at 1-16 rows: ~7.9 vs ~11 ms, docs/benchmarks.md "Dense bfloat16 decode steps").
+// at 1-16 rows: 6.3-7.8 vs 9.9-11.9 ms, 17-32 rows 9.9-10.4 vs 13.3-14.2, docs/benchmarks.md
+// "Dense bfloat16 decode steps").
 //
 // The layout: oneDNN packs a [N, K] bfloat16 weight for its AVX-512 / AMX kernels as AB16b32a2b,
 // i.e. [N / 32][K / 32][16][32][2] = [N / 32][K / 2][32][2]: blocks of 32 outputs, in a block the
@@ -21,7 +22,7 @@
 // The arithmetic is oneDNN's own on these tiles (tdpbf16ps over k in blocks of 32, float32 sums,
 // each rounded to bfloat16 once): the outputs equal its call's bit for bit
 // (tests/kernels/test_dense_linear.py), and each row's are the same whatever the number of rows
-// in the call, up to 16: a verification step of k + 1 tokens at batch 1 reproduces the decode
+// in the call, up to 32: a verification step of k + 1 tokens at batch 1 reproduces the decode
 // steps it replaces.
 
 #include <torch/library.h>
@@ -63,41 +64,65 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed) {
 namespace {
 
 constexpr int64_t kBlock = 32;    // outputs per packed block (two 16-column C tiles)
-constexpr int64_t kMaxRows = 16;  // rows of one A tile: calls up to this many take the tiles here
+constexpr int64_t kMaxRows = 32;  // two A tiles of 16 rows: calls up to this many take the tiles here
 
-// palette 1: tmm0 / tmm1 C, M rows x 16 float32 (outputs 0-15 / 16-31 of a block); tmm2 A, M
-// rows x 32 bfloat16 of x; tmm3 / tmm4 B, 16 k-pairs x (16 outputs x 2 k): the two halves of a
-// block's 128-byte pair rows, read in place with a 128-byte stride
+// palette 1, for M rows as r0 = min(M, 16) + r1 = M - r0: tmm0 / tmm1 C of rows 0..r0 x 16 float32
+// (outputs 0-15 / 16-31 of a block), tmm2 / tmm3 the same for rows r0..M; tmm4 / tmm5 A, those
+// rows x 32 bfloat16 of x; tmm6 / tmm7 B, 16 k-pairs x (16 outputs x 2 k): the two halves of a
+// block's 128-byte pair rows, read in place with a 128-byte stride. Unused tiles stay 0 x 0.
 struct alignas(64) Tiles {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {64, 64, 64, 64, 64};
+  uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
-  explicit Tiles(int64_t M) {
-    rows[0] = rows[1] = rows[2] = static_cast<uint8_t>(M);
-    rows[3] = rows[4] = 16;
+  Tiles(int64_t r0, int64_t r1) {
+    for (int t : {0, 1, 4}) set(t, r0);
+    if (r1 > 0)
+      for (int t : {2, 3, 5}) set(t, r1);
+    set(6, 16);
+    set(7, 16);
+  }
+  void set(int t, int64_t r) {
+    rows[t] = static_cast<uint8_t>(r);
+    colsb[t] = 64;
   }
 };
 
-// y[:, 32 b .. 32 b + 32) for blocks b in [begin, end), all M rows; w: oneDNN's packed bytes
+// y[:, 32 b .. 32 b + 32) for blocks b in [begin, end), all M rows (TWO: M > 16, two A tiles); w:
+// oneDNN's packed bytes. Every row takes the same operations in either A tile.
+template <bool TWO>
 void block_range(const c10::BFloat16* w, int64_t K, const c10::BFloat16* x, int64_t ldx, int64_t M, c10::BFloat16* y,
                  int64_t N, int64_t begin, int64_t end) {
-  const Tiles cfg(M);
+  const int64_t r0 = std::min<int64_t>(M, 16);
+  const Tiles cfg(r0, M - r0);
   _tile_loadconfig(&cfg);  // per thread: the pool's threads each run a range
   float out[kMaxRows * kBlock];
   for (int64_t b = begin; b < end; ++b) {
     const c10::BFloat16* wb = w + b * K * kBlock;
     _tile_zero(0);
     _tile_zero(1);
+    if constexpr (TWO) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
     for (int64_t kc = 0; kc < K / 32; ++kc) {  // 32 inputs: 16 pair rows of 64 values
       const c10::BFloat16* wk = wb + kc * 16 * 2 * kBlock;
-      _tile_loadd(2, x + kc * 32, ldx * 2);
-      _tile_loadd(3, wk, 128);
-      _tile_loadd(4, wk + 32, 128);
-      _tile_dpbf16ps(0, 2, 3);
-      _tile_dpbf16ps(1, 2, 4);
+      _tile_loadd(6, wk, 128);
+      _tile_loadd(7, wk + 32, 128);
+      _tile_loadd(4, x + kc * 32, ldx * 2);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (TWO) {
+        _tile_loadd(5, x + 16 * ldx + kc * 32, ldx * 2);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
     }
     _tile_stored(0, out, kBlock * 4);
     _tile_stored(1, out + 16, kBlock * 4);
+    if constexpr (TWO) {
+      _tile_stored(2, out + 16 * kBlock, kBlock * 4);
+      _tile_stored(3, out + 16 * kBlock + 16, kBlock * 4);
+    }
     for (int64_t m = 0; m < M; ++m)  // float32 -> bfloat16, round to nearest even, as oneDNN
       for (int64_t c = 0; c < kBlock; c += 16)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * N + b * kBlock + c),
@@ -163,8 +188,10 @@ at::Tensor tandem::ops::dense_linear(const at::Tensor& x, const at::Tensor& pack
   const int64_t blocks = N / kBlock, ldx = x.stride(0), threads = std::max<int64_t>(1, at::get_num_threads());
   // blocks split evenly over the threads (one range each: one contiguous stretch of W)
   const int64_t grain = std::max<int64_t>(1, (blocks + threads - 1) / threads);
-  at::parallel_for(0, blocks, grain,
-                   [&](int64_t begin, int64_t end) { block_range(w, K, xp, ldx, M, yp, N, begin, end); });
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    if (M > 16) block_range<true>(w, K, xp, ldx, M, yp, N, begin, end);
+    else block_range<false>(w, K, xp, ldx, M, yp, N, begin, end);
+  });
   return y;
 }
 
