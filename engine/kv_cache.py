@@ -82,12 +82,19 @@ class KVCache:
             if s.is_fp8
             else None
         )
+        # each layer's views made once: a step asks for all of them (~3.4 us a layer to slice)
+        self._layers = [self._views(i) for i in range(s.num_layers)]
+
+    def _views(
+        self, i: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        k, v = self.data[:, i, 0], self.data[:, i, 1]  # [num_blocks, block_size, kv_heads, D]
+        if self.scales is None:
+            return k, v, None, None
+        return k, v, self.scales[:, i, 0], self.scales[:, i, 1]  # [num_blocks, block_size, H]
 
     def layer(
         self, i: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(k_cache, v_cache, k_scale, v_scale) views of layer ``i``; scales None unless FP8."""
-        k, v = self.data[:, i, 0], self.data[:, i, 1]  # [num_blocks, block_size, kv_heads, D]
-        if self.scales is None:
-            return k, v, None, None
-        return k, v, self.scales[:, i, 0], self.scales[:, i, 1]  # [num_blocks, block_size, H]
+        return self._layers[i]

@@ -4,8 +4,9 @@ Token-major and batch-free: every forward takes the packed tokens of all schedul
 ``input_ids [N]`` and ``positions [N]``, plus an ``AttentionMetadata`` that says where each token's
 K/V goes in the cache and what it attends to. Attention, norms and RoPE go through ``kernels``, so
 CPU tensors run the C++ kernels (or the torch references) and CUDA tensors the Triton ones. On CPU,
-a decode step runs each layer in one C++ call (``tandem_cpu::decoder_layer``: the same ops in the
-same order, so the same bits), not ~10, where every linear takes a kernel that op has: the int4 /
+a decode step runs all its layers in one C++ call (``torch.classes.tandem_cpu.DecoderStack``, per
+layer the same ops in the same order, so the same bits), not ~10 a layer, where every linear takes
+a kernel that call has: the int4 /
 int8 ones within their row limit (``Linear.max_quant_rows``: 8 rows, 64 with int8 activations, 32
 beside a bfloat16 dense copy with AMX), oneDNN on a packed bfloat16 weight above it or in a
 bfloat16 model (float32 dense layers take MKL, per op).
@@ -219,14 +220,17 @@ class LlamaForCausalLM(nn.Module):
         tied = cfg.tie_word_embeddings
         self.lm_head = self.embed_tokens.table if tied else Linear(cfg.hidden_size, cfg.vocab_size)
         self.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings)
-        # a decode step runs each layer in one C++ call when its linears allow it (bind_kernels,
+        # a decode step runs its layers in one C++ call when their linears allow it (bind_kernels,
         # _fused_layers); False: always the per-op path (benchmarks)
         self.fuse_layers = True
         self._fused_op: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
-        # per layer, the op's arguments: with the quantized kernels' weights (steps of at most
-        # max_quant_rows rows) and with the oneDNN-packed dense ones (larger steps, dense models)
-        self._fused_args: list[tuple] = []
-        self._fused_dense_args: list[tuple] = []
+        self._decoder_stack: Callable[..., object] | None = None  # DecoderStack's constructor
+        # the stacks' arguments but the caches: the norms, and each linear's weight tensors with
+        # the quantized kernels' weights (steps of at most max_quant_rows rows) / the
+        # oneDNN-packed dense ones (larger steps, dense models); None: that set is not fusable
+        self._fused_args: tuple | None = None
+        self._fused_dense_args: tuple | None = None
+        self._stacks: dict[tuple[int, bool], tuple[KVCache, object]] = {}  # (id(cache), dense)
         self.quantize_activations = False  # quantized CPU linears: int8 activations (load_weights)
 
     def forward(
@@ -241,18 +245,17 @@ class LlamaForCausalLM(nn.Module):
         ``after_layer(i)`` runs once layer i's work is issued (its KV stored, on CPU; launched,
         on CUDA): a prefill worker sends finished layers' KV while the rest compute."""
         x, residual = self.embed_tokens(input_ids, self.norm.weight.dtype), None
-        fused_args = self._fused_layers(input_ids.shape[0], md, kv_cache)
-        if fused_args:
+        stack = self._fused_layers(input_ids.shape[0], md, kv_cache)
+        if stack is not None:
             assert self._fused_op is not None and md.seq_lens is not None
-            attn = self.layers[0].self_attn
-            step = (md.slot_mapping, md.block_tables, md.seq_lens, md.cu_seqlens, md.max_seqlen,
-                    attn.scale, attn.num_heads, attn.num_kv_heads)  # fmt: skip
-            for i, layer_args in enumerate(fused_args):
-                k_cache, v_cache, _, _ = kv_cache.layer(i)
-                x, residual = self._fused_op(x, residual, *layer_args, positions, self.rope.cos,
-                                             self.rope.sin, k_cache, v_cache, *step)  # fmt: skip
+            step = (positions, md.slot_mapping, md.block_tables, md.seq_lens, md.cu_seqlens,
+                    md.max_seqlen)  # fmt: skip
+            n = len(self.layers)
+            # all layers in one call, unless a caller waits on each (one call per layer then)
+            for begin, end in [(0, n)] if after_layer is None else [(i, i + 1) for i in range(n)]:
+                x, residual = self._fused_op(stack, x, residual, begin, end, *step)
                 if after_layer is not None:
-                    after_layer(i)
+                    after_layer(begin)
             return self.norm.add_forward(x, residual)[0]
         for i, layer in enumerate(self.layers):
             # .forward, not __call__: no hooks are used, and Module.__call__ costs ~2 us per call
@@ -262,18 +265,26 @@ class LlamaForCausalLM(nn.Module):
                 after_layer(i)
         return self.norm.add_forward(x, residual)[0]
 
-    def _fused_layers(self, rows: int, md: AttentionMetadata, kv_cache: KVCache) -> list[tuple]:
-        """Each layer's arguments for ``tandem_cpu::decoder_layer`` if this step runs its layers
-        through it, else []: a decode step over a cache of the model dtype without FP8 scales,
-        each linear taking the kernel the per-op path would (its quantized kernel up to
-        ``Linear.max_quant_rows`` rows, its oneDNN-packed dense weight above / in a dense model)."""
-        if self._fused_op is None or not self.fuse_layers or md.is_prefill:
-            return []
+    def _fused_layers(self, rows: int, md: AttentionMetadata, kv_cache: KVCache) -> object | None:
+        """The ``DecoderStack`` this step runs its layers through, or None: a decode step over a
+        cache of the model dtype without FP8 scales, each linear taking the kernel the per-op path
+        would (its quantized kernel up to ``Linear.max_quant_rows`` rows, its oneDNN-packed dense
+        weight above / in a dense model). Made on first use per cache and weight set."""
+        if self._decoder_stack is None or not self.fuse_layers or md.is_prefill:
+            return None
         if kv_cache.scales is not None or kv_cache.data.dtype != self.norm.weight.dtype:
-            return []
-        if self._fused_args and rows <= self.layers[0].self_attn.qkv_proj.max_quant_rows:
-            return self._fused_args
-        return self._fused_dense_args
+            return None
+        quant = rows <= self.layers[0].self_attn.qkv_proj.max_quant_rows
+        dense = not (quant and self._fused_args is not None)
+        args = self._fused_dense_args if dense else self._fused_args
+        if args is None:
+            return None
+        cached = self._stacks.get((id(kv_cache), dense))
+        if cached is None or cached[0] is not kv_cache:
+            caches = [t for i in range(len(self.layers)) for t in kv_cache.layer(i)[:2]]
+            cached = (kv_cache, self._decoder_stack(*args[:3], caches, *args[3:]))
+            self._stacks[(id(kv_cache), dense)] = cached
+        return cached[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [M, vocab], float32 for sampling
@@ -354,21 +365,28 @@ class LlamaForCausalLM(nn.Module):
                 module.bind(device_type, dtype, self.quantize_activations)
             elif module is not self and hasattr(module, "bind"):
                 module.bind(device_type, dtype)
-        self._fused_op, self._fused_args, self._fused_dense_args = None, [], []
+        self._fused_op, self._decoder_stack, self._stacks = None, None, {}
+        self._fused_args = self._fused_dense_args = None
         linears = [(a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
                    for a, m in ((ly.self_attn, ly.mlp) for ly in self.layers)]  # fmt: skip
         if device_type != "cpu":
             return
         from kernels import cpu_ext
 
-        self._fused_op = cpu_ext.direct("decoder_layer", dtype)  # None: no extension / dtype
-        if self._fused_op is None:
+        self._decoder_stack = cpu_ext.decoder_stack(dtype)  # None: no extension / dtype
+        if self._decoder_stack is None:
             return
+        self._fused_op = _stack_forward
 
-        def args(weights: Callable[[Linear], list[torch.Tensor]]) -> list[tuple]:
-            return [(ly.input_layernorm.weight, ly.post_attention_layernorm.weight,
-                     ly.input_layernorm.eps, *(weights(w) for w in ws))
-                    for ly, ws in zip(self.layers, linears, strict=True)]  # fmt: skip
+        def args(weights: Callable[[Linear], list[torch.Tensor]]) -> tuple:
+            """DecoderStack's arguments but the caches (inserted fourth, per cache)."""
+            norms = [n.weight for ly in self.layers
+                     for n in (ly.input_layernorm, ly.post_attention_layernorm)]  # fmt: skip
+            per_linear = [weights(w) for ws in linears for w in ws]
+            attn = self.layers[0].self_attn
+            return (norms, [t for ts in per_linear for t in ts], [len(ts) for ts in per_linear],
+                    self.rope.cos, self.rope.sin, self.layers[0].input_layernorm.eps, attn.scale,
+                    attn.num_heads, attn.num_kv_heads)  # fmt: skip
 
         every = [w for ws in linears for w in ws]
         # int8 activations without the C++ kernel: its torch reference runs per op
@@ -377,6 +395,12 @@ class LlamaForCausalLM(nn.Module):
         # dense float32 layers take MKL (engine/linear.py's split), which the op does not call
         if all(w.packed is not None for w in every):
             self._fused_dense_args = args(lambda w: [w.packed])
+
+
+def _stack_forward(stack, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stack.forward(x, residual, begin, end, *step)``: the one call a fused step makes (a
+    function of its own, so that tests can count the calls)."""
+    return stack.forward(*args)
 
 
 def cat_rows(parts: list[Weight]) -> Weight:

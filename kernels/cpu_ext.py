@@ -387,9 +387,16 @@ DIRECT_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "linear_a8": _FUSED_DTYPES,  # on pack_a8's weights: int8 activations
     "decode_attention": Q_DTYPES,
     "store_kv": Q_DTYPES,  # cache dtype == key dtype (no FP8: quantized on store by the reference)
-    "decoder_layer": _FUSED_DTYPES,  # a whole layer of a decode step (model.py)
     "dense_linear": (torch.bfloat16,),  # on a packed weight: oneDNN, or our AMX tiles (32 rows)
 }
+
+
+def decoder_stack(dtype: torch.dtype):
+    """``torch.classes.tandem_cpu.DecoderStack`` (csrc/decoder_layer.cpp: a decode step's layers
+    in one call; engine/model.py) for ``dtype`` activations, or None (no extension, or a dtype it
+    does not take)."""
+    ops = load_ops() if dtype in _FUSED_DTYPES else None
+    return None if ops is None else torch.classes.tandem_cpu.DecoderStack
 
 
 def direct(name: str, dtype: torch.dtype):

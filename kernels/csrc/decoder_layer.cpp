@@ -1,11 +1,11 @@
-// One Llama decoder layer of a decode step in ONE op call (quantized or oneDNN-packed linears).
+// The Llama decoder layers of a decode step in ONE call (quantized or oneDNN-packed linears).
 //
 // Why: a batch-1 decode step of a quantized small model on CPU is mostly fixed cost, not weight
 // reads (a bfloat16 one's too, in part: 0.86x the per-op step time at batch 1): per layer the
 // Python model issues ~10 op calls (norms, 4 linears, RoPE, KV store, attention, SiLU-mul) plus
 // the views between them, each paying Python and dispatcher overhead.
 // Here the same ops (ops.h: the very functions registered as tandem_cpu::*) run back to back in
-// C++, in the order engine/model.py runs them, on the same intermediate tensors: the result is
+// C++, every layer of the step in one call (DecoderStack), in the order engine/model.py runs them, on the same intermediate tensors: the result is
 // bit-identical to the per-op path (tests/model/test_quantization.py::
 // test_one_call_decoder_layers_equal_the_per_op_path checks it), only the calls between them are gone.
 //
@@ -19,6 +19,8 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "ops.h"
 
@@ -70,15 +72,75 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer(
 
 }  // namespace
 
+namespace tandem {
+
+// A decode step's decoder layers [begin, end) in ONE call from Python, their weights, norms, RoPE
+// tables and KV caches bound once (engine/model.py makes one per model, cache and weight set):
+// per layer the Python loop paid ~9 us (perf) to pass ~24 arguments, four weight lists among them,
+// to a decoder_layer op, and ~3 us to slice the layer's cache views. Each layer is decoder_layer
+// as before; the int4 weight-only batch-1 step went from 5.96-6.17 to 5.29-5.47 ms
+// (docs/benchmarks.md "Dense bfloat16 decode steps").
+struct DecoderStack : torch::CustomClassHolder {
+  std::vector<at::Tensor> input_norms, post_norms, k_caches, v_caches;
+  std::vector<std::vector<at::Tensor>> linears;  // [layer * 4 + j]: qkv, o, gate_up, down
+  at::Tensor cos, sin;
+  double eps, sm_scale;
+  int64_t num_heads, num_kv_heads;
+
+  // norms: per layer input then post-attention; weights: every linear's tensors in order, counts[j]
+  // of them for linear j (four per layer); caches: per layer k then v
+  DecoderStack(std::vector<at::Tensor> norms, std::vector<at::Tensor> weights, std::vector<int64_t> counts,
+               std::vector<at::Tensor> caches, at::Tensor cos_, at::Tensor sin_, double eps_, double sm_scale_,
+               int64_t num_heads_, int64_t num_kv_heads_)
+      : cos(std::move(cos_)),
+        sin(std::move(sin_)),
+        eps(eps_),
+        sm_scale(sm_scale_),
+        num_heads(num_heads_),
+        num_kv_heads(num_kv_heads_) {
+    const size_t layers = norms.size() / 2;
+    TORCH_CHECK(norms.size() == 2 * layers && caches.size() == 2 * layers && counts.size() == 4 * layers,
+                "DecoderStack: 2 norms, 2 caches and 4 linears per layer");
+    size_t w = 0;
+    for (size_t l = 0; l < layers; ++l) {
+      input_norms.push_back(norms[2 * l]);
+      post_norms.push_back(norms[2 * l + 1]);
+      k_caches.push_back(caches[2 * l]);
+      v_caches.push_back(caches[2 * l + 1]);
+      for (size_t j = 0; j < 4; ++j) {
+        const int64_t c = counts[4 * l + j];
+        TORCH_CHECK(c >= 1 && w + c <= weights.size(), "DecoderStack: counts do not match the weights");
+        linears.emplace_back(weights.begin() + w, weights.begin() + w + c);
+        w += c;
+      }
+    }
+    TORCH_CHECK(w == weights.size(), "DecoderStack: counts do not match the weights");
+  }
+
+  // (the MLP output of layer end - 1, its residual stream); residual None: begin is layer 0 and x
+  // the embeddings
+  std::tuple<at::Tensor, at::Tensor> forward(at::Tensor x, c10::optional<at::Tensor> residual, int64_t begin,
+                                             int64_t end, at::Tensor positions, at::Tensor slot_mapping,
+                                             at::Tensor block_tables, at::Tensor seq_lens, at::Tensor cu_seqlens,
+                                             int64_t max_seqlen) {
+    TORCH_CHECK(0 <= begin && begin < end && end <= static_cast<int64_t>(input_norms.size()),
+                "DecoderStack.forward: layers [", begin, ", ", end, ") out of range");
+    for (int64_t l = begin; l < end; ++l) {
+      const auto* lin = &linears[4 * l];
+      std::tie(x, residual) = decoder_layer(x, residual, input_norms[l], post_norms[l], eps, lin[0], lin[1], lin[2],
+                                            lin[3], positions, cos, sin, k_caches[l], v_caches[l], slot_mapping,
+                                            block_tables, seq_lens, cu_seqlens, max_seqlen, sm_scale, num_heads,
+                                            num_kv_heads);
+    }
+    return {x, *residual};
+  }
+};
+
+}  // namespace tandem
+
 TORCH_LIBRARY_FRAGMENT(tandem_cpu, m) {
-  m.def(
-      "decoder_layer(Tensor x, Tensor? residual, Tensor input_norm, Tensor post_norm, float eps, Tensor[] qkv_w, "
-      "Tensor[] o_w, Tensor[] gate_up_w, Tensor[] down_w, Tensor positions, Tensor cos, Tensor sin, "
-      "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, "
-      "Tensor cu_seqlens, int max_seqlen, float sm_scale, int num_heads, int num_kv_heads) -> (Tensor, Tensor)");
+  m.class_<tandem::DecoderStack>("DecoderStack")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
+                       std::vector<at::Tensor>, at::Tensor, at::Tensor, double, double, int64_t, int64_t>())
+      .def("forward", &tandem::DecoderStack::forward);
 }
-
-TORCH_LIBRARY_IMPL(tandem_cpu, CPU, m) { m.impl("decoder_layer", &decoder_layer); }
-
-// oneDNN-packed weights are MkldnnCPU tensors, which then pick the kernel; the rest are CPU ones
-TORCH_LIBRARY_IMPL(tandem_cpu, MkldnnCPU, m) { m.impl("decoder_layer", &decoder_layer); }
