@@ -210,7 +210,8 @@ inline void softmax_inplace(float* s, int64_t n) {
 // ---- the kernel ---------------------------------------------------------------------------------
 
 struct Args {
-  const float* q;  // float32, [N, Hq, D] with strides q_s0, q_s1, 1
+  const void* q;  // [N, Hq, D] with strides q_s0, q_s1, 1, of q_dtype (read as float32)
+  at::ScalarType q_dtype;
   int64_t q_s0, q_s1;
   const void* k;
   const void* v;
@@ -222,10 +223,39 @@ struct Args {
   int64_t bt_s0;
   const int32_t* seq_lens;
   const int32_t* cu;
-  float* out;  // float32 contiguous [N, Hq, D]
+  void* out;  // contiguous [N, Hq, D] of q_dtype (each value rounded once from float32)
   int64_t B, Hq, Hkv, D, bs;
   float sm_scale;
 };
+
+// q[off .. off + D) (float32 / bfloat16 / float16 at base) times scale, as float32 into dst: q's
+// values exactly, then one multiply, as converting q to float32 first did
+inline void scaled_floats(const void* base, at::ScalarType dtype, int64_t off, int64_t D, float scale, float* dst) {
+  if (dtype == at::kFloat) {
+    const float* src = static_cast<const float*>(base) + off;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * scale;
+  } else if (dtype == at::kBFloat16) {
+    const c10::BFloat16* src = static_cast<const c10::BFloat16*>(base) + off;
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]) * scale;
+  } else {
+    const c10::Half* src = static_cast<const c10::Half*>(base) + off;
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]) * scale;
+  }
+}
+
+// src[0 .. D) into out[off .. off + D) of dtype, each rounded to nearest even once (as .to(dtype))
+inline void store_as(const float* src, void* out, at::ScalarType dtype, int64_t off, int64_t D) {
+  if (dtype == at::kFloat) {
+    std::memcpy(static_cast<float*>(out) + off, src, D * sizeof(float));
+  } else if (dtype == at::kBFloat16) {
+    c10::BFloat16* dst = static_cast<c10::BFloat16*>(out) + off;
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<c10::BFloat16>(src[d]);
+  } else {
+    c10::Half* dst = static_cast<c10::Half*>(out) + off;
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<c10::Half>(src[d]);
+  }
+}
 
 // DC: head_dim as a compile-time constant (0 = runtime a.D), so the D loops unroll into registers.
 template <typename T, int64_t DC>
@@ -257,10 +287,8 @@ void run(const Args& a) {
       scores.resize(M * std::max<int64_t>(L, 1));
       for (int64_t i = 0; i < nq; ++i)
         for (int64_t g = 0; g < G; ++g) {
-          const float* src = a.q + (q0 + i) * a.q_s0 + (h * G + g) * a.q_s1;
-          float* dst = qbuf.data() + (i * G + g) * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * a.sm_scale;
+          const int64_t off = (q0 + i) * a.q_s0 + (h * G + g) * a.q_s1;
+          scaled_floats(a.q, a.q_dtype, off, D, a.sm_scale, qbuf.data() + (i * G + g) * D);
         }
       const int32_t* table = a.bt + b * a.bt_s0;
       const int64_t nblocks = (L + bs - 1) / bs;
@@ -371,11 +399,8 @@ void run(const Args& a) {
       }
 
       for (int64_t i = 0; i < nq; ++i)
-        for (int64_t g = 0; g < G; ++g) {
-          const float* src = acc.data() + (i * G + g) * D;
-          float* dst = a.out + ((q0 + i) * a.Hq + h * G + g) * D;
-          std::memcpy(dst, src, D * sizeof(float));
-        }
+        for (int64_t g = 0; g < G; ++g)
+          store_as(acc.data() + (i * G + g) * D, a.out, a.q_dtype, ((q0 + i) * a.Hq + h * G + g) * D, D);
     }
   });
 }
@@ -417,8 +442,11 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, c
   TORCH_CHECK(k_scale.has_value() == v_scale.has_value(), "k_scale and v_scale go together");
   TORCH_CHECK(k_cache.scalar_type() != at::kFloat8_e4m3fn || k_scale.has_value(), "FP8 cache needs scales");
 
-  at::Tensor q = q_in.scalar_type() == at::kFloat ? q_in : q_in.to(at::kFloat);
-  if (q.stride(2) != 1) q = q.contiguous();
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat || q_in.scalar_type() == at::kBFloat16 ||
+                  q_in.scalar_type() == at::kHalf,
+              "q must be float32, bfloat16 or float16");
+  // read in its dtype (converted to float32 per row in the kernel, as one .to(float32) did)
+  const at::Tensor q = q_in.stride(2) == 1 ? q_in : q_in.contiguous();
   const at::Tensor bt = block_tables_in.to(at::kInt).contiguous();
   const at::Tensor lens = seq_lens_in.to(at::kInt).contiguous();
   const at::Tensor cu = cu_in.to(at::kInt).contiguous();
@@ -442,9 +470,10 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, c
     }
   }
 
-  at::Tensor out = at::empty({N, Hq, D}, q.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({N, Hq, D}, q.options());
   Args a{};
-  a.q = q.data_ptr<float>();
+  a.q = q.data_ptr();
+  a.q_dtype = q.scalar_type();
   a.q_s0 = q.stride(0);
   a.q_s1 = q.stride(1);
   a.k = k_cache.data_ptr();
@@ -469,7 +498,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, c
   a.bt_s0 = bt.stride(0);
   a.seq_lens = lp;
   a.cu = cp;
-  a.out = out.data_ptr<float>();
+  a.out = out.data_ptr();
   a.B = B;
   a.Hq = Hq;
   a.Hkv = Hkv;
@@ -484,7 +513,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, c
     case at::kFloat8_e4m3fn: dispatch_d<c10::Float8_e4m3fn>(a); break;
     default: TORCH_CHECK(false, "unsupported cache dtype ", k_cache.scalar_type());
   }
-  return q_in.scalar_type() == at::kFloat ? out : out.to(q_in.scalar_type());
+  return out;
 }
 
 }  // namespace
