@@ -16,10 +16,11 @@ Storage and kernel, by device and format (``Linear.load`` picks; ``forward`` fol
   MKL and the split at every decode size (SmolLM2's [49152, 576] head, 2 threads, split ->
   packed: M=1 3.8 -> 3.8 ms, M=8 12.7 -> 5.9, M=64 32.7 -> 25.1); for 16-bit weights it is
   the only fast kernel torch has on CPU (AVX512-BF16 / AMX when the CPU has them). A bfloat16
-  call of up to 32 rows on a CPU with AMX runs on the same packed bytes in our C++ op instead
-  (csrc/dense_linear.cpp: the same tile arithmetic as oneDNN's, equal outputs, without its
-  ~17 us per call: SmolLM2's 30 layers at 1-16 rows 6.3-7.8 vs 9.9-11.9 ms, at 17-32 rows
-  9.9-10.4 vs 13.3-14.2).
+  call of up to 128 rows on a CPU with AMX runs on the same packed bytes in our C++ op instead
+  (csrc/dense_linear.cpp: the same tile arithmetic as oneDNN's up to 32 rows, equal outputs,
+  without its ~17 us per call: SmolLM2's 30 layers at 1-16 rows 6.3-7.8 vs 9.9-11.9 ms, at
+  17-32 rows 9.9-10.4 vs 13.3-14.2; above 32 rows 32 at a time, so that each row's outputs do not
+  depend on the rows beside it, as oneDNN's do above 32).
 - int8 / int4 (``engine.quantized_weight``): ``kernels.int8_linear`` / ``kernels.int4_linear``,
   the C++ CPU kernels or the Triton ones on CUDA; activations stay in the model dtype. They read
   4-8x fewer bytes than float32 but do the multiply-adds on dequantized floats, so they win only
@@ -65,7 +66,7 @@ QUANT_MAX_ROWS = 8
 # bfloat16 x 3.2 / 3.5 at 1 row, 8.3 / 9.1 at 4, 11.5 / 11.8 at 5, 15.6 / 16.1 at 8). 4 would be
 # the crossover; 5 keeps a batch-1 verification step of k = 4 tokens on the int4 kernel, so it
 # computes each row as the decode steps it replaces do (csrc/quant_linear_bf16.cpp). Since the
-# dense copy's calls of up to 32 rows run on our tiles (csrc/dense_linear.cpp: 6.3-6.7 ms from 1
+# dense copy's calls of up to 128 rows run on our tiles (csrc/dense_linear.cpp: 6.3-6.7 ms from 1
 # to 16 rows, best of 15; int4 3.35 at 1 row, 5.49 at 2, 8.75 at 3, 11.63 at 5) the crossover is
 # at 2-3 rows; 5 is kept for that same reason.
 QUANT_MAX_ROWS_BESIDE_AMX_BF16 = 5
@@ -108,7 +109,7 @@ class Linear(nn.Module):
         ``int8_linear_a8``) where that kernel does not run (no extension, N % 16 != 0, float16).
         Weights whose blocks of 32 inputs would straddle scale groups (K or an int8 group size
         not a multiple of 32) keep float activations. A packed bfloat16 weight on CPU takes
-        ``dense_linear`` (csrc/dense_linear.cpp: oneDNN, or up to 32 rows our AMX tiles on
+        ``dense_linear`` (csrc/dense_linear.cpp: oneDNN, or up to 128 rows our AMX tiles on
         oneDNN's own bytes) where the extension is built."""
         self._dense_kernel = onednn_linear
         if self.packed is not None and device_type == "cpu":

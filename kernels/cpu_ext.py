@@ -387,7 +387,7 @@ DIRECT_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "linear_a8": _FUSED_DTYPES,  # on pack_a8's weights: int8 activations
     "decode_attention": Q_DTYPES,
     "store_kv": Q_DTYPES,  # cache dtype == key dtype (no FP8: quantized on store by the reference)
-    "dense_linear": (torch.bfloat16,),  # on a packed weight: oneDNN, or our AMX tiles (32 rows)
+    "dense_linear": (torch.bfloat16,),  # on a packed weight: oneDNN, or our AMX tiles (128 rows)
 }
 
 

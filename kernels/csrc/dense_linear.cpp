@@ -1,4 +1,4 @@
-// Dense bfloat16 linear for decode steps on a CPU with AMX: y [M, N] = x [M, K] @ W^T for M <= 32
+// Dense bfloat16 linear for decode steps on a CPU with AMX: y [M, N] = x [M, K] @ W^T for M <= 128
 // rows on the AMX tiles, reading the weight oneDNN already holds (Linear.packed:
 // mkldnn::_reorder_linear_weight's copy, so no second copy); other calls go to oneDNN itself.
 //
@@ -19,11 +19,11 @@
 // difference, N or K not a multiple of 32 (oneDNN would pad), a CPU without AMX-BF16 or Linux not
 // granting the tiles, and the shape keeps oneDNN for every call.
 //
-// The arithmetic is oneDNN's own on these tiles (tdpbf16ps over k in blocks of 32, float32 sums,
-// each rounded to bfloat16 once): the outputs equal its call's bit for bit
-// (tests/kernels/test_dense_linear.py), and each row's are the same whatever the number of rows
-// in the call, up to 32: a verification step of k + 1 tokens at batch 1 reproduces the decode
-// steps it replaces.
+// The arithmetic is oneDNN's own on these tiles for up to 32 rows (tdpbf16ps over k in blocks of
+// 32, float32 sums, each rounded to bfloat16 once): the outputs equal its call's bit for bit, and
+// above 32 rows its calls on 32 rows at a time (tests/kernels/test_dense_linear.py). So each
+// row's outputs are the same whatever the number of rows in the call, up to 128: a verification
+// step of k + 1 tokens per sequence reproduces the decode steps it replaces.
 
 #include <torch/library.h>
 
@@ -64,12 +64,19 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed) {
 namespace {
 
 constexpr int64_t kBlock = 32;    // outputs per packed block (two 16-column C tiles)
-constexpr int64_t kMaxRows = 32;  // two A tiles of 16 rows: calls up to this many take the tiles here
+constexpr int64_t kChunk = 32;    // rows per pass over a block: two A tiles of 16 rows
+// Calls up to this many rows take the tiles here, in chunks of 32 rows: a speculative
+// verification step (batch x (k + 1) rows) then computes each row as the decode steps it replaces
+// did. oneDNN's own kernel differs from its <= 32-row one above 32 rows (the LM head from 33 rows,
+// a K = 1536 layer at 33), so batch-16 verification through it left greedy speculative decoding
+// unequal to plain decoding. Prefill-size calls stay oneDNN's: x re-read per 32-output block.
+constexpr int64_t kMaxRows = 128;
 
-// palette 1, for M rows as r0 = min(M, 16) + r1 = M - r0: tmm0 / tmm1 C of rows 0..r0 x 16 float32
-// (outputs 0-15 / 16-31 of a block), tmm2 / tmm3 the same for rows r0..M; tmm4 / tmm5 A, those
-// rows x 32 bfloat16 of x; tmm6 / tmm7 B, 16 k-pairs x (16 outputs x 2 k): the two halves of a
-// block's 128-byte pair rows, read in place with a 128-byte stride. Unused tiles stay 0 x 0.
+// palette 1, for a chunk's rows as r0 = min(rows, 16) + r1 = rows - r0: tmm0 / tmm1 C of rows
+// 0..r0 x 16 float32 (outputs 0-15 / 16-31 of a block), tmm2 / tmm3 the same for rows r0..rows;
+// tmm4 / tmm5 A, those rows x 32 bfloat16 of x; tmm6 / tmm7 B, 16 k-pairs x (16 outputs x 2 k):
+// the two halves of a block's 128-byte pair rows, read in place with a 128-byte stride. Unused
+// tiles stay 0 x 0.
 struct alignas(64) Tiles {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
@@ -87,46 +94,73 @@ struct alignas(64) Tiles {
   }
 };
 
-// y[:, 32 b .. 32 b + 32) for blocks b in [begin, end), all M rows (TWO: M > 16, two A tiles); w:
-// oneDNN's packed bytes. Every row takes the same operations in either A tile.
+// y[:, 32 b .. 32 b + 32) of one chunk's rows (x: its first row, ld: x's row stride; TWO: more
+// than 16 rows, two A tiles), with the tile configuration for those rows loaded; w: oneDNN's
+// packed bytes. Each row meets the same tile operations in any chunk of any size: AMX computes a C
+// row from its A row only.
 template <bool TWO>
+inline void chunk_block(const c10::BFloat16* w, int64_t K, const c10::BFloat16* x, int64_t ld, int64_t rows,
+                        c10::BFloat16* y, int64_t N, int64_t b) {
+  float out[kChunk * kBlock];
+  const c10::BFloat16* wb = w + b * K * kBlock;
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (TWO) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t kc = 0; kc < K / 32; ++kc) {  // 32 inputs: 16 pair rows of 64 values
+    const c10::BFloat16* wk = wb + kc * 16 * 2 * kBlock;
+    _tile_loadd(6, wk, 128);
+    _tile_loadd(7, wk + 32, 128);
+    _tile_loadd(4, x + kc * 32, ld * 2);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (TWO) {
+      _tile_loadd(5, x + 16 * ld + kc * 32, ld * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, out, kBlock * 4);
+  _tile_stored(1, out + 16, kBlock * 4);
+  if constexpr (TWO) {
+    _tile_stored(2, out + 16 * kBlock, kBlock * 4);
+    _tile_stored(3, out + 16 * kBlock + 16, kBlock * 4);
+  }
+  for (int64_t m = 0; m < rows; ++m)  // float32 -> bfloat16, round to nearest even, as oneDNN
+    for (int64_t i = 0; i < kBlock; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * N + b * kBlock + i),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(out + m * kBlock + i)));
+}
+
+// y[:, 32 b .. 32 b + 32) for blocks b in [begin, end), all M rows: M / 32 full chunks of 32 rows,
+// then the M % 32 rows left, each chunk with its own tile configuration.
 void block_range(const c10::BFloat16* w, int64_t K, const c10::BFloat16* x, int64_t ldx, int64_t M, c10::BFloat16* y,
                  int64_t N, int64_t begin, int64_t end) {
-  const int64_t r0 = std::min<int64_t>(M, 16);
-  const Tiles cfg(r0, M - r0);
-  _tile_loadconfig(&cfg);  // per thread: the pool's threads each run a range
-  float out[kMaxRows * kBlock];
-  for (int64_t b = begin; b < end; ++b) {
-    const c10::BFloat16* wb = w + b * K * kBlock;
-    _tile_zero(0);
-    _tile_zero(1);
-    if constexpr (TWO) {
-      _tile_zero(2);
-      _tile_zero(3);
+  const int64_t full = M / kChunk, tail = M % kChunk, t0 = std::min<int64_t>(tail, 16);
+  const Tiles full_cfg(16, 16), tail_cfg(t0, tail - t0);
+  const Tiles* loaded = nullptr;  // per thread: the pool's threads each run a range
+  auto use = [&](const Tiles& cfg) {
+    if (loaded != &cfg) _tile_loadconfig(&cfg), loaded = &cfg;
+  };
+  // Above 32 rows, blocks in groups of ~512 KB of weight, each chunk over the group's blocks: the
+  // group's weight read from memory once (then from L2), a chunk's 32 rows of x in L1 meanwhile
+  // (block by block, every chunk, x re-read from L2 made the LM head at 128 rows 1.7x oneDNN's).
+  const int64_t group = M <= kChunk ? end - begin : std::max<int64_t>(1, (512 << 10) / (K * kBlock * 2));
+  for (int64_t g0 = begin; g0 < end; g0 += group) {
+    const int64_t g1 = std::min(end, g0 + group);
+    for (int64_t c = 0; c < full; ++c) {
+      use(full_cfg);
+      for (int64_t b = g0; b < g1; ++b) chunk_block<true>(w, K, x + c * kChunk * ldx, ldx, kChunk, y + c * kChunk * N, N, b);
     }
-    for (int64_t kc = 0; kc < K / 32; ++kc) {  // 32 inputs: 16 pair rows of 64 values
-      const c10::BFloat16* wk = wb + kc * 16 * 2 * kBlock;
-      _tile_loadd(6, wk, 128);
-      _tile_loadd(7, wk + 32, 128);
-      _tile_loadd(4, x + kc * 32, ldx * 2);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      if constexpr (TWO) {
-        _tile_loadd(5, x + 16 * ldx + kc * 32, ldx * 2);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+    if (tail > 0) {
+      use(tail_cfg);
+      for (int64_t b = g0; b < g1; ++b) {
+        if (tail > 16) chunk_block<true>(w, K, x + full * kChunk * ldx, ldx, tail, y + full * kChunk * N, N, b);
+        else chunk_block<false>(w, K, x + full * kChunk * ldx, ldx, tail, y + full * kChunk * N, N, b);
       }
     }
-    _tile_stored(0, out, kBlock * 4);
-    _tile_stored(1, out + 16, kBlock * 4);
-    if constexpr (TWO) {
-      _tile_stored(2, out + 16 * kBlock, kBlock * 4);
-      _tile_stored(3, out + 16 * kBlock + 16, kBlock * 4);
-    }
-    for (int64_t m = 0; m < M; ++m)  // float32 -> bfloat16, round to nearest even, as oneDNN
-      for (int64_t c = 0; c < kBlock; c += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * N + b * kBlock + c),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(out + m * kBlock + c)));
   }
   _tile_release();  // this thread's tile state back to init: cheaper context switches
 }
@@ -185,13 +219,11 @@ at::Tensor tandem::ops::dense_linear(const at::Tensor& x, const at::Tensor& pack
   const c10::BFloat16* w = onednn_data(packed);
   const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
-  const int64_t blocks = N / kBlock, ldx = x.stride(0), threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t blocks = N / kBlock, threads = std::max<int64_t>(1, at::get_num_threads());
   // blocks split evenly over the threads (one range each: one contiguous stretch of W)
   const int64_t grain = std::max<int64_t>(1, (blocks + threads - 1) / threads);
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    if (M > 16) block_range<true>(w, K, xp, ldx, M, yp, N, begin, end);
-    else block_range<false>(w, K, xp, ldx, M, yp, N, begin, end);
-  });
+  at::parallel_for(0, blocks, grain,
+                   [&](int64_t begin, int64_t end) { block_range(w, K, xp, x.stride(0), M, yp, N, begin, end); });
   return y;
 }
 

@@ -1,5 +1,5 @@
 """csrc/dense_linear.cpp: x @ W^T on a weight packed by ``mkldnn::_reorder_linear_weight``, on
-our AMX tiles on oneDNN's own bytes for bfloat16 calls of up to 32 rows, oneDNN otherwise."""
+our AMX tiles on oneDNN's own bytes for bfloat16 calls of up to 128 rows, oneDNN otherwise."""
 
 from __future__ import annotations
 
@@ -29,15 +29,21 @@ def direct_here() -> bool:
     return ops is not None and ops.dense_linear_direct(576, 576)
 
 
+def onednn_by_32(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """oneDNN's output computed 32 rows at a time (what our tiles give above 32 rows)."""
+    return torch.cat([onednn(x[i : i + 32].contiguous(), p) for i in range(0, x.shape[0], 32)])
+
+
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_outputs_equal_onednn_and_the_float64_product(n, k):
-    """Every row count 1..32 (our tiles where the CPU has AMX) and above (oneDNN): bit for bit
-    oneDNN's output on the same packed weight, and each output within one bfloat16 ulp of the
-    float64 product of the same bfloat16 inputs plus the float32 sum's own error (which shows
-    where the products nearly cancel)."""
+    """Every row count 1..32: bit for bit oneDNN's output on the same packed weight (our tiles
+    where the CPU has AMX, oneDNN's call elsewhere); 33..128 rows on our tiles: oneDNN's output 32
+    rows at a time (oneDNN's own kernel above 32 rows rounds differently); above 128 oneDNN's call.
+    Each output within one bfloat16 ulp of the float64 product of the same bfloat16 inputs plus
+    the float32 sum's own error (which shows where the products nearly cancel)."""
     g = torch.Generator().manual_seed(n * 7 + k)
     w, p = packed(n, k, g)
-    for m in (1, 2, 3, 5, 8, 13, 16, 17, 24, 32, 33, 40):
+    for m in (1, 2, 3, 5, 8, 13, 16, 17, 24, 32, 33, 40, 64, 80, 97, 128, 129):
         x = torch.randn(m, k, generator=g).bfloat16()
         y = ops.dense_linear(x, p)
         assert y.shape == (m, n) and y.dtype == torch.bfloat16
@@ -46,25 +52,31 @@ def test_outputs_equal_onednn_and_the_float64_product(n, k):
         ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - 7)
         sum_err = k * 2.0**-24 * (x.double().abs() @ w.double().abs().T)
         assert ((y.double() - ref).abs() <= ulp + sum_err).all(), (n, k, m)
-        assert torch.equal(y, onednn(x, p)), (n, k, m)
+        expected = onednn_by_32(x, p) if direct_here() and 32 < m <= 128 else onednn(x, p)
+        assert torch.equal(y, expected), (n, k, m)
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_rows_are_batch_invariant_up_to_32_rows(n, k):
-    """A row's output does not depend on the other rows of a call of up to 32 (a verification
-    step of k + 1 tokens then reproduces the decode steps it replaces)."""
+def test_rows_are_batch_invariant_up_to_128_rows(n, k):
+    """A row's output does not depend on the other rows of a call of up to 128 (a verification
+    step of k + 1 tokens per sequence then reproduces the decode steps it replaces), wherever it
+    lies in the call: in a full 32-row chunk or in a last, zero-padded one."""
     if not direct_here():
         pytest.skip("our tiles do not run on this CPU")
     g = torch.Generator().manual_seed(n + k)
     _, p = packed(n, k, g)
-    x = torch.randn(32, k, generator=g).bfloat16()
-    alone = torch.cat([ops.dense_linear(x[i : i + 1].contiguous(), p) for i in range(32)])
-    for m in range(2, 33):
+    x = torch.randn(128, k, generator=g).bfloat16()
+    alone = torch.cat([ops.dense_linear(x[i : i + 1].contiguous(), p) for i in range(128)])
+    for m in (*range(2, 34), 47, 64, 65, 80, 96, 101, 127, 128):
         assert torch.equal(ops.dense_linear(x[:m].contiguous(), p), alone[:m]), m
+    wide = torch.randn(80, 2 * k, generator=g).bfloat16()  # rows with a stride, tail included
+    assert torch.equal(
+        ops.dense_linear(wide[:, :k], p), ops.dense_linear(wide[:, :k].contiguous(), p)
+    )
 
 
 def test_the_layout_probe_and_the_fallbacks():
-    """Shapes oneDNN pads (N or K not a multiple of 32), more than 32 rows, float16 and float32
+    """Shapes oneDNN pads (N or K not a multiple of 32), more than 128 rows, float16 and float32
     weights take oneDNN's own call: bit for bit its output. On a CPU with AMX the SmolLM2 and
     tiny-Llama shapes take our tiles."""
     g = torch.Generator().manual_seed(3)
@@ -72,7 +84,7 @@ def test_the_layout_probe_and_the_fallbacks():
     amx = "amx_bf16" in open("/proc/cpuinfo").read()
     assert all(ops.dense_linear_direct(n, k) for n, k in SHAPES) == amx
     for n, k, m, dtype in ((100, 64, 1, torch.bfloat16), (64, 48, 3, torch.bfloat16),
-                           (576, 576, 33, torch.bfloat16), (576, 576, 64, torch.bfloat16),
+                           (576, 576, 129, torch.bfloat16), (576, 576, 300, torch.bfloat16),
                            (96, 64, 1, torch.float16), (96, 64, 2, torch.float32)):  # fmt: skip
         w = torch.randn(n, k, generator=g).to(dtype)
         p = torch.ops.mkldnn._reorder_linear_weight(w, None)

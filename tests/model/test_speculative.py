@@ -10,6 +10,7 @@ import torch
 from core.sampling_params import SamplingParams
 from engine.engine_config import EngineConfig, SpeculativeConfig
 from engine.engine_core import EngineCore
+from kernels import cpu_ext
 from tests.model.test_engine_vs_hf import run_engine
 
 K = 4
@@ -66,6 +67,48 @@ def test_greedy_with_speculation_equals_without(target_dir, other_draft_dir, var
     if variant == "draft_other":
         assert m.accepted_tokens < m.draft_tokens / 2
     assert engine.kv.num_used_blocks == 0  # rollback leaks nothing
+
+
+def test_bfloat16_verification_steps_above_32_rows_equal_the_decode_steps():
+    """In bfloat16 a verification step of many sequences (SmolLM2, 10 x (1 + 4) rows) computes
+    each row as the decode steps it replaces: on a CPU with AMX every dense call of up to 128
+    rows runs on the same tiles, 32 rows at a time (csrc/dense_linear.cpp), where oneDNN's own
+    kernel above 32 rows rounds differently (which left 2-9 of 16 batch-16 n-gram runs unequal
+    to plain decoding, and fails this test). Greedy tokens and their logprobs equal, bit for bit.
+    Without the tiles (no AMX, or no extension) every call is oneDNN's: not covered."""
+    ops = cpu_ext.load_ops()
+    if ops is None or not ops.dense_linear_direct(576, 576):
+        pytest.skip("bfloat16 dense calls take oneDNN on this CPU (no AMX tiles)")
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
+    g = torch.Generator().manual_seed(3)
+    prompts = [(torch.randint(3, 256, (4,), generator=g).tolist() * 4)[: 9 + i] for i in range(10)]
+    rows: list[int] = []
+
+    def make(spec: SpeculativeConfig | None) -> EngineCore:
+        cfg = dict(dtype="bfloat16", num_threads=2, max_num_seqs=16, num_blocks=256,
+                   block_size=16, max_model_len=512)  # fmt: skip
+        engine = engine_for("builtin:smollm2-135m-instruct", spec, **cfg)
+        op = engine.model._fused_op
+        if op is not None:  # count the rows of each fused step
+
+            def counted(stack, x, *args):
+                rows.append(x.shape[0])
+                return op(stack, x, *args)
+
+            engine.model._fused_op = counted
+        return engine
+
+    plain, plain_deltas = run_engine(make(None), prompts, greedy)
+    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=K, ngram_max=3,
+                             min_acceptance_rate=0.0)  # fmt: skip
+    engine = make(spec)
+    rows.clear()
+    out, deltas = run_engine(engine, prompts, greedy)
+    assert out == plain
+    lps = lambda ds: [[lp.logprob for d in r for lp in d.logprobs] for r in ds]  # noqa: E731
+    assert lps(deltas) == lps(plain_deltas)
+    assert engine.speculator.metrics.accepted_tokens > 0
+    assert engine.model._fused_op is None or max(rows) > 32  # verification steps above 32 rows
 
 
 def test_seeded_sampling_with_ngram_speculation_equals_without(target_dir):
