@@ -11,7 +11,7 @@ down; so they stream from DRAM as in a real step, not from cache), and separatel
     f32-split    float32, the engine's split bmm (``engine.linear.linear``, bit-identical to MKL)
     bf16-onednn  bfloat16 weights packed for oneDNN (``torch.ops.mkldnn._linear_pointwise``)
     bf16-packed  the same weights through the engine's op (kernels/csrc/dense_linear.cpp: our
-                 AMX tiles on oneDNN's bytes up to 32 rows where the CPU has AMX, else oneDNN)
+                 AMX tiles on oneDNN's bytes up to 128 rows where the CPU has AMX, else oneDNN)
     int8-torch   ``torch._weight_int8pack_mm`` (int8 per channel; float32 activations)
     int4-torch   ``torch._weight_int4pack_mm_for_cpu`` (int4, group 32; bfloat16 activations,
                  bfloat16 scale / zero point); int4-torch-f32: the same with float32 ones
@@ -79,14 +79,8 @@ def prepare(fmt: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.T
         return (lambda x: lin.linear(x, w)), w.numel() * 4
     if fmt in ("bf16-onednn", "bf16-packed"):
         packed = torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), None)
-        n = w.shape[0]
-
-        def run(x):
-            if fmt == "bf16-packed":
-                return ops.dense_linear(x.bfloat16(), packed)
-            return torch.ops.mkldnn._linear_pointwise(x.bfloat16(), packed, None, "none", [], "")
-
-        return run, n * w.shape[1] * 2
+        op = ops.dense_linear if fmt == "bf16-packed" else lin.onednn_linear
+        return (lambda x: op(x.bfloat16(), packed)), w.shape[0] * w.shape[1] * 2
     if fmt == "int8-torch":
         q, s = qr.quantize_int8(w)
         sf = s.float()[:, 0].contiguous()

@@ -6,10 +6,10 @@ K/V goes in the cache and what it attends to. Attention, norms and RoPE go throu
 CPU tensors run the C++ kernels (or the torch references) and CUDA tensors the Triton ones. On CPU,
 a decode step runs all its layers in one C++ call (``torch.classes.tandem_cpu.DecoderStack``, per
 layer the same ops in the same order, so the same bits), not ~10 a layer, where every linear takes
-a kernel that call has: the int4 /
-int8 ones within their row limit (``Linear.max_quant_rows``: 8 rows, 64 with int8 activations, 32
-beside a bfloat16 dense copy with AMX), oneDNN on a packed bfloat16 weight above it or in a
-bfloat16 model (float32 dense layers take MKL, per op).
+a kernel that call has: the int4 / int8 ones within their row limit (``Linear.max_quant_rows``: 8
+rows, 64 with int8 activations, 32 beside a bfloat16 dense copy with AMX), the packed bfloat16
+weight above it or in a bfloat16 model (``dense_linear``: oneDNN, or up to 128 rows our AMX tiles
+on its bytes). Float32 dense layers take MKL, per op.
 """
 
 from __future__ import annotations

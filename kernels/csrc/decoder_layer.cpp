@@ -5,8 +5,8 @@
 // Python model issues ~10 op calls (norms, 4 linears, RoPE, KV store, attention, SiLU-mul) plus
 // the views between them, each paying Python and dispatcher overhead.
 // Here the same ops (ops.h: the very functions registered as tandem_cpu::*) run back to back in
-// C++, every layer of the step in one call (DecoderStack), in the order engine/model.py runs them, on the same intermediate tensors: the result is
-// bit-identical to the per-op path (tests/model/test_quantization.py::
+// C++, every layer of the step in one call (DecoderStack), in the order engine/model.py runs them,
+// on the same intermediate tensors: the result is bit-identical to the per-op path (tests/model/test_quantization.py::
 // test_one_call_decoder_layers_equal_the_per_op_path checks it), only the calls between them are gone.
 //
 // Scope (engine/model.py decides): CPU, float32 / bfloat16 activations, a cache of the model dtype
@@ -28,7 +28,7 @@ namespace {
 
 // x [M, K] @ W^T with W as engine/model.py's bind_kernels passes it: (qweight, scales, mins) int4,
 // (qweight, scales) int8, (packed, dm) int4 / int8 repacked for int8 activations (uint8 marks
-// it), or (packed,) a dense weight for oneDNN
+// it), or (packed,) a dense weight in oneDNN's layout (dense_linear: our AMX tiles or oneDNN)
 at::Tensor quant_linear(const at::Tensor& x, at::TensorList w) {
   if (w.size() == 1) return tandem::ops::dense_linear(x, w[0]);
   if (w.size() == 3) return tandem::ops::int4_linear(x, w[0], w[1], w[2]);

@@ -134,11 +134,11 @@ inline void chunk_block(const c10::BFloat16* w, int64_t K, const c10::BFloat16* 
                           (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(out + m * kBlock + i)));
 }
 
-// y[:, 32 b .. 32 b + 32) for blocks b in [begin, end), all M rows: M / 32 full chunks of 32 rows,
-// then the M % 32 rows left, each chunk with its own tile configuration.
+// y[:, 32 b .. 32 b + 32) for blocks b in [begin, end), all M rows: chunks of 32 rows, the last
+// one the M % 32 rows left with a tile configuration of its own.
 void block_range(const c10::BFloat16* w, int64_t K, const c10::BFloat16* x, int64_t ldx, int64_t M, c10::BFloat16* y,
                  int64_t N, int64_t begin, int64_t end) {
-  const int64_t full = M / kChunk, tail = M % kChunk, t0 = std::min<int64_t>(tail, 16);
+  const int64_t chunks = (M + kChunk - 1) / kChunk, tail = M % kChunk, t0 = std::min<int64_t>(tail, 16);
   const Tiles full_cfg(16, 16), tail_cfg(t0, tail - t0);
   const Tiles* loaded = nullptr;  // per thread: the pool's threads each run a range
   auto use = [&](const Tiles& cfg) {
@@ -150,15 +150,14 @@ void block_range(const c10::BFloat16* w, int64_t K, const c10::BFloat16* x, int6
   const int64_t group = M <= kChunk ? end - begin : std::max<int64_t>(1, (512 << 10) / (K * kBlock * 2));
   for (int64_t g0 = begin; g0 < end; g0 += group) {
     const int64_t g1 = std::min(end, g0 + group);
-    for (int64_t c = 0; c < full; ++c) {
-      use(full_cfg);
-      for (int64_t b = g0; b < g1; ++b) chunk_block<true>(w, K, x + c * kChunk * ldx, ldx, kChunk, y + c * kChunk * N, N, b);
-    }
-    if (tail > 0) {
-      use(tail_cfg);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t rows = std::min(kChunk, M - c * kChunk);
+      const c10::BFloat16* xc = x + c * kChunk * ldx;
+      c10::BFloat16* yc = y + c * kChunk * N;
+      use(rows == kChunk ? full_cfg : tail_cfg);
       for (int64_t b = g0; b < g1; ++b) {
-        if (tail > 16) chunk_block<true>(w, K, x + full * kChunk * ldx, ldx, tail, y + full * kChunk * N, N, b);
-        else chunk_block<false>(w, K, x + full * kChunk * ldx, ldx, tail, y + full * kChunk * N, N, b);
+        if (rows > 16) chunk_block<true>(w, K, xc, ldx, rows, yc, N, b);
+        else chunk_block<false>(w, K, xc, ldx, rows, yc, N, b);
       }
     }
   }

@@ -30,7 +30,7 @@ bool int4_linear_bf16_available();
 at::Tensor int4_linear_bf16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             const at::Tensor& mins);
 // x [M, K] @ W^T on a weight packed by mkldnn::_reorder_linear_weight: oneDNN's own call, or for
-// bfloat16 calls of up to 32 rows on a CPU with AMX our tiles on the same bytes (dense_linear.cpp;
+// bfloat16 calls of up to 128 rows on a CPU with AMX our tiles on the same bytes (dense_linear.cpp;
 // direct: whether an [N, K] weight gets them)
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& packed);
 bool dense_linear_direct(int64_t N, int64_t K);

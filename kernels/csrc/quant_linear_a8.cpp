@@ -319,8 +319,6 @@ void group_tile(const uint8_t* packed, const c10::Half* dm, int64_t g, const Qua
 }
 
 #if TANDEM_AMX
-bool amx_granted() { return tandem::amx_tiles_granted(); }
-
 // palette 1, two sets (block u in set u % 2, so the next block's tile loads and product run
 // while this one's float part does): A = tmm0 / tmm3, 16 activation rows x 32 int8; B = tmm1 /
 // tmm4, 8 rows (inputs 4c .. 4c + 3) x 16 weight rows x 4 bytes; C = tmm2 / tmm5, 16 x 16 int32
@@ -497,7 +495,7 @@ std::tuple<at::Tensor, at::Tensor> int8_pack_a8(const at::Tensor& qweight, const
 constexpr int64_t kAmxMinRows = 2 * kRows;
 bool use_amx(int64_t M) {
 #if TANDEM_AMX
-  return M >= kAmxMinRows && amx_granted();
+  return M >= kAmxMinRows && tandem::amx_tiles_granted();
 #else
   (void)M;
   return false;

@@ -118,7 +118,7 @@ def test_one_call_decoder_layers_equal_the_per_op_path(quantization, dtype, spec
     it did run, for all layers of every decode step it covers (with n-gram speculation: also
     verification steps of several rows per sequence). Quantized layers within their kernel's row
     limit take that kernel; bfloat16 dense layers (``none``; ``int4+dense``: a dense copy, the
-    int4 kernel's limit cut to 1 row so that most steps exceed it) oneDNN on the packed weight.
+    int4 kernel's limit cut to 1 row so that most steps exceed it) the packed weight's kernel.
     Float32 dense layers take MKL per op: those steps are not fused."""
     dense = quantization in ("none", "int4+dense")
     if quantization == "int4+dense":
