@@ -7,8 +7,9 @@ Request life on this side::
                        if it ends the request, no KV moves (the coordinator releases the decode
                        reservation); else the blocks are handed over (lease SENDING) and sent with
                        that token in the tag
-    TransferDone    -> source blocks freed        TransferFailed -> freed, error delta (fault)
-    its decode worker forgotten (died) before the send -> freed, error delta (fault), no KV moves
+    TransferDone    -> source blocks freed        TransferFailed -> freed, error delta (fault:
+                       transfer_failed; worker_died if its decode worker is gone, see _ended)
+    its decode worker forgotten (died) before the send -> freed, error delta (worker_died), no KV
     the step raises after the hand-over, before a send is posted -> freed with the step's abort
     abort()         -> queued / computing: freed at once; in flight: freed when the transfer
                        ends (the WRITE reads them until then)
@@ -28,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from core.outputs import FAULT_TRANSFER_FAILED, FINISH_ERROR, OutputDelta
+from core.outputs import FAULT_TRANSFER_FAILED, FAULT_WORKER_DIED, FINISH_ERROR, OutputDelta
 from decode.worker import DISCARD_TAG, encode_first_token
 from engine.kv_manager import LeaseState
 from engine.scheduler import ScheduledBatch
@@ -302,15 +303,23 @@ class PrefillWorker(WorkerBase):
             self._ended(going, going.failure)
 
     def _ended(self, going: Outgoing, failure: str | None) -> bool:
-        """Every transfer of the request is over: free its blocks, report a failure (True)."""
+        """Every transfer of the request is over: free its blocks, report a failure (True).
+
+        The fault says whose failure it was. A peer the sender no longer knows was forgotten
+        (its decode worker died or was retired) or replaced by a new incarnation (the old one
+        died): worker_died, which the coordinator retries whatever ``kv_transfer.on_failure``
+        says, as it does when it sees the death itself first. Otherwise the transfer itself
+        failed with the peer alive: transfer_failed, which follows ``on_failure``."""
         self.in_flight.pop(going.request_id, None)
         self.kv.free(going.request_id)
         if failure is None or not going.report:
             return False
+        peer_alive = going.peer_key in self.sender.peers
         self.emit([OutputDelta(
             going.request_id, (), finish_reason=FINISH_ERROR,
             error=f"KV transfer failed: {failure}", num_prompt_tokens=going.num_prompt_tokens,
-            num_output_tokens=going.num_output_tokens, fault=FAULT_TRANSFER_FAILED,
+            num_output_tokens=going.num_output_tokens,
+            fault=FAULT_TRANSFER_FAILED if peer_alive else FAULT_WORKER_DIED,
         )])  # fmt: skip
         return True
 

@@ -101,6 +101,8 @@ def test_end_calls_skip_dead_holders_and_unasked_prefill():
         ("transfer_timeout", 1, "recompute", False, "retry"),  # decode gone: start afresh
         ("transfer_failed", 1, "retry", True, "retry"),
         ("transfer_failed", 1, "fail", True, "fail"),
+        # a prefill worker's send to a decode worker that died: retried whatever on_failure says
+        ("worker_died", 1, "fail", False, "retry"),
     ],
 )
 def test_decide(fault, num_attempts, policy, decode_alive, action):

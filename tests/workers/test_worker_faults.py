@@ -8,7 +8,7 @@ import pytest
 from worker_harness import collect, hand_off, spec, tokens_of, wait_until
 
 from core.delta_codec import decode_deltas
-from core.outputs import FAULT_STEP_FAILED, FAULT_TRANSFER_FAILED
+from core.outputs import FAULT_STEP_FAILED, FAULT_TRANSFER_FAILED, FAULT_WORKER_DIED
 from core.sampling_params import SamplingParams
 from decode.worker import DecodeWorker
 
@@ -135,7 +135,7 @@ def test_a_prompt_whose_decode_worker_died_meanwhile_frees_its_blocks(pair, sink
         hand_off(decode, prefill, "orphan", PROMPT, GREEDY.to_dict())
         prefill.forget("decode-0")
     end = collect(pull, {"orphan"})["orphan"][-1]
-    assert end.fault == FAULT_TRANSFER_FAILED and "'decode-0' is gone" in end.error
+    assert end.fault == FAULT_WORKER_DIED and "'decode-0' is gone" in end.error
     wait_until(lambda: prefill.stats()["kv_blocks_used"] == 0)
     prefill.kv.check()
     assert prefill.stats()["loop_error"] is None
