@@ -113,11 +113,38 @@ def test_unused_blocks_are_never_read(op, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, FP8_DTYPE])
-@pytest.mark.parametrize("seq_len", [21, 40, 64, 133])
+def test_long_sequences_in_several_chunks_match_the_reference(dtype, op, monkeypatch):
+    """Sequences longer than a work chunk (512 keys) are split and their chunks merged: lengths
+    just under, at and over one and two chunks, a long one beside short ones, several queries."""
+    seq_lens = [1300, 5, 512, 513, 1030, 1024, 1]
+    n_q = [1, 1, 3, 2, 5, 1, 1]
+    args = _case(dtype, 3, 64, seq_lens, n_q, seed=21, kv_heads=3)
+    out, ref = _run_both(args, op, monkeypatch)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, FP8_DTYPE])
+def test_the_result_does_not_depend_on_the_thread_count(dtype, op):
+    """A long sequence's chunks go to different threads; its merge is in chunk order, so one
+    thread and two give the same bits."""
+    args = _case(dtype, 3, 64, [1500, 700], [1, 3], seed=5, kv_heads=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = op(*args)
+        torch.set_num_threads(2)
+        two = op(*args)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, FP8_DTYPE])
+@pytest.mark.parametrize("seq_len", [21, 40, 64, 133, 514, 1030])  # 514/1030: across a chunk's end
 def test_a_verification_step_equals_the_decode_steps_it_replaces(dtype, seq_len, monkeypatch):
     """1 + k queries of one sequence (speculative verification: the last k keys are the queries'
     own) give each query, bit for bit, what a one-query decode step at its position gives: a
-    score must not depend on how many keys follow it in its block."""
+    score must not depend on how many keys follow it in its block or its chunk."""
     nq = 5
     q, kc, vc, tables, lens, _, _, scale, ks, vs = _case(dtype, 3, 64, [seq_len], [nq], seed=11)
     together = cpu_ext.decode_attention(q, kc, vc, tables, lens, cu_from_lens([nq]), nq, scale,
