@@ -44,6 +44,8 @@ Figures: docs/benchmarks.md "Weight-only quantization" (``python -m bench.linear
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,6 +86,21 @@ A8_MAX_ROWS = 64
 A8_MAX_ROWS_BESIDE_AMX_BF16 = 32
 QUANT_MAX_ROWS_NO_DENSE = {torch.float32: 48, torch.bfloat16: 16, torch.float16: 16}
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs and multiplies a ``dtype`` weight on this CPU. Its float16 path needs
+    AVX512-FP16 or AVX-NE-CONVERT (an AMD Zen 4 has neither: the reorder raises); such a weight
+    stays plain and takes ``F.linear``."""
+    if not _ONEDNN:
+        return False
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.ones(32, 32, dtype=dtype), None)
+        onednn_linear(torch.ones(1, 32, dtype=dtype), packed)
+    except RuntimeError:
+        return False
+    return True
 
 
 class Linear(nn.Module):
@@ -152,9 +169,9 @@ class Linear(nn.Module):
         in groups of 32, int8 per channel); a ``QuantizedWeight`` (a loader kept the file's
         blocks) is used as it is. ``keep_dense``: with a quantized weight, also keep it dense in
         the model dtype for steps above ``max_quant_rows`` rows. ``pack``: keep a dense CPU
-        weight in oneDNN's layout (16-bit dense weights on CPU always are), which every CPU call
-        then takes: the plain copy is dropped (~212 MB of SmolLM2's bfloat16 layers), unless
-        ``lookups`` (an embedding table reads rows of it)."""
+        weight in oneDNN's layout (16-bit dense weights on CPU always are, where ``onednn_packs``
+        their dtype), which every CPU call then takes: the plain copy is dropped (~212 MB of
+        SmolLM2's bfloat16 layers), unless ``lookups`` (an embedding table reads rows of it)."""
         if tuple(w.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"weight shape {tuple(w.shape)} != {(self.out_features, self.in_features)}"
@@ -176,7 +193,7 @@ class Linear(nn.Module):
                 self.quantized.dequantize().to(dtype))  # fmt: skip
         self.weight.copy_(w)
         sixteen_bit = dtype in (torch.bfloat16, torch.float16)
-        if (pack or sixteen_bit) and _ONEDNN and device.type == "cpu":
+        if (pack or sixteen_bit) and device.type == "cpu" and onednn_packs(dtype):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
             if not lookups:
                 self.weight = None  # forward takes packed on CPU

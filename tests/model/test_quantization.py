@@ -280,10 +280,12 @@ def test_packed_layers_keep_no_plain_copy(tiny_llama_dir):
             assert down.weight_bytes == down.in_features * down.out_features * 2
 
 
-def test_bfloat16_model_stays_close_to_float32(tiny_llama_dir):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_models_stay_close_to_float32(dtype, tiny_llama_dir):
+    """On any CPU: float16 too where oneDNN cannot pack it (no AVX512-FP16: plain F.linear)."""
     _, _, f32 = run_tiny(tiny_llama_dir)
     for quantization in ("none", "int4"):
-        _, _, b16 = run_tiny(tiny_llama_dir, dtype="bfloat16", quantization=quantization)
+        _, _, b16 = run_tiny(tiny_llama_dir, dtype=dtype, quantization=quantization)
         diff = (torch.tensor(b16) - torch.tensor(f32)).abs()
         assert diff.mean() < 0.05 and diff.max() < 0.5, (quantization, diff.mean(), diff.max())
 
