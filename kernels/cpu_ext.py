@@ -88,12 +88,17 @@ _failed: str | None = None  # the build error, once it failed
 
 
 def _put_ninja_on_path() -> None:
-    """torch's builder runs ``ninja`` from PATH; the pinned pip ``ninja`` lives in the venv's bin,
-    which is not on PATH when the venv is not activated (``.venv/bin/pytest``, Ray workers)."""
-    if shutil.which("ninja") is None:
-        import ninja
+    """torch's builder runs ``ninja`` from PATH: put the pinned pip ``ninja`` first, in every
+    process. It lives in the venv's bin, which is not on PATH when the venv is not activated
+    (``.venv/bin/pytest``); and where another ninja is on PATH (Debian's ninja-build 1.11 at
+    /usr/bin), two ninja versions hash the commands in ``.ninja_log`` differently, so each saw the
+    other's build as "command line changed" and rebuilt the whole extension (seen in CI: ~70 s
+    for a test's child process after Ray workers had built it)."""
+    import ninja
 
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    path = os.environ.get("PATH", "")
+    if shutil.which("ninja") != os.path.join(ninja.BIN_DIR, "ninja"):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
 
 
 def _build_root() -> Path:

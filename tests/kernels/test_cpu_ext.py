@@ -213,6 +213,25 @@ def test_a_baton_left_by_a_killed_build_does_not_hang_the_next():
     assert "left by a build that was killed" in res.stderr and not baton.exists()
 
 
+def test_every_process_builds_with_the_pinned_ninja(tmp_path, monkeypatch):
+    """Another ninja first on PATH (Debian's 1.11) would hash the build's commands otherwise than
+    the pinned one, and each would rebuild everything the other built."""
+    import os
+    import shutil
+
+    import ninja
+
+    other = tmp_path / "ninja"
+    other.write_text("#!/bin/sh\nexit 1\n")
+    other.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    cpu_ext._put_ninja_on_path()
+    assert shutil.which("ninja") == os.path.join(ninja.BIN_DIR, "ninja")
+    path = os.environ["PATH"]
+    cpu_ext._put_ninja_on_path()
+    assert os.environ["PATH"] == path  # once
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_store_kv_matches_the_reference(dtype):
     """Strided key/value views (as the engine's fused qkv output), a strided layer view of a
