@@ -10,7 +10,10 @@ as soon as its last one finished (closed loop), ``--rounds`` requests per client
 ``--min-requests`` in all). Prompts: the 32 chat prompts of ``bench/chat_prompts.py``,
 chat-templated by our tokenizer and sent as token ids to ``/v1/completions`` (so every server sees
 the same prompt tokens), ``max_tokens`` = ``--output-len`` (128), ``ignore_eos``, greedy,
-``stream: true``. Measured per server and C, as vLLM's ``bench serve`` does:
+``stream: true``. ``--prompt-tokens N``: long-context prompts of about N tokens instead (each chat
+prompt, a document of the other prompts' text starting at a different one for each, so no two
+share a cached prefix, then the prompt again). Measured per server and C, as vLLM's ``bench
+serve`` does:
 
     tok/s   generated tokens (the streamed usage, else one per chunk) / wall time of the run
     TTFT    first streamed token - request sent (p50)
@@ -161,14 +164,32 @@ def wait_http(url: str, timeout_s: float = 300) -> None:
     raise RuntimeError(f"{url} did not become healthy")
 
 
-def chat_prompt_ids() -> tuple[list[list[int]], str]:
+def chat_prompt_ids(prompt_tokens: int = 0) -> tuple[list[list[int]], str]:
+    """The chat prompts as token ids (and the builtin GGUF's path). ``prompt_tokens`` > 0: each
+    becomes a long-context one of about that many tokens: the prompt, a document (the other
+    prompts' text, repeated, starting at a different one for each, so that no two prompts share a
+    cached prefix), then the prompt again as the question."""
     from core.tokenizer import Tokenizer
     from engine.loader.builtin import builtin_gguf_path
     from engine.tokenizer_files import load_tokenizer_files
 
     tok = Tokenizer(load_tokenizer_files("builtin:smollm2-135m-instruct"))
-    ids = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
+    texts = list(CHAT_PROMPTS)
+    if prompt_tokens > 0:
+        texts = [_long_prompt(tok, i, prompt_tokens) for i in range(len(CHAT_PROMPTS))]
+    ids = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in texts]
     return ids, str(builtin_gguf_path("smollm2-135m-instruct"))
+
+
+def _long_prompt(tok, i: int, num_tokens: int) -> str:
+    n = len(CHAT_PROMPTS)
+    doc: list[str] = []
+    j = i + 1
+    head, tail = f"{CHAT_PROMPTS[i]}\n\nContext:\n", f"\n\nWith that context: {CHAT_PROMPTS[i]}"
+    while len(tok.encode(head + " ".join(doc) + tail)) < num_tokens:
+        doc.append(CHAT_PROMPTS[j % n])
+        j += 1
+    return head + " ".join(doc[:-1] if len(doc) > 1 else doc) + tail
 
 
 def bench_server(name: str, url: str, model: str, prompts, levels, args) -> list[dict]:
@@ -191,6 +212,8 @@ def main() -> int:
     ap.add_argument("--url", action="append", default=[], help="NAME=URL of a running server")
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=0,
+                    help="long-context prompts of about this many tokens (0: the chat prompts)")
     ap.add_argument("--rounds", type=int, default=2, help="requests per client")
     ap.add_argument("--min-requests", type=int, default=6)
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2,
@@ -198,7 +221,7 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    prompts, gguf = chat_prompt_ids()
+    prompts, gguf = chat_prompt_ids(args.prompt_tokens)
     print(f"machine: {machine()}; load avg {load_average()}", flush=True)
     logs = Path(tempfile.mkdtemp(prefix="serve_compare-"))
     rows: list[dict] = []
