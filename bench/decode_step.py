@@ -5,7 +5,8 @@
 
 Each config is ``dtype:quantization`` (``+dense``: ``keep_dense_weights``; ``+a8``:
 ``quantize_activations``; ``+perop``: no one-call decoder layers,
-``LlamaForCausalLM.fuse_layers = False``). For each batch size B
+``LlamaForCausalLM.fuse_layers = False``; ``+4k``: the quantized weights left on 4 KiB pages,
+``LlamaForCausalLM.huge_pages = False``). For each batch size B
 the engine decodes B requests together (random 40-token prompts, 128 new tokens, ignore_eos,
 greedy) and the median decode step is reported, with the tokens/s it implies (B / step).
 Batch-1 floor = bytes of weights one step reads (``LlamaForCausalLM.weight_bytes``: every linear
@@ -37,6 +38,7 @@ from bench.offline_throughput import load_average, machine
 from core.sampling_params import SamplingParams
 from engine.engine_config import EngineConfig
 from engine.engine_core import EngineCore
+from engine.model import LlamaForCausalLM
 
 DEFAULT = "float32:none,bfloat16:none,float32:int8,float32:int4,auto:int4+dense"
 
@@ -47,6 +49,7 @@ def engine_for(spec: str, threads: int, max_batch: int) -> EngineCore:
     config = EngineConfig(dtype=dtype, quantization=quant, keep_dense_weights="dense" in flags,
                           quantize_activations="a8" in flags, num_blocks=max_batch * 12 + 16,
                           max_num_seqs=max_batch, num_threads=threads)  # fmt: skip
+    LlamaForCausalLM.huge_pages = "4k" not in flags
     engine = EngineCore(config)
     engine.model.fuse_layers = "perop" not in flags
     return engine

@@ -44,6 +44,7 @@ Figures: docs/benchmarks.md "Weight-only quantization" (``python -m bench.linear
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -155,6 +156,18 @@ class Linear(nn.Module):
                 self.max_quant_rows = A8_MAX_ROWS
                 if self.has_dense and dtype == torch.bfloat16 and cpu_has_amx():
                     self.max_quant_rows = A8_MAX_ROWS_BESIDE_AMX_BF16  # (a dense copy's there)
+
+    def rebase_kernel_tensors(self, copies: dict[int, torch.Tensor]) -> None:
+        """Point the quantized kernel's weight tensors at ``copies[id(tensor)]`` (equal copies,
+        ``engine.huge_pages``), and the quantized weight's own where they are the same tensors
+        (so no second copy stays alive)."""
+        self.kernel_tensors = tuple(copies.get(id(t), t) for t in self.kernel_tensors)
+        q = self.quantized
+        if q is not None and any(id(t) in copies for t in q.tensors()):
+            pick = lambda t: None if t is None else copies.get(id(t), t)  # noqa: E731
+            self.quantized = dataclasses.replace(
+                q, qweight=pick(q.qweight), scales=pick(q.scales), mins=pick(q.mins)
+            )
 
     @torch.no_grad()
     def load(

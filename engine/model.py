@@ -23,6 +23,7 @@ from torch import nn
 
 import kernels
 from engine.attention_metadata import AttentionMetadata
+from engine.huge_pages import huge_page_copies
 from engine.kv_cache import KVCache
 from engine.linear import Linear
 from engine.model_config import ModelConfig, RopeScaling
@@ -211,6 +212,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    # CPU: the quantized kernels' weights copied onto 2 MiB pages when bound (bind_kernels);
+    # False (set on the class before loading): left where they were loaded, for benchmarks
+    huge_pages = True
+
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
         super().__init__()
         self.config = cfg
@@ -365,6 +370,8 @@ class LlamaForCausalLM(nn.Module):
                 module.bind(device_type, dtype, self.quantize_activations)
             elif module is not self and hasattr(module, "bind"):
                 module.bind(device_type, dtype)
+        if device_type == "cpu" and self.huge_pages:
+            self._weights_on_huge_pages()
         self._fused_op, self._decoder_stack, self._stacks = None, None, {}
         self._fused_args = self._fused_dense_args = None
         linears = [(a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
@@ -395,6 +402,15 @@ class LlamaForCausalLM(nn.Module):
         # dense float32 layers take MKL (engine/linear.py's split), which the op does not call
         if all(w.packed is not None for w in every):
             self._fused_dense_args = args(lambda w: [w.packed])
+
+    def _weights_on_huge_pages(self) -> None:
+        """The quantized kernels' weight tensors (what a small step streams) copied onto 2 MiB
+        pages (``engine.huge_pages``), each tensor once however many layers share it."""
+        linears = [m for m in self.modules() if isinstance(m, Linear) and m.kernel_tensors]
+        unique = {id(t): t for m in linears for t in m.kernel_tensors if t.is_contiguous()}
+        copies = dict(zip(unique, huge_page_copies(list(unique.values())), strict=True))
+        for m in linears:
+            m.rebase_kernel_tensors(copies)
 
 
 def _stack_forward(stack, *args) -> tuple[torch.Tensor, torch.Tensor]:

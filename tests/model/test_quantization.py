@@ -280,6 +280,30 @@ def test_packed_layers_keep_no_plain_copy(tiny_llama_dir):
             assert down.weight_bytes == down.in_features * down.out_features * 2
 
 
+@pytest.mark.parametrize("quantize_activations", [False, True])
+def test_quantized_weights_on_huge_pages_compute_the_same(quantize_activations, tiny_llama_dir,
+                                                          monkeypatch):  # fmt: skip
+    """The kernels' weight tensors are copied onto 2 MiB pages when bound (the quantized
+    weight's own too where the kernel takes them as they are: one copy), and the model computes
+    exactly what it did on the tensors as loaded."""
+    from engine.model import LlamaForCausalLM
+    from tests.unit.test_huge_pages import vm_flags
+
+    config = dict(dtype="bfloat16", quantization="int4",
+                  quantize_activations=quantize_activations)  # fmt: skip
+    seen = []
+    huge = run_tiny(tiny_llama_dir, prepare=seen.append, **config)
+    model = seen[0].model
+    for lin in (model.layers[0].self_attn.qkv_proj, model.layers[-1].mlp.down_proj, model.lm_head):
+        assert lin.a8 == quantize_activations
+        assert all("hg" in vm_flags(t.data_ptr()) for t in lin.kernel_tensors)
+        if not lin.a8:  # the kernel reads the quantized weight's tensors: moved, not copied
+            assert all(a is b for a, b in zip(lin.kernel_tensors, lin.quantized.tensors(),
+                                              strict=True))  # fmt: skip
+    monkeypatch.setattr(LlamaForCausalLM, "huge_pages", False)
+    assert run_tiny(tiny_llama_dir, **config) == huge
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_16_bit_models_stay_close_to_float32(dtype, tiny_llama_dir):
     """On any CPU: float16 too where oneDNN cannot pack it (no AVX512-FP16: plain F.linear)."""

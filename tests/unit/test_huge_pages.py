@@ -1,0 +1,61 @@
+"""engine.huge_pages: equal copies in one 2 MiB-aligned mapping advised for huge pages."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.huge_pages import HUGE_PAGE, huge_page_copies, huge_page_zeros
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping holding ``address`` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"{address:#x} is in no mapping")
+
+
+def test_copies_are_equal_aligned_and_outlive_the_originals():
+    g = torch.Generator().manual_seed(0)
+    originals = [torch.randint(0, 255, (3, 7, 16, 4), dtype=torch.uint8, generator=g),
+                 torch.randn(5, 3, generator=g).half(), torch.randn(1000, generator=g),
+                 torch.empty(0, 4), torch.randn(4, 6, generator=g).t()]  # fmt: skip
+    copies = huge_page_copies(originals)
+    for o, c in zip(originals, copies, strict=True):
+        assert c.dtype == o.dtype and c.shape == o.shape and c.is_contiguous()
+        assert torch.equal(c, o) and (c.data_ptr() != o.data_ptr() or not o.numel())
+    assert copies[0].data_ptr() % HUGE_PAGE == 0
+    assert all(c.data_ptr() % 64 == 0 for c in copies if c.numel())
+    expected = [o.clone() for o in originals]
+    del originals
+    gc.collect()
+    copies[2].add_(1)  # still writable memory of ours
+    assert torch.equal(copies[2], expected[2] + 1) and torch.equal(copies[0], expected[0])
+
+
+@pytest.mark.skipif(not THP.exists(), reason="no transparent huge pages in this kernel")
+def test_the_mapping_is_advised_for_huge_pages():
+    (copy,) = huge_page_copies([torch.ones(3 << 20, dtype=torch.uint8)])
+    assert "hg" in vm_flags(copy.data_ptr())  # MADV_HUGEPAGE
+
+
+def test_zeros_are_zeros_of_the_shape_and_dtype():
+    z = huge_page_zeros((5, 3, 2, 16, 3, 64), torch.bfloat16)
+    assert z.shape == (5, 3, 2, 16, 3, 64) and z.dtype == torch.bfloat16 and z.is_contiguous()
+    assert z.data_ptr() % HUGE_PAGE == 0 and not z.any()
+    z[4, 2, 1] = 1.5
+    assert z.sum() == 1.5 * 16 * 3 * 64
+    assert huge_page_zeros((0, 4), torch.float32).shape == (0, 4)
+    if THP.exists():
+        assert "hg" in vm_flags(z.data_ptr())
