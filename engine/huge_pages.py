@@ -4,7 +4,7 @@ that Linux is asked to back with transparent huge pages (``madvise(MADV_HUGEPAGE
 Why: a batch-1 step of a quantized model reads its ~100 MB of weights once per token, as ~120
 short streams (one per linear, split between the threads), and attention reads each sequence's
 K/V as islands of a few KB (a block of one layer). On 4 KiB pages that is tens of thousands of
-pages a step, far more than the TLB holds, and a hardware prefetcher stops at each page's end.
+pages a step, far more than the TLB holds.
 Where they outrun the last-level cache (an AMD EPYC guest, 32 MiB L3), measured in alternating
 pairs (docs/benchmarks.md, "On 2 MiB pages"): SmolLM2's 30 int4 layers with int8 activations
 0.71-0.97x the time, a served decode step 0.93-0.96x, attention over a cold cache 0.91-0.94x.
@@ -68,16 +68,3 @@ def _region(nbytes: int) -> Tensor:
         except OSError:  # THP not built into this kernel: 4 KiB pages
             pass
     return region[start : start + span]
-
-
-def huge_page_bytes() -> int:
-    """This process's anonymous memory on huge pages (``AnonHugePages`` of /proc/self/smaps_rollup),
-    0 where the file is missing."""
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0

@@ -264,16 +264,18 @@ inline void store_as(const float* src, void* out, at::ScalarType dtype, int64_t 
 
 // A sequence's keys in chunks of kChunkTokens (rounded up to whole blocks), from position 0: a
 // work item is (sequence, kv head, chunk). Why: at batch 1 there are only Hkv items (SmolLM2: 3),
-// which two threads split 2:1, and a long sequence's K/V read is then one thread's (one core reads
-// ~13 GB/s of the ~26 two read on the Xeon). With chunks, the items of a long sequence spread over the
-// threads; each chunk's rows are a softmax over its own keys and their P.V, merged in chunk order
-// (weights exp(max_c - max) * sum_c). The chunks are fixed positions, so a query's result does not
-// depend on the batch, the thread count or the keys that follow it: a row whose visible keys lie in
-// one chunk gets that chunk's result exactly (weight 1), as a sequence of one chunk does.
+// which two threads split 2:1, and a long sequence's K/V read is then one thread's (one core read
+// ~13 GB/s of the ~26 two read on the Xeon). With chunks, the items of a long sequence spread over
+// the threads; each chunk's rows are a softmax over its own keys and their P.V, merged in chunk
+// order (weights exp(max_c - max) * sum_c). The chunks are fixed positions, so a query's result
+// does not depend on the batch, the thread count or the keys that follow it: a row whose visible
+// keys lie in one chunk gets that chunk's result exactly (weight 1), as a sequence of one chunk
+// does.
 // Measured (2 threads, 9 q / 3 kv heads, D 64, warm caches, µs per call, old -> new, alternating
 // runs): Xeon (AMX) bf16 B1 L1600 66 -> 58, f32 B1 L1600 54 -> 45, bf16 B1 L600 28 -> 24, bf16
 // B64 L300 708 -> 627; EPYC (Zen 4), quietest round's minimum: f32 B1 L1600 53 -> 45, bf16 B1 L600
-// 26 -> 24, bf16 B8 L600 167 -> 139. Chunks of 128 or 256 were slower than 512 at B64 and B8.
+// 26 -> 24, bf16 B8 L600 167 -> 139. On the Xeon, chunks of 128 were slower at B64 L300 (783) and
+// of 256 at B1 L600 (28.2), though 256 was faster at B8 L600 (138 against 158).
 constexpr int64_t kChunkTokens = 512;
 
 // What a chunk leaves for the merge, per row: its normalised P.V [D], its score max and exp sum
