@@ -59,3 +59,12 @@ def test_zeros_are_zeros_of_the_shape_and_dtype():
     assert huge_page_zeros((0, 4), torch.float32).shape == (0, 4)
     if THP.exists():
         assert "hg" in vm_flags(z.data_ptr())
+
+
+@pytest.mark.skipif(not THP.exists(), reason="no transparent huge pages in this kernel")
+def test_a_cpu_kv_cache_is_allocated_on_huge_pages():
+    from engine.kv_cache import KVCache, KVCacheSpec
+
+    cache = KVCache(KVCacheSpec(num_layers=2, num_kv_heads=3, head_dim=64, block_size=16,
+                                dtype=torch.bfloat16), num_blocks=8)  # fmt: skip
+    assert "hg" in vm_flags(cache.data.data_ptr()) and not cache.data.any()
