@@ -1,6 +1,7 @@
-"""Build csrc/quant_linear_a8.cpp alone with extra compiler flags (a child process of
-test_quant_linear_a8.py: its ops would clash with the main extension's in one process) and check
-``linear_a8`` against the references on random inputs; prints "ok".
+"""Build csrc/quant_linear_a8.cpp (with quant_isa_check.py's sources for the flags it builds
+too) with extra compiler flags (a child process of test_quant_linear_a8.py: its ops would clash
+with the main extension's in one process) and check ``linear_a8`` against the references on
+random inputs; prints "ok".
 
     python tests/kernels/a8_isa_check.py BUILD_DIR "-mno-avx512f"
 """
@@ -11,12 +12,13 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.cpp_extension import load
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from kernels import cpu_ext, quant_reference  # noqa: E402
+from isa_builds import A8_SOURCES, build  # noqa: E402
+
+from kernels import quant_reference  # noqa: E402
 
 
 def special_rows(k: int, seed: int) -> torch.Tensor:
@@ -34,10 +36,7 @@ def special_rows(k: int, seed: int) -> torch.Tensor:
 
 
 def main(build_dir: str, flags: list[str]) -> None:
-    cpu_ext._put_ninja_on_path()
-    source = ROOT / "kernels" / "csrc" / "quant_linear_a8.cpp"
-    load(name="tandem_a8_isa_check", sources=[str(source)], extra_cflags=[*cpu_ext.CFLAGS, *flags],
-         extra_ldflags=["-fopenmp"], build_directory=build_dir, is_python_module=False)  # fmt: skip
+    build(build_dir, flags, A8_SOURCES)
     ops = torch.ops.tandem_cpu
     g = torch.Generator().manual_seed(0)
     for fmt in ("int4", "int8"):

@@ -12,8 +12,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 if getattr(sys.modules.get("kernels"), "__file__", "") is None:  # a namespace stand-in
     del sys.modules["kernels"]
+
+
+@pytest.fixture(scope="session")
+def isa_build_dirs(tmp_path_factory) -> dict[str, Path]:
+    """One build directory per compiler flag set, shared by the session's ISA build checks
+    (isa_builds.py)."""
+
+    class Dirs(dict):
+        def __missing__(self, flags: str) -> Path:
+            self[flags] = tmp_path_factory.mktemp("isa-build")
+            return self[flags]
+
+    return Dirs()

@@ -1,7 +1,7 @@
 """Build csrc/quant_linear.cpp (with quant_linear_bf16.cpp, which it calls) and dense_linear.cpp
-alone with extra compiler flags (a child process of test_quant_linear.py: its ops would clash with
-the main extension's in one process) and check ``int4_linear`` / ``int8_linear`` against the
-reference on random inputs, float32 and bfloat16, with batch invariance, and ``dense_linear``
+(with quant_linear_a8.cpp for the flags a8_isa_check.py builds too) with extra compiler flags (a
+child process of test_quant_linear.py: its ops would clash with the main extension's in one
+process) and check ``int4_linear`` / ``int8_linear`` against the reference on random inputs, float32 and bfloat16, with batch invariance, and ``dense_linear``
 against oneDNN's own call (bit for bit); prints "ok".
 
     python tests/kernels/quant_isa_check.py BUILD_DIR "-mno-avx512bf16"
@@ -13,21 +13,17 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.cpp_extension import load
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from kernels import cpu_ext, quant_reference  # noqa: E402
+from isa_builds import QUANT_SOURCES, build  # noqa: E402
+
+from kernels import quant_reference  # noqa: E402
 
 
 def main(build_dir: str, flags: list[str]) -> None:
-    cpu_ext._put_ninja_on_path()
-    csrc = ROOT / "kernels" / "csrc"
-    names = ("quant_linear.cpp", "quant_linear_bf16.cpp", "dense_linear.cpp")
-    sources = [str(csrc / name) for name in names]
-    load(name="tandem_quant_isa_check", sources=sources, extra_cflags=[*cpu_ext.CFLAGS, *flags],
-         extra_ldflags=["-fopenmp"], build_directory=build_dir, is_python_module=False)  # fmt: skip
+    build(build_dir, flags, QUANT_SOURCES)
     ops = torch.ops.tandem_cpu
     g = torch.Generator().manual_seed(0)
     for fmt in ("int4", "int8"):

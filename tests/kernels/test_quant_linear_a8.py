@@ -185,9 +185,10 @@ def test_shapes_the_kernel_does_not_take():
     ["-mno-amx-tile -mno-amx-int8", "-mno-avx512f", "-mno-avx2 -mno-fma -mno-avx512f"],
     ids=["vnni", "avx2", "plain"],
 )
-def test_the_paths_of_other_cpus_match_reference(flags, tmp_path):
+def test_the_paths_of_other_cpus_match_reference(flags, isa_build_dirs):
     """The extension is built for the CPU it runs on (-march=native), so the paths for CPUs
     without AMX (VNNI at every row count), without AVX512-VNNI (AVX2) or neither are built here
-    with those features switched off, in a child process, and checked the same way (~15 s to
-    compile each; where the CPU lacks the feature anyway, that build is the native one)."""
-    check_build("a8_isa_check.py", flags, tmp_path)
+    with those features switched off, in a child process, and checked the same way (one build per
+    flag set, shared with test_quant_linear.py's; skipped where the CPU lacks the feature anyway:
+    the native build is that path)."""
+    check_build("a8_isa_check.py", flags, isa_build_dirs)
