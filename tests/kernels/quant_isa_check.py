@@ -1,8 +1,9 @@
 """Build csrc/quant_linear.cpp (with quant_linear_bf16.cpp, which it calls) and dense_linear.cpp
 (with quant_linear_a8.cpp for the flags a8_isa_check.py builds too) with extra compiler flags (a
 child process of test_quant_linear.py: its ops would clash with the main extension's in one
-process) and check ``int4_linear`` / ``int8_linear`` against the reference on random inputs, float32 and bfloat16, with batch invariance, and ``dense_linear``
-against oneDNN's own call (bit for bit); prints "ok".
+process) and check ``int4_linear`` / ``int8_linear`` against the reference on random inputs,
+float32 and bfloat16, with batch invariance, and ``dense_linear`` against oneDNN's own call (bit
+for bit); prints "ok".
 
     python tests/kernels/quant_isa_check.py BUILD_DIR "-mno-avx512bf16"
 """
