@@ -25,7 +25,14 @@ from the kernels of small steps (the quantized ones, with int8 activations for `
 decoded tokens' do; by default one prefill, which takes the dense path above 8 rows.
 
 ``--llama-url``: the same prompts through a llama.cpp server's ``/completion`` (token-id prompts,
-greedy, ``n_probs`` for the chosen tokens' logprobs; its perplexity is not measured here).
+greedy, ``n_probs`` for the chosen tokens' logprobs), and its ``/tokenize`` of the held-out text
+checked against ours.
+
+``ppl@N`` (``--ppl-ctx N``, 256): perplexity as llama.cpp's ``llama-perplexity -c N`` computes it,
+so that its figure for the same GGUF sits in the same column: the text cut into len // N chunks of
+N tokens, each evaluated alone, and only the predictions of tokens N/2 + 1 .. N - 1 of each chunk
+scored (every token then has at least N/2 of context; no BOS here: the GGUF says add_bos_token
+false). ``--llama-perplexity BIN`` runs that tool on the builtin GGUF for the llama.cpp row.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
+import subprocess
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -46,6 +56,7 @@ from core.sampling_params import SamplingParams
 from core.tokenizer import Tokenizer
 from engine.engine_config import EngineConfig
 from engine.engine_core import EngineCore
+from engine.loader.builtin import builtin_gguf_path, builtin_name
 from engine.tokenizer_files import load_tokenizer_files
 
 HELDOUT = Path(__file__).resolve().parents[1] / "tests" / "model" / "data" / "heldout.txt"
@@ -123,6 +134,37 @@ def perplexity(runner: Runner, token_ids: list[int]) -> float:
     return math.exp(-sum(plps) / len(plps))
 
 
+def chunked_perplexity(runner: Runner, token_ids: list[int], ctx: int) -> float:
+    """llama-perplexity's protocol (module docstring, ``ppl@N``): exp of the mean -logprob of
+    tokens ctx/2 + 1 .. ctx - 1 of each whole chunk of ctx tokens, chunks evaluated apart."""
+    chunks = [token_ids[i : i + ctx] for i in range(0, len(token_ids) - ctx + 1, ctx)]
+    assert chunks, f"the text has fewer than {ctx} tokens"
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    first = ctx // 2
+    scored = [lp for _, _, plps in runner.generate(chunks, params) for lp in plps[first:]]
+    # plps[j]: token j + 1 given tokens 0..j; llama.cpp scores j = first .. ctx - 2
+    assert len(scored) == len(chunks) * (ctx - 1 - first)
+    return math.exp(-sum(scored) / len(scored))
+
+
+def llama_perplexity(binary: str, ctx: int, threads: int | None) -> float:
+    """llama.cpp's own ``llama-perplexity -c ctx`` on the builtin GGUF and the held-out text."""
+    gguf = builtin_gguf_path(builtin_name(MODEL))
+    cmd = [binary, "-m", str(gguf), "-f", str(HELDOUT), "-c", str(ctx), "-b", str(ctx),
+           "-t", str(threads or os.cpu_count())]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
+    assert found, out.stdout[-2000:] + out.stderr[-2000:]
+    return float(found.group(1))
+
+
+def llama_tokens(url: str, text: str) -> list[int]:
+    req = urllib.request.Request(f"{url}/tokenize", json.dumps({"content": text}).encode(),
+                                 {"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())["tokens"]
+
+
 def make_runner(spec: str, tokenizer: Tokenizer, threads: int | None, batch: int,
                 hf_dir: Path | None = None, chunk: int = 512) -> Runner:  # fmt: skip
     """``dtype:quantization[+a8][@hf]``, e.g. ``float32:none``, ``auto:int4+a8`` or
@@ -164,6 +206,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--llama-url", default=None)
     ap.add_argument("--ppl-chunk", type=int, default=512, help="prefill chunk for perplexity")
+    ap.add_argument("--ppl-ctx", type=int, default=256, help="llama-perplexity's -c (ppl@N)")
+    ap.add_argument("--llama-perplexity", default=None, help="llama.cpp's llama-perplexity binary")
     args = ap.parse_args()
     tokenizer = Tokenizer(load_tokenizer_files(MODEL))
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}])
@@ -177,23 +221,35 @@ def main() -> None:
         ref = greedy(runner, prompts, args.new_tokens)
         ppl_runner = make_runner("float32:none", tokenizer, args.threads, args.batch,
                                  chunk=args.ppl_chunk)  # fmt: skip
-        rows = [("float32:none", None, perplexity(ppl_runner, text_ids))]
+        ctx = args.ppl_ctx
+        rows = [("float32:none", None, perplexity(ppl_runner, text_ids),
+                 chunked_perplexity(ppl_runner, text_ids, ctx))]  # fmt: skip
         for spec in args.configs.split(","):
             runner = make_runner(spec, tokenizer, args.threads, args.batch, hf_dir)
             ppl_runner = make_runner(spec, tokenizer, args.threads, args.batch, hf_dir,
                                      chunk=args.ppl_chunk)  # fmt: skip
             rows.append((spec, compare(*ref, *greedy(runner, prompts, args.new_tokens)),
-                         perplexity(ppl_runner, text_ids)))  # fmt: skip
+                         perplexity(ppl_runner, text_ids),
+                         chunked_perplexity(ppl_runner, text_ids, ctx)))  # fmt: skip
             print(f"  {spec} done", flush=True)
-    if args.llama_url:
-        rows.append(("llama.cpp", compare(*ref, *llama_greedy(args.llama_url, prompts,
-                                                              args.new_tokens)), None))  # fmt: skip
+    same_tokens = "not checked (no --llama-url)"
+    if args.llama_url or args.llama_perplexity:
+        a = None
+        if args.llama_url:
+            a = compare(*ref, *llama_greedy(args.llama_url, prompts, args.new_tokens))
+            same = llama_tokens(args.llama_url, HELDOUT.read_text()) == text_ids
+            same_tokens = "the same" if same else "DIFFERENT"
+        lppl = None
+        if args.llama_perplexity:
+            lppl = llama_perplexity(args.llama_perplexity, args.ppl_ctx, args.threads)
+        rows.append(("llama.cpp", a, None, lppl))
     print(f"{len(prompts)} chat prompts x {args.new_tokens} greedy tokens vs float32, batches of "
-          f"{args.batch}; held-out text {len(text_ids)} tokens")  # fmt: skip
+          f"{args.batch}; held-out text {len(text_ids)} tokens (llama.cpp's: {same_tokens})")
     print(f"{'config':>16} {'identical':>9} {'prefix':>7} {'compared':>8} {'mean|dlp|':>9} "
-          f"{'max|dlp|':>8} {'ppl':>7}")  # fmt: skip
-    for spec, a, ppl in rows:
+          f"{'max|dlp|':>8} {'ppl':>7} {'ppl@' + str(args.ppl_ctx):>8}")  # fmt: skip
+    for spec, a, ppl, cppl in rows:
         p = f"{ppl:7.3f}" if ppl is not None else f"{'-':>7}"
+        p += f" {cppl:8.3f}" if cppl is not None else f" {'-':>8}"
         if a is None:
             print(f"{spec:>16} {'-':>9} {'-':>7} {'-':>8} {'-':>9} {'-':>8} {p}")
             continue
