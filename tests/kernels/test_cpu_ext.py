@@ -308,24 +308,26 @@ def test_fused_elementwise_bfloat16_round_where_the_references_round(rows):
         off = (a.float() - b.float()).abs()
         return bool((off <= ulp).all()) and float((off > 0).float().mean()) < 0.01
 
-    x = (3 * torch.randn(rows, 576, generator=gen)).bfloat16()
-    residual = torch.randn(rows, 576, generator=gen).bfloat16()
-    w = (torch.rand(576, generator=gen) + 0.5).bfloat16()
-    got = ops.rms_norm(x, w, 1e-5)
-    assert got.dtype == torch.bfloat16 and close(got, ref.rms_norm(x, w, 1e-5))
-    out, h = ops.add_rms_norm(x, residual, w, 1e-5)
-    ref_out, ref_h = ref.add_rms_norm(x, residual, w, 1e-5)
-    assert torch.equal(h, ref_h) and close(out, ref_out)
+    for width in (576, 579):  # 8 lanes at a time; a tail of 3 in the scalar loop
+        x = (3 * torch.randn(rows, width, generator=gen)).bfloat16()
+        residual = torch.randn(rows, width, generator=gen).bfloat16()
+        w = (torch.rand(width, generator=gen) + 0.5).bfloat16()
+        got = ops.rms_norm(x, w, 1e-5)
+        assert got.dtype == torch.bfloat16 and close(got, ref.rms_norm(x, w, 1e-5))
+        out, h = ops.add_rms_norm(x, residual, w, 1e-5)
+        ref_out, ref_h = ref.add_rms_norm(x, residual, w, 1e-5)
+        assert torch.equal(h, ref_h) and close(out, ref_out)
     for width in (1536, 1539):  # 8 lanes at a time; a tail of 3 in the scalar loop
         gate_up = (4 * torch.randn(rows, 2 * width, generator=gen)).bfloat16()
         gate_up[0, :4] = torch.tensor([-200.0, -88.0, 0.0, 90.0])  # exp underflow / zero / large
         assert close(ops.silu_mul(gate_up), ref.silu_mul(gate_up))
-    qkv = torch.randn(rows, 15 * 64, generator=gen).bfloat16()
-    q, k = qkv[:, : 9 * 64].view(rows, 9, 64), qkv[:, 9 * 64 : 12 * 64].view(rows, 3, 64)
-    positions = torch.randint(0, 4096, (rows,), generator=gen)
-    cos, sin = torch.rand(4096, 64, generator=gen), torch.rand(4096, 64, generator=gen)
-    got, want = ops.rotary(q, k, positions, cos, sin), ref.rotary(q, k, positions, cos, sin)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for d in (64, 40):  # halves of 32: 8 lanes at a time; of 20: a tail of 4 per half
+        qkv = torch.randn(rows, 15 * d, generator=gen).bfloat16()
+        q, k = qkv[:, : 9 * d].view(rows, 9, d), qkv[:, 9 * d : 12 * d].view(rows, 3, d)
+        positions = torch.randint(0, 4096, (rows,), generator=gen)
+        cos, sin = torch.rand(4096, d, generator=gen), torch.rand(4096, d, generator=gen)
+        got, want = ops.rotary(q, k, positions, cos, sin), ref.rotary(q, k, positions, cos, sin)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_fused_elementwise_fall_back_for_mixed_dtypes_and_float16():
