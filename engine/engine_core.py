@@ -52,7 +52,7 @@ def build_model(
     with torch.device("meta"):
         model = LlamaForCausalLM(model_config, max_positions=config.max_model_len)
     model = model.to_empty(device=device).to(config.torch_dtype)
-    model.rope.__init__(model_config, config.max_model_len)  # buffers were left on meta
+    model.rope.__init__(model_config, config.max_model_len)  # to_empty left its tables unset
     model.rope.to(device)
     model.load_weights(
         weights, config.quantization, config.keep_dense_weights, config.quantize_activations

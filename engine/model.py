@@ -57,7 +57,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    # on the CPU whatever the default device: under build_model's meta device the pow below
+    # would run as a meta op, whose lazy imports cost ~1.5 s once per process
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (theta**exponent)
     if scaling is None:
         return inv_freq
     # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
@@ -79,7 +82,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int):
         super().__init__()
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None]
+        positions = torch.arange(max_positions, dtype=torch.float32, device="cpu")
+        freqs = positions[:, None] * inv_freq[None]  # [P, D/2], on the CPU (rope_inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)

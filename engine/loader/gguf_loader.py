@@ -20,6 +20,7 @@ import gguf
 import numpy as np
 import torch
 
+from engine.loader.gguf_file import GGUFFile, read_gguf
 from engine.loader.weight_names import check_weights
 from engine.model_config import SUPPORTED_ARCHITECTURES, ModelConfig
 from engine.quantized_weight import QuantizedWeight
@@ -76,12 +77,11 @@ def unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return w.swapaxes(2, 1).reshape(weight.shape)  # [H * D, hidden]
 
 
-def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    return reader.fields.get(key, default)
 
 
-def _rope_scaling(reader: gguf.GGUFReader, arch: str, has_rope_freqs: bool) -> None:
+def _rope_scaling(reader: GGUFFile, arch: str, has_rope_freqs: bool) -> None:
     """ModelConfig can express Llama-3 scaling only; GGUF stores it as a precomputed
     ``rope_freqs`` tensor without the parameters, so any scaling here is refused loudly rather
     than served with the wrong positions."""
@@ -98,7 +98,7 @@ def _rope_scaling(reader: gguf.GGUFReader, arch: str, has_rope_freqs: bool) -> N
         )
 
 
-def read_config(reader: gguf.GGUFReader, name: str) -> ModelConfig:
+def read_config(reader: GGUFFile, name: str) -> ModelConfig:
     """Hyper-parameters from the GGUF metadata (keys prefixed with the architecture name)."""
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -116,7 +116,7 @@ def read_config(reader: gguf.GGUFReader, name: str) -> ModelConfig:
         raise ValueError(f"partial rotary ({rotary_dim} of {head_dim} dims) is not supported")
     vocab_size = _field(reader, f"{arch}.vocab_size")
     if vocab_size is None:
-        vocab_size = len(reader.fields["tokenizer.ggml.tokens"].data)
+        vocab_size = len(reader.fields["tokenizer.ggml.tokens"])
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
     return ModelConfig(
@@ -163,7 +163,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype, name: str | None = None,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    reader = gguf.GGUFReader(str(path))
+    reader = read_gguf(path)
     config = read_config(reader, name or path.stem)
     keep = KEPT_BLOCKS[quantization]
     weights: dict[str, torch.Tensor | QuantizedWeight] = {}
