@@ -21,8 +21,9 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -46,6 +47,7 @@ from core.config import ConfigError, TandemConfig, load_config  # noqa: E402
 from core.tokenizer import Tokenizer, TokenizerFiles  # noqa: E402
 
 log = logging.getLogger("tandem.launch")
+T = TypeVar("T")
 
 READY_TIMEOUT_S = 900.0  # first start on a cluster may download nothing but still load weights
 SHUTDOWN_TIMEOUT_S = 15.0
@@ -127,12 +129,14 @@ async def deploy(config: TandemConfig, stream_host: str) -> Deployment:
     events = KVEventStream(PrefixIndex(), stream_host)
     tokenizer_files = collect_tokenizer_files.remote(config.model.source)
     pool = WorkerPool()
+    plans = worker_plans(config, stream.address, events.address)
+    log.info("starting %d workers: %s", len(plans), ", ".join(p.name for p in plans))
 
     def make_plan(role: str, index: int) -> WorkerPlan:
         return worker_plan(config, role, index, stream.address, events.address)
 
     supervisor = Supervisor(
-        worker_plans(config, stream.address, events.address),
+        plans,
         pool,
         actor_spawner(config),
         kill_actor,
@@ -162,8 +166,12 @@ async def serve_topology(
     stop: asyncio.Event,
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Deploy, serve until ``stop`` is set, then tear down (Ray itself is the caller's)."""
-    deployment = await deploy(config, stream_host)
+    """Deploy, serve until ``stop`` is set, then tear down (Ray itself is the caller's). A stop
+    while the workers start ends the start (deploy cleans up what it made) and serves nothing."""
+    deployment = await unless_stopped(deploy(config, stream_host), stop)
+    if deployment is None:
+        log.info("stopped while starting")
+        return
     try:
         app = build_app(config, deployment.client, deployment.tokenizer,
                         recent_traces=deployment.client.recent_traces)  # fmt: skip
@@ -182,6 +190,27 @@ async def serve_topology(
             await runner.cleanup()
     finally:
         await deployment.shutdown()
+
+
+async def unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
+    """``work``'s result, or None if ``stop`` is set first: then ``work`` is cancelled, and this
+    returns once it has unwound. (Workers can take minutes to start, or never: Ctrl-C must not
+    wait for them.)"""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        waiter.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -209,7 +238,21 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, OSError) as exc:
         print(f"tandem: {exc}", file=sys.stderr)
         return 2
-    started_ray = init_ray(config, args.address, args.num_cpus)
+    # Ctrl-C inside ray.init's connect crashed the process (SIGSEGV in Ray's teardown) and could
+    # leave its processes behind: a signal there is held until init returns, then honoured
+    held: list[int] = []
+    previous = {sig: signal.signal(sig, lambda sig, _frame: held.append(sig))
+                for sig in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    try:
+        started_ray = init_ray(config, args.address, args.num_cpus)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        log.info("stopped while starting")
+        if started_ray:
+            ray.shutdown()
+        return 0
     stream_host = args.stream_host or (
         ray.util.get_node_ip_address() if args.address else "127.0.0.1"
     )
