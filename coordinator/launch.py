@@ -239,38 +239,35 @@ def run(args: argparse.Namespace) -> int:
         print(f"tandem: {exc}", file=sys.stderr)
         return 2
     # Ctrl-C inside ray.init's connect crashed the process (SIGSEGV in Ray's teardown) and could
-    # leave its processes behind: a signal there is held until init returns, then honoured
+    # leave its processes behind: from here until the event loop's handlers take over, a signal
+    # is only noted, and the loop then stops at once
     held: list[int] = []
     previous = {sig: signal.signal(sig, lambda sig, _frame: held.append(sig))
                 for sig in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    started_ray = False
     try:
         started_ray = init_ray(config, args.address, args.num_cpus)
+        stream_host = args.stream_host or (
+            ray.util.get_node_ip_address() if args.address else "127.0.0.1"
+        )
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            if held:
+                stop.set()
+
+            def announce(url: str) -> None:
+                print(f"Tandem: serving {config.model.name} at {url}", flush=True)
+
+            await serve_topology(config, stream_host, stop, announce)
+
+        asyncio.run(main())
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if held:
-        log.info("stopped while starting")
-        if started_ray:
-            ray.shutdown()
-        return 0
-    stream_host = args.stream_host or (
-        ray.util.get_node_ip_address() if args.address else "127.0.0.1"
-    )
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-
-        def announce(url: str) -> None:
-            print(f"Tandem: serving {config.model.name} at {url}", flush=True)
-
-        await serve_topology(config, stream_host, stop, announce)
-
-    try:
-        asyncio.run(main())
-    finally:
         if started_ray:
             ray.shutdown()
     return 0
