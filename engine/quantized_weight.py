@@ -64,9 +64,14 @@ class QuantizedWeight:
             if self.fmt == "int4":
                 return cpu_ext.int4_dequantize(self.qweight, self.scales, self.mins, dtype)
             return cpu_ext.int8_dequantize(self.qweight, self.scales, dtype)
+        return self.reference_values().to(dtype)
+
+    def reference_values(self) -> Tensor:
+        """[N, K] float32 by the torch references, on any device and without the C++ extension
+        (which ``dequantize`` loads, and builds if need be, on CPU): the same values."""
         if self.fmt == "int4":
-            return qr.dequantize_int4(self.qweight, self.scales, self.mins).to(dtype)
-        return qr.dequantize_int8(self.qweight, self.scales).to(dtype)
+            return qr.dequantize_int4(self.qweight, self.scales, self.mins)
+        return qr.dequantize_int8(self.qweight, self.scales)
 
     def rows(self, index: Tensor) -> QuantizedWeight:
         """Rows ``index`` (a permutation or selection), still quantized."""

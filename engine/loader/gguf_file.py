@@ -25,7 +25,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 # value type id -> struct format of a scalar (8: string, 9: array)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
             11: "<q", 12: "<d"}  # fmt: skip
-_STRING, _ARRAY = 8, 9
+_BOOL, _STRING, _ARRAY = 7, 8, 9
 # ggml types stored as plain numbers (numpy dtype); the rest are blocks of bytes
 _PLAIN = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
           GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8,
@@ -42,30 +42,29 @@ class GGUFTensor:
 
 @dataclass(frozen=True)
 class GGUFFile:
-    version: int
     fields: dict[str, Any]  # key -> int / float / bool / str, or a list of them (arrays)
     tensors: list[GGUFTensor]
 
 
 class _Cursor:
-    def __init__(self, buf: mmap.mmap | bytes, path: Path):
+    def __init__(self, buf: mmap.mmap, path: Path):
         self.buf, self.pos, self.path = buf, 0, path
 
+    def take(self, n: int) -> int:
+        """Where the next n bytes start; past them afterwards."""
+        start = self.pos
+        if start + n > len(self.buf):
+            raise ValueError(f"{self.path}: truncated GGUF file at byte {start}")
+        self.pos += n
+        return start
+
     def unpack(self, fmt: str) -> Any:
-        try:
-            (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        except struct.error as e:
-            raise ValueError(f"{self.path}: truncated GGUF file at byte {self.pos}") from e
-        self.pos += struct.calcsize(fmt)
-        return value
+        return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt)))[0]
 
     def string(self) -> str:
         n = self.unpack("<Q")
-        if self.pos + n > len(self.buf):
-            raise ValueError(f"{self.path}: truncated GGUF file at byte {self.pos}")
-        raw = bytes(self.buf[self.pos : self.pos + n])
-        self.pos += n
-        return raw.decode("utf-8", errors="replace")
+        start = self.take(n)
+        return bytes(self.buf[start : start + n]).decode("utf-8", errors="replace")
 
     def value(self, kind: int) -> Any:
         if kind in _SCALARS:
@@ -74,14 +73,10 @@ class _Cursor:
             return self.string()
         if kind == _ARRAY:
             item, count = self.unpack("<I"), self.unpack("<Q")
-            if item in _SCALARS and item != 7:  # numbers: one read for the whole array
+            if item in _SCALARS and item != _BOOL:  # numbers: one read for the whole array
                 dtype = np.dtype(_SCALARS[item])
-                end = self.pos + count * dtype.itemsize
-                if end > len(self.buf):
-                    raise ValueError(f"{self.path}: truncated GGUF file at byte {self.pos}")
-                values = np.frombuffer(self.buf, dtype, count, self.pos).tolist()
-                self.pos = end
-                return values
+                start = self.take(count * dtype.itemsize)
+                return np.frombuffer(self.buf, dtype, count, start).tolist()
             return [self.value(item) for _ in range(count)]
         raise ValueError(f"{self.path}: unknown GGUF value type {kind} at byte {self.pos}")
 
@@ -126,4 +121,4 @@ def read_gguf(path: str | Path) -> GGUFFile:
         else:
             array = raw.reshape(*shape[:-1], row)
         tensors.append(GGUFTensor(name, kind, array))
-    return GGUFFile(version, fields, tensors)
+    return GGUFFile(fields, tensors)

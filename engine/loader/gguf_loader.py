@@ -24,7 +24,6 @@ from engine.loader.gguf_file import GGUFFile, read_gguf
 from engine.loader.weight_names import check_weights
 from engine.model_config import SUPPORTED_ARCHITECTURES, ModelConfig
 from engine.quantized_weight import QuantizedWeight
-from kernels import quant_reference
 
 Q = gguf.GGMLQuantizationType
 # quantization -> GGUF block types kept as QuantizedWeight
@@ -158,16 +157,6 @@ def quantized_blocks(data: np.ndarray, kind: gguf.GGMLQuantizationType) -> Quant
     return QuantizedWeight("int8", qs.view(torch.int8).contiguous(), d.contiguous())
 
 
-def dense_values(qw: QuantizedWeight) -> torch.Tensor:
-    """float32 [N, K]: the values ``gguf.quants.dequantize`` gives, bit for bit (the same float32
-    products and sums), as torch ops over the whole tensor: gguf's numpy in 16-row groups took
-    ~1.2 s of SmolLM2's float32 load. (The references, not the C++ kernel: a load on a GPU host
-    must not build the CPU extension.)"""
-    if qw.fmt == "int4":
-        return quant_reference.dequantize_int4(qw.qweight, qw.scales, qw.mins)
-    return quant_reference.dequantize_int8(qw.qweight, qw.scales)
-
-
 def load_gguf(path: str | Path, dtype: torch.dtype, name: str | None = None,
               quantization: str = "none") -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read config and weights from one GGUF file, dequantized to ``dtype`` (except the blocks
@@ -187,8 +176,12 @@ def load_gguf(path: str | Path, dtype: torch.dtype, name: str | None = None,
             if heads is not None:
                 order = unpermute_rows(np.arange(qw.shape[0]), heads)
                 qw = qw.rows(torch.from_numpy(order))
+            # not kept: the values gguf.quants.dequantize gives, bit for bit (the same float32
+            # products and sums), over whole tensors: gguf's numpy in 16-row groups took ~1.2 s
+            # of SmolLM2's float32 load. The references: a load on a GPU host must not build
+            # the CPU extension.
             kept = tensor.tensor_type in keep
-            weights[hf_name(tensor.name)] = qw if kept else dense_values(qw).to(dtype)
+            weights[hf_name(tensor.name)] = qw if kept else qw.reference_values().to(dtype)
             continue
         # numpy shape is the reverse of GGUF's ne[]: [out_features, in_features] like torch
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
