@@ -11,7 +11,7 @@ import re
 
 import jsonschema
 import pytest
-from worker_harness import collect, hand_off, spec, wait_until
+from worker_harness import collect, hand_off, spec, tokens_of, wait_until
 
 from core.outputs import FINISH_REJECTED
 from core.sampling_params import SamplingParams
@@ -21,12 +21,23 @@ from engine.colocated_worker import ColocatedWorker
 from prefill.worker import PrefillWorker
 from tests.model.conftest import save_byte_tokenizer, save_tiny_llama
 
-RECORD = {"type": "object", "required": ["ok", "n"], "additionalProperties": False,
-          "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99}}}
+RECORD = {
+    "type": "object",
+    "required": ["ok", "n"],
+    "additionalProperties": False,
+    "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99}},
+}
 REGEX = r"[a-c]{2,5}x"
 CHOICES = ["alpha", "beta", "gamma"]
-PROMPTS = [list(s.encode()) for s in ('{"ok": false, "n": 7} {"ok": false, "n":', "abcx abcx ab",
-                                      "beta gamma alp", "the quick brown fox jumps")]
+PROMPTS = [
+    list(s.encode())
+    for s in (
+        '{"ok": false, "n": 7} {"ok": false, "n":',
+        "abcx abcx ab",
+        "beta gamma alp",
+        "the quick brown fox jumps",
+    )
+]
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4}
 
 
@@ -37,21 +48,23 @@ def model(tmp_path_factory) -> str:
 
 
 def requests() -> list[tuple[str, list[int], SamplingParams]]:
-    specs = [StructuredOutput.json_schema(RECORD), StructuredOutput("regex", REGEX),
-             StructuredOutput.choice(CHOICES), StructuredOutput.choice(CHOICES)]
+    specs = [
+        StructuredOutput.json_schema(RECORD),
+        StructuredOutput("regex", REGEX),
+        StructuredOutput.choice(CHOICES),
+        StructuredOutput.choice(CHOICES),
+    ]
     out = []
     for i, (prompt, s) in enumerate(zip(PROMPTS, specs, strict=True)):
         out.append((f"g{i}", prompt, SamplingParams(max_tokens=24, temperature=0, structured=s)))
-        out.append((f"s{i}", prompt, SamplingParams(max_tokens=24, temperature=1.0, seed=i,
-                                                    structured=s)))
+        out.append(
+            (f"s{i}", prompt, SamplingParams(max_tokens=24, temperature=1.0, seed=i, structured=s))
+        )
     # max_tokens 1: ends on the prefill worker, which sampled it under the grammar
-    out.append(("first", PROMPTS[3], SamplingParams(max_tokens=1, temperature=0,
-                                                    structured=specs[2])))
+    out.append(
+        ("first", PROMPTS[3], SamplingParams(max_tokens=1, temperature=0, structured=specs[2]))
+    )
     return out  # fmt: skip
-
-
-def tokens(got: dict, rid: str) -> list[int]:
-    return [t for d in got[rid] for t in d.token_ids]
 
 
 def test_disaggregated_structured_equals_colocated_with_speculation_off_and_on(model, sink):
@@ -66,10 +79,10 @@ def test_disaggregated_structured_equals_colocated_with_speculation_off_and_on(m
         colo.shutdown()
     for rid, *_ in reqs:
         if rid == "first":
-            assert bytes(tokens(ref, rid)) in {c[:1].encode() for c in CHOICES}
+            assert bytes(tokens_of(ref[rid])) in {c[:1].encode() for c in CHOICES}
             continue
-        text = bytes(tokens(ref, rid)[:-1]).decode()
-        assert ref[rid][-1].finish_reason == "stop" and tokens(ref, rid)[-1] == 2  # EOS
+        text = bytes(tokens_of(ref[rid])[:-1]).decode()
+        assert ref[rid][-1].finish_reason == "stop" and tokens_of(ref[rid])[-1] == 2  # EOS
         kind = int(rid[1])
         if kind == 0:
             jsonschema.validate(json.loads(text), RECORD)
@@ -86,7 +99,7 @@ def test_disaggregated_structured_equals_colocated_with_speculation_off_and_on(m
                 hand_off(decode, prefill, rid, prompt, params.to_dict())
             got = collect(pull, {rid for rid, *_ in reqs})
             for rid, *_ in reqs:  # greedy and seeded alike (n-gram verification keeps the draws)
-                assert tokens(got, rid) == tokens(ref, rid), (decode_spec, rid)
+                assert tokens_of(got[rid]) == tokens_of(ref[rid]), (decode_spec, rid)
             (first,) = got["first"]
             assert first.finish_reason == "length"
             decode.release(["first"])  # token 1 ended it on prefill (the coordinator's job)

@@ -36,7 +36,7 @@ def test_resumed_requests_continue_as_undisturbed_ones(colocated, pair, sink):
         decode.add_request("local", PROMPT, params.to_dict(), head)  # recompute on decode
         res = hand_off(decode, prefill, "remote", PROMPT, params.to_dict(), head)
         assert len(res["block_ids"]) == -(-(len(PROMPT) + CUT) // 4)
-        got = collect(pull, {"colo", "local", "remote"})
+        got = collect(pull, {"colo", "local", "remote"}, first=CUT)
         for rid in ("colo", "local", "remote"):
             assert tokens_of(got[rid]) == ref[CUT:], (rid, params.temperature)
             first = got[rid][0]

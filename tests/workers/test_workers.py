@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from worker_harness import BLOCK, collect, hand_off, spec, wait_until
+from worker_harness import BLOCK, collect, hand_off, spec, tokens_of, wait_until
 
 from core.sampling_params import SamplingParams
 from decode.worker import DecodeWorker
@@ -26,7 +26,7 @@ def run_colocated(model: str, out: str, pull, params: SamplingParams) -> list[li
         assert worker.stats()["kv_blocks_used"] == 0
     finally:
         worker.shutdown()
-    return [[t for d in got[f"c{i}"] for t in d.token_ids] for i in range(len(PROMPTS))]
+    return [tokens_of(got[f"c{i}"]) for i in range(len(PROMPTS))]
 
 
 @pytest.mark.parametrize("backend", ["nixl", "tcp"])
@@ -47,8 +47,8 @@ def test_disaggregated_equals_colocated(tiny_model, sink, backend):
         ids = {f"{t}{i}" for t in "gs" for i in range(len(PROMPTS))}
         got = collect(pull, ids)
         for i in range(len(PROMPTS)):
-            assert [t for d in got[f"g{i}"] for t in d.token_ids] == ref[i]
-            assert [t for d in got[f"s{i}"] for t in d.token_ids] == ref_sampled[i]
+            assert tokens_of(got[f"g{i}"]) == ref[i]
+            assert tokens_of(got[f"s{i}"]) == ref_sampled[i]
             assert got[f"g{i}"][-1].num_output_tokens == 10
         wait_until(lambda: prefill.stats()["kv_blocks_used"] == 0)
         assert decode.stats()["kv_blocks_used"] == 0
@@ -128,9 +128,7 @@ def test_fp8_decode_pool_gets_fp8_on_the_wire_and_matches_colocated_fp8(tiny_mod
             hand_off(decode, prefill, f"r{i}", prompt, params.to_dict())
         got = collect(pull, {f"r{i}" for i in range(len(PROMPTS))})
         for i in range(len(PROMPTS)):
-            assert [t for d in got[f"r{i}"] for t in d.token_ids] == [
-                t for d in ref[f"c{i}"] for t in d.token_ids
-            ]
+            assert tokens_of(got[f"r{i}"]) == tokens_of(ref[f"c{i}"])
         wait_until(lambda: prefill.stats()["kv_blocks_used"] == 0)
         # FP8 data + float32 scales per token and head: well under half of the fp32 bytes
         fp32_bytes = (

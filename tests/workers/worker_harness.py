@@ -3,6 +3,7 @@ collecting what they stream."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 import time
 
@@ -37,18 +38,37 @@ def tokens_of(deltas: list) -> list[int]:
     return [t for d in deltas for t in d.token_ids]
 
 
-def collect(pull, ids: set[str], timeout: float = 60.0) -> dict[str, list]:
+def _start(d) -> int:
+    """Where ``d``'s first token sits in the output (the coordinator places deltas the same way)."""
+    return d.num_output_tokens - len(d.token_ids)
+
+
+def _complete(deltas: list, first: int) -> bool:
+    """A finished delta came and every token from output position ``first`` up to it did too.
+    A hand-off's first token comes from the prefill worker and the rest from the decode worker,
+    over two sockets, so they may arrive in either order."""
+    end = next((d for d in deltas if d.finished), None)
+    if end is None:
+        return False
+    if end.error:  # a failure ends the request whatever is still in flight
+        return True
+    placed = sorted(deltas, key=_start)
+    return _start(placed[0]) == first and all(
+        _start(b) == a.num_output_tokens for a, b in itertools.pairwise(placed)
+    )
+
+
+def collect(pull, ids: set[str], timeout: float = 60.0, first: int = 0) -> dict[str, list]:
+    """Each request's deltas in output order, once each has finished. ``first``: the output
+    position of their first new token (how many outputs a resumed request came with)."""
     out: dict[str, list] = {rid: [] for rid in ids}
-    done: set[str] = set()
     deadline = time.monotonic() + timeout
-    while done != ids:
-        assert time.monotonic() < deadline, f"unfinished: {ids - done}"
+    while left := [rid for rid in ids if not _complete(out[rid], first)]:
+        assert time.monotonic() < deadline, f"unfinished: {left}"
         if pull.poll(200):
             for d in decode_deltas(pull.recv()):
                 out[d.request_id].append(d)
-                if d.finished:
-                    done.add(d.request_id)
-    return out
+    return {rid: sorted(deltas, key=_start) for rid, deltas in out.items()}
 
 
 def wait_until(cond, timeout: float = 10.0) -> None:
@@ -56,8 +76,6 @@ def wait_until(cond, timeout: float = 10.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
-
-
 
 
 def free_port() -> int:
