@@ -5,7 +5,9 @@
 is what ``tandem serve`` runs and what ``ray job submit -- python -m coordinator.launch ...``
 runs on a cluster. Without ``--address`` it starts a private local Ray (no dashboard, usage stats
 off) and shuts it down on exit; with one it joins that cluster and leaves it running. SIGINT and
-SIGTERM (``ray job stop`` sends SIGTERM) stop the server, shut the workers down and kill them.
+SIGTERM (``ray job stop`` sends SIGTERM) stop the server, shut the workers down and kill them;
+each step of that has a time limit (``coordinator.bounded_stop``), and a stop still going after
+STOP_WATCHDOG_S prints every thread's stack.
 
 This process hosts the coordinator and never imports torch: the tokenizer files are collected
 by a Ray task, and the actors are ``WorkerHost``s that import their worker class themselves.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import math
 import os
@@ -30,6 +33,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # noqa: E402  (after the environment it reads at import)
 
+from coordinator.bounded_stop import step  # noqa: E402
 from coordinator.kv_index import KVEventStream, PrefixIndex  # noqa: E402
 from coordinator.ray_client import RayEngineClient  # noqa: E402
 from coordinator.server import bound_port, build_app, start_server  # noqa: E402
@@ -51,6 +55,9 @@ T = TypeVar("T")
 
 READY_TIMEOUT_S = 900.0  # first start on a cluster may download nothing but still load weights
 SHUTDOWN_TIMEOUT_S = 15.0
+STEP_TIMEOUT_S = 5.0  # a teardown step that should take milliseconds (bounded_stop.step)
+# a stop still going after this long prints every thread's stack to stderr (faulthandler)
+STOP_WATCHDOG_S = 45.0
 MAX_WORKER_THREADS = 32  # concurrent actor calls per worker (stats, reserve, abort ...)
 
 
@@ -73,8 +80,9 @@ class Deployment:
     events: KVEventStream
 
     async def shutdown(self) -> None:
-        await self.client.aclose()
-        await self.supervisor.aclose()  # no more replacements from here on
+        await step("closing the client", self.client.aclose(), STEP_TIMEOUT_S)
+        # no more replacements from here on
+        await step("stopping the supervisor", self.supervisor.aclose(), STEP_TIMEOUT_S)
         live = [w.actor for w in self.supervisor.pool.workers.values() if w.alive]
         calls = [actor.call.remote("shutdown") for actor in live]
         with contextlib.suppress(Exception):
@@ -83,8 +91,8 @@ class Deployment:
             )
         for actor in self.supervisor.every_actor():
             kill_actor(actor)
-        await self.stream.aclose()
-        await self.events.aclose()
+        await step("closing the token stream", self.stream.aclose(), STEP_TIMEOUT_S)
+        await step("closing the KV event stream", self.events.aclose(), STEP_TIMEOUT_S)
 
 
 def init_ray(config: TandemConfig, address: str | None, num_cpus: int | None) -> bool:
@@ -182,12 +190,13 @@ async def serve_topology(
             if on_ready is not None:
                 on_ready(url)
             await stop.wait()
+            faulthandler.dump_traceback_later(STOP_WATCHDOG_S)  # cancelled by run()
             log.info("stopping: ending %d in-flight requests", len(deployment.client.records))
         finally:
             # In-flight streams end first (with an error event), so the HTTP server's graceful
-            # shutdown does not wait on them.
-            await deployment.client.aclose()
-            await runner.cleanup()
+            # shutdown (server.SHUTDOWN_GRACE_S) does not wait on them.
+            await step("closing the client", deployment.client.aclose(), STEP_TIMEOUT_S)
+            await step("stopping the HTTP server", runner.cleanup(), 2 * STEP_TIMEOUT_S)
     finally:
         await deployment.shutdown()
 
@@ -270,6 +279,7 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         if started_ray:
             ray.shutdown()
+        faulthandler.cancel_dump_traceback_later()
     return 0
 
 
