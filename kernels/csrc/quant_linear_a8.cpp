@@ -57,6 +57,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "work_ranges.h"
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define TANDEM_VNNI 1
@@ -521,10 +522,13 @@ at::Tensor linear_a8(const at::Tensor& x, const at::Tensor& packed, const at::Te
   at::Tensor y = at::empty({x.size(0), N}, x.options());
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const c10::Half* dp = dm.data_ptr<c10::Half>();
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t grain = std::max<int64_t>(1, (groups + threads - 1) / threads);  // one range per thread
+  c10::BFloat16* yb = bf ? y.data_ptr<c10::BFloat16>() : nullptr;
+  float* yf = bf ? nullptr : y.data_ptr<float>();
   const bool amx = use_amx(xr.M);
-  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+  // one range of row groups per thread, claimed ~16 KB of weights at a time (work_ranges.h)
+  const int64_t group_bytes = xr.units * ((int4 ? 256 : 512) + 2 * kRows * 2);
+  tandem::WorkRanges work(groups, at::get_num_threads(), 16384 / group_bytes);
+  at::parallel_for(0, work.parts(), 1, [&](int64_t begin, int64_t end) {
     const uint8_t* tiles = nullptr;
 #if TANDEM_AMX
     std::vector<uint8_t> unpacked(amx && int4 ? xr.units * 512 : 0);
@@ -533,15 +537,18 @@ at::Tensor linear_a8(const at::Tensor& x, const at::Tensor& packed, const at::Te
       _tile_loadconfig(&cfg);  // per thread: the pool's threads each run a range
     }
 #endif
-    for (int64_t g = begin; g < end; ++g) {
+    for (int64_t part = begin; part < end; ++part)
+      work.run(part, [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; ++g) {
 #if TANDEM_AMX
-      if (amx) tiles = int4 ? b_tiles<256>(pp, g, xr.units, unpacked.data()) : b_tiles<512>(pp, g, xr.units, nullptr);
+          if (amx) tiles = int4 ? b_tiles<256>(pp, g, xr.units, unpacked.data()) : b_tiles<512>(pp, g, xr.units, nullptr);
 #endif
-      if (int4 && bf) group_all_m<256>(pp, dp, g, xr, y.data_ptr<c10::BFloat16>(), N, tiles);
-      else if (int4) group_all_m<256>(pp, dp, g, xr, y.data_ptr<float>(), N, tiles);
-      else if (bf) group_all_m<512>(pp, dp, g, xr, y.data_ptr<c10::BFloat16>(), N, tiles);
-      else group_all_m<512>(pp, dp, g, xr, y.data_ptr<float>(), N, tiles);
-    }
+          if (int4 && bf) group_all_m<256>(pp, dp, g, xr, yb, N, tiles);
+          else if (int4) group_all_m<256>(pp, dp, g, xr, yf, N, tiles);
+          else if (bf) group_all_m<512>(pp, dp, g, xr, yb, N, tiles);
+          else group_all_m<512>(pp, dp, g, xr, yf, N, tiles);
+        }
+      });
 #if TANDEM_AMX
     if (amx) _tile_release();  // this thread's tile state back to init: cheaper context switches
 #endif

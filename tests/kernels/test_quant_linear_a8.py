@@ -123,6 +123,26 @@ def test_cpu_kernel_is_batch_invariant(fmt):
     assert torch.equal(ops.linear_a8(x[13:14].contiguous(), *w), full[13:14])
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int8-g32"])
+def test_every_row_group_is_computed_once_whichever_thread_takes_it(fmt):
+    """Two threads split the row groups, and one done early takes chunks from the back of the
+    other's range (csrc/work_ranges.h): over many calls of two alternating inputs every output
+    equals the one-thread result bit for bit (a group skipped would keep the other input's
+    values, or garbage)."""
+    ops = cpu_ext.load_ops()
+    w = cpu_ext.pack_a8(fmt[:4], _w(fmt, 16 * 37, 576, seed=8))
+    xs = [_x(m, 576, torch.bfloat16, seed=9 + m) for m in (1, 3)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = [ops.linear_a8(x, *w) for x in xs]
+        torch.set_num_threads(2)
+        for i in range(300):
+            assert torch.equal(ops.linear_a8(xs[i % 2], *w), want[i % 2]), i
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _cpu_has_amx_int8() -> bool:
     with open("/proc/cpuinfo") as f:
         return "amx_int8" in f.read()
