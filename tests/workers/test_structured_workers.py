@@ -21,23 +21,12 @@ from engine.colocated_worker import ColocatedWorker
 from prefill.worker import PrefillWorker
 from tests.model.conftest import save_byte_tokenizer, save_tiny_llama
 
-RECORD = {
-    "type": "object",
-    "required": ["ok", "n"],
-    "additionalProperties": False,
-    "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99}},
-}
+RECORD = {"type": "object", "required": ["ok", "n"], "additionalProperties": False,
+          "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99}}}
 REGEX = r"[a-c]{2,5}x"
 CHOICES = ["alpha", "beta", "gamma"]
-PROMPTS = [
-    list(s.encode())
-    for s in (
-        '{"ok": false, "n": 7} {"ok": false, "n":',
-        "abcx abcx ab",
-        "beta gamma alp",
-        "the quick brown fox jumps",
-    )
-]
+PROMPTS = [list(s.encode()) for s in ('{"ok": false, "n": 7} {"ok": false, "n":', "abcx abcx ab",
+                                      "beta gamma alp", "the quick brown fox jumps")]
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4}
 
 
@@ -48,22 +37,16 @@ def model(tmp_path_factory) -> str:
 
 
 def requests() -> list[tuple[str, list[int], SamplingParams]]:
-    specs = [
-        StructuredOutput.json_schema(RECORD),
-        StructuredOutput("regex", REGEX),
-        StructuredOutput.choice(CHOICES),
-        StructuredOutput.choice(CHOICES),
-    ]
+    specs = [StructuredOutput.json_schema(RECORD), StructuredOutput("regex", REGEX),
+             StructuredOutput.choice(CHOICES), StructuredOutput.choice(CHOICES)]
     out = []
     for i, (prompt, s) in enumerate(zip(PROMPTS, specs, strict=True)):
         out.append((f"g{i}", prompt, SamplingParams(max_tokens=24, temperature=0, structured=s)))
-        out.append(
-            (f"s{i}", prompt, SamplingParams(max_tokens=24, temperature=1.0, seed=i, structured=s))
-        )
+        out.append((f"s{i}", prompt, SamplingParams(max_tokens=24, temperature=1.0, seed=i,
+                                                    structured=s)))
     # max_tokens 1: ends on the prefill worker, which sampled it under the grammar
-    out.append(
-        ("first", PROMPTS[3], SamplingParams(max_tokens=1, temperature=0, structured=specs[2]))
-    )
+    out.append(("first", PROMPTS[3], SamplingParams(max_tokens=1, temperature=0,
+                                                    structured=specs[2])))
     return out  # fmt: skip
 
 
