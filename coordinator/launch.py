@@ -6,8 +6,8 @@ is what ``tandem serve`` runs and what ``ray job submit -- python -m coordinator
 runs on a cluster. Without ``--address`` it starts a private local Ray (no dashboard, usage stats
 off) and shuts it down on exit; with one it joins that cluster and leaves it running. SIGINT and
 SIGTERM (``ray job stop`` sends SIGTERM) stop the server, shut the workers down and kill them;
-each step of that has a time limit (``coordinator.bounded_stop``), and a stop still going after
-STOP_WATCHDOG_S prints every thread's stack.
+each awaited step of that has a time limit (``coordinator.bounded_stop``), and a stop still going
+after STOP_WATCHDOG_S (``ray.shutdown`` included) prints every thread's stack.
 
 This process hosts the coordinator and never imports torch: the tokenizer files are collected
 by a Ray task, and the actors are ``WorkerHost``s that import their worker class themselves.
@@ -36,7 +36,12 @@ import ray  # noqa: E402  (after the environment it reads at import)
 from coordinator.bounded_stop import step  # noqa: E402
 from coordinator.kv_index import KVEventStream, PrefixIndex  # noqa: E402
 from coordinator.ray_client import RayEngineClient  # noqa: E402
-from coordinator.server import bound_port, build_app, start_server  # noqa: E402
+from coordinator.server import (  # noqa: E402
+    SHUTDOWN_GRACE_S,
+    bound_port,
+    build_app,
+    start_server,
+)
 from coordinator.supervisor import Supervisor  # noqa: E402
 from coordinator.token_stream import TokenStream  # noqa: E402
 from coordinator.worker_host import WorkerHost  # noqa: E402
@@ -194,9 +199,10 @@ async def serve_topology(
             log.info("stopping: ending %d in-flight requests", len(deployment.client.records))
         finally:
             # In-flight streams end first (with an error event), so the HTTP server's graceful
-            # shutdown (server.SHUTDOWN_GRACE_S) does not wait on them.
+            # shutdown does not wait on them; its handlers get SHUTDOWN_GRACE_S in any case.
             await step("closing the client", deployment.client.aclose(), STEP_TIMEOUT_S)
-            await step("stopping the HTTP server", runner.cleanup(), 2 * STEP_TIMEOUT_S)
+            await step("stopping the HTTP server", runner.cleanup(),
+                       SHUTDOWN_GRACE_S + STEP_TIMEOUT_S)  # fmt: skip
     finally:
         await deployment.shutdown()
 

@@ -65,3 +65,34 @@ def test_a_stuck_step_is_logged_with_its_stack_and_left_behind(caplog, stuck):
     text = record.getMessage()
     assert "closing the thing did not finish in 0 s" in text
     assert stuck.__name__ in text  # the stuck task's stack names where it waits
+
+
+def test_deployment_shutdown_goes_past_a_stuck_close(caplog, monkeypatch):
+    """``tandem serve``'s teardown (coordinator.launch.Deployment.shutdown) takes its steps
+    through ``step``: a client whose close never ends does not keep the streams open."""
+    from coordinator import launch
+
+    monkeypatch.setattr(launch, "STEP_TIMEOUT_S", 0.2)
+    caplog.set_level(logging.ERROR, logger="tandem.launch")
+    closed: list[str] = []
+
+    class Closes:
+        def __init__(self, name: str, stuck: bool = False) -> None:
+            self.name, self.stuck = name, stuck
+
+        async def aclose(self) -> None:
+            if self.stuck:
+                await asyncio.Event().wait()
+            closed.append(self.name)
+
+    class NoWorkers(Closes):
+        pool = type("Pool", (), {"workers": {}})()
+
+        def every_actor(self) -> list:
+            return []
+
+    deployment = launch.Deployment(Closes("client", stuck=True), None, Closes("stream"),
+                                   NoWorkers("supervisor"), Closes("events"))  # fmt: skip
+    asyncio.run(asyncio.wait_for(deployment.shutdown(), 10))
+    assert closed == ["supervisor", "stream", "events"]
+    assert any("closing the client did not finish" in r.getMessage() for r in caplog.records)
