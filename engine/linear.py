@@ -16,18 +16,20 @@ Storage and kernel, by device and format (``Linear.load`` picks; ``forward`` fol
   MKL and the split at every decode size (SmolLM2's [49152, 576] head, 2 threads, split ->
   packed: M=1 3.8 -> 3.8 ms, M=8 12.7 -> 5.9, M=64 32.7 -> 25.1); for 16-bit weights it is
   the only fast kernel torch has on CPU (AVX512-BF16 / AMX when the CPU has them). A bfloat16
-  call of up to 128 rows on a CPU with AMX runs on the same packed bytes in our C++ op instead
-  (csrc/dense_linear.cpp: the same tile arithmetic as oneDNN's up to 32 rows, equal outputs,
-  without its ~17 us per call: SmolLM2's 30 layers at 1-16 rows 6.3-7.8 vs 9.9-11.9 ms, at
-  17-32 rows 9.9-10.4 vs 13.3-14.2; above 32 rows 32 at a time, so that each row's outputs do not
-  depend on the rows beside it, as oneDNN's do above 32).
+  call of up to 128 rows runs on the same packed bytes in our C++ op instead
+  (csrc/dense_linear.cpp), without oneDNN's ~17 us per call. On a CPU with AMX: the same tile
+  arithmetic as oneDNN's up to 32 rows, equal outputs (SmolLM2's 30 layers at 1-16 rows 6.3-7.8
+  vs 9.9-11.9 ms, at 17-32 rows 9.9-10.4 vs 13.3-14.2); above 32 rows 32 at a time, so that each
+  row's outputs do not depend on the rows beside it, as oneDNN's do above 32. On one with
+  AVX512-BF16 only: vdpbf16ps, each row alike (an AMD EPYC: 5.7 vs 11.6 ms at 1 row, 13.4 vs
+  15.9 at 16, 39.6 vs 41.2 at 64; docs/benchmarks.md "bfloat16 decode steps without AMX").
 - int8 / int4 (``engine.quantized_weight``): ``kernels.int8_linear`` / ``kernels.int4_linear``,
   the C++ CPU kernels or the Triton ones on CUDA; activations stay in the model dtype. They read
   4-8x fewer bytes than float32 but do the multiply-adds on dequantized floats, so they win only
   while the weight read dominates. Steps of more rows take the dense path: the dense copy when
   ``load(keep_dense=True)`` kept one (above ``QUANT_MAX_ROWS``: decode batches of 9+, prefill;
-  ``QUANT_MAX_ROWS_BESIDE_AMX_BF16``, 5, for a bfloat16 copy on a CPU with AMX), else the weight
-  dequantized for the call (above ``QUANT_MAX_ROWS_NO_DENSE``: prefill chunks).
+  ``QUANT_MAX_ROWS_BESIDE_DIRECT_BF16``, 5, for a bfloat16 copy our dense kernel takes), else the
+  weight dequantized for the call (above ``QUANT_MAX_ROWS_NO_DENSE``: prefill chunks).
 - int4 / int8 with ``int8_activations`` (``model.quantize_activations``, CPU): ``linear_a8``
   (``kernels/csrc/quant_linear_a8.cpp``) in place of the float kernel, up to ``A8_MAX_ROWS`` (64)
   rows (``A8_MAX_ROWS_BESIDE_AMX_BF16``, 32, beside a bfloat16 dense copy on a CPU with AMX):
@@ -63,21 +65,27 @@ BLOCKS_PER_THREAD = 3
 # rows for bfloat16 (int4 43.8 vs 60.7 ms at 16, 167.6 vs 75.3 at 64) and between 32 and 64 for
 # float32 (int4 vs int4-deq-f32: 43.8 vs 91.6 ms at 16, 167.6 vs 154.4 at 64).
 QUANT_MAX_ROWS = 8
-# ... but 5 against a bfloat16 dense copy on a CPU with AMX, where oneDNN's bfloat16 runs on the
-# tiles (``python -m bench.linear --threads 2 --rows 1,2,4,5,8 --formats int4-bf16,bf16-onednn``,
-# 30 layers, Intel Xeon with AMX, two runs: oneDNN ~10 ms flat from 1 to 8 rows; int4 with
-# bfloat16 x 3.2 / 3.5 at 1 row, 8.3 / 9.1 at 4, 11.5 / 11.8 at 5, 15.6 / 16.1 at 8). 4 would be
-# the crossover; 5 keeps a batch-1 verification step of k = 4 tokens on the int4 kernel, so it
-# computes each row as the decode steps it replaces do (csrc/quant_linear_bf16.cpp). Since the
-# dense copy's calls of up to 128 rows run on our tiles (csrc/dense_linear.cpp: 6.3-6.7 ms from 1
-# to 16 rows, best of 15; int4 3.35 at 1 row, 5.49 at 2, 8.75 at 3, 11.63 at 5) the crossover is
-# at 2-3 rows; 5 is kept for that same reason.
-QUANT_MAX_ROWS_BESIDE_AMX_BF16 = 5
+# ... but 5 against a bfloat16 dense copy that our dense kernel takes (csrc/dense_linear.cpp,
+# ``dense_runs_direct``). On a CPU with AMX, where oneDNN's bfloat16 runs on the tiles
+# (``python -m bench.linear --threads 2 --rows 1,2,4,5,8 --formats int4-bf16,bf16-onednn``, 30
+# layers, Intel Xeon with AMX, two runs: oneDNN ~10 ms flat from 1 to 8 rows; int4 with bfloat16 x
+# 3.2 / 3.5 at 1 row, 8.3 / 9.1 at 4, 11.5 / 11.8 at 5, 15.6 / 16.1 at 8). 4 would be the crossover;
+# 5 keeps a batch-1 verification step of k = 4 tokens on the int4 kernel, so it computes each row as
+# the decode steps it replaces do (csrc/quant_linear_bf16.cpp). Since the dense copy's calls of up
+# to 128 rows run on our tiles (csrc/dense_linear.cpp: 6.3-6.7 ms from 1 to 16 rows, best of 15;
+# int4 3.35 at 1 row, 5.49 at 2, 8.75 at 3, 11.63 at 5) the crossover is at 2-3 rows; 5 is kept for
+# that same reason. On an AMD EPYC (AVX512-BF16, no AMX) our vdpbf16ps kernel on the dense copy
+# against int4 with bfloat16 x (``--rows 1,2,4,8 --formats bf16-packed,int4-bf16``, 2026-12-04):
+# 5.69 vs 5.01 ms at 1 row, 5.45 vs 5.79 at 2, 5.68 vs 8.46 at 4, 8.33 vs 14.98 at 8: 5 for the same
+# reason.
+QUANT_MAX_ROWS_BESIDE_DIRECT_BF16 = 5
 # The same with int8 activations (``linear_a8``), against bfloat16 oneDNN (``python -m bench.linear
 # --threads 2 --rows 1,8,16,32,64,128 --formats bf16-onednn,int4-a8,int8-g32-a8``, 30 layers, two
 # runs): 37.4 / 41.0 vs 54.0 / 54.2 ms at 64 rows, 75.8 / 70.5 vs 89.2 / 81.4 at 128; the LM head
 # (int8 group 32) 9.3 / 7.5 vs 10.5 / 13.8 ms at 64. 64 rows: a full decode batch of the configs'
-# max_num_seqs; prefill chunks above it keep the dense copy (and its bfloat16 activations).
+# max_num_seqs; prefill chunks above it keep the dense copy (and its bfloat16 activations). On an
+# AMD EPYC without AMX, against our vdpbf16ps kernel on the dense copy (``--formats
+# bf16-packed,int4-a8``, 2026-12-04): 10.8 vs 13.4 ms at 16 rows, 33.5 vs 39.6 at 64.
 A8_MAX_ROWS = 64
 # ... except against a bfloat16 dense copy on a CPU with AMX, where oneDNN's bfloat16 runs on the
 # tiles: there linear_a8 (on AMX too from 32 rows, csrc/quant_linear_a8.cpp) is faster up to ~32
@@ -104,6 +112,16 @@ def onednn_packs(dtype: torch.dtype) -> bool:
     return True
 
 
+@functools.cache
+def dense_runs_direct(n: int, k: int) -> bool:
+    """Whether bfloat16 calls of up to 128 rows on an [n, k] oneDNN-packed weight take our kernel
+    (csrc/dense_linear.cpp: AMX tiles or vdpbf16ps, each row batch-invariant), not oneDNN's."""
+    from kernels import cpu_ext
+
+    ops = cpu_ext.load_ops() if onednn_packs(torch.bfloat16) else None
+    return ops is not None and ops.dense_linear_kernel(n, k) != "onednn"
+
+
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -127,8 +145,8 @@ class Linear(nn.Module):
         ``int8_linear_a8``) where that kernel does not run (no extension, N % 16 != 0, float16).
         Weights whose blocks of 32 inputs would straddle scale groups (K or an int8 group size
         not a multiple of 32) keep float activations. A packed bfloat16 weight on CPU takes
-        ``dense_linear`` (csrc/dense_linear.cpp: oneDNN, or up to 128 rows our AMX tiles on
-        oneDNN's own bytes) where the extension is built."""
+        ``dense_linear`` (csrc/dense_linear.cpp: oneDNN, or up to 128 rows our AMX tiles or
+        vdpbf16ps kernel on oneDNN's own bytes) where the extension is built."""
         self._dense_kernel = onednn_linear
         if self.packed is not None and device_type == "cpu":
             from kernels import cpu_ext
@@ -140,8 +158,9 @@ class Linear(nn.Module):
         self._quant_kernel = kernels.bind(f"{q.fmt}_linear", device_type, dtype)
         self.kernel_tensors = q.tensors()
         self.max_quant_rows, self.a8 = QUANT_MAX_ROWS, False
-        if self.has_dense and dtype == torch.bfloat16 and cpu_has_amx():
-            self.max_quant_rows = QUANT_MAX_ROWS_BESIDE_AMX_BF16
+        if self.has_dense and dtype == torch.bfloat16 and device_type == "cpu":
+            if dense_runs_direct(self.out_features, self.in_features):
+                self.max_quant_rows = QUANT_MAX_ROWS_BESIDE_DIRECT_BF16
         blocks = self.in_features % 32 == 0 and (q.fmt == "int4" or q.group_size % 32 == 0)
         if int8_activations and device_type == "cpu" and blocks:
             from kernels import cpu_ext, quant_reference

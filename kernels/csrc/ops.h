@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
 #include <tuple>
 
 namespace tandem::ops {
@@ -30,10 +31,10 @@ bool int4_linear_bf16_available();
 at::Tensor int4_linear_bf16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             const at::Tensor& mins);
 // x [M, K] @ W^T on a weight packed by mkldnn::_reorder_linear_weight: oneDNN's own call, or for
-// bfloat16 calls of up to 128 rows on a CPU with AMX our tiles on the same bytes (dense_linear.cpp;
-// direct: whether an [N, K] weight gets them)
+// bfloat16 calls of up to 128 rows our kernel on the same bytes, AMX tiles or vdpbf16ps
+// (dense_linear.cpp; kernel: which an [N, K] weight gets, "amx", "vdpbf16ps" or "onednn")
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& packed);
-bool dense_linear_direct(int64_t N, int64_t K);
+std::string dense_linear_kernel(int64_t N, int64_t K);
 at::Tensor linear_a8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm);
 
 }  // namespace tandem::ops

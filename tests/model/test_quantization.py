@@ -123,7 +123,7 @@ def test_one_call_decoder_layers_equal_the_per_op_path(quantization, dtype, spec
     dense = quantization in ("none", "int4+dense")
     if quantization == "int4+dense":
         monkeypatch.setattr(engine_linear, "QUANT_MAX_ROWS", 1)
-        monkeypatch.setattr(engine_linear, "QUANT_MAX_ROWS_BESIDE_AMX_BF16", 1)
+        monkeypatch.setattr(engine_linear, "QUANT_MAX_ROWS_BESIDE_DIRECT_BF16", 1)
     runs, rows, limit = {}, {}, []
     for fuse in (True, False):
         calls: list[int] = []
@@ -217,18 +217,20 @@ def test_int8_activations_move_only_small_steps_and_little(dtype, tiny_llama_dir
     assert len(diffs) >= 16 and 0 < max(diffs) < 0.02, diffs  # measured: 40, max 0.0028
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_int8_activation_row_limit_follows_the_kernel_that_runs(amx, monkeypatch):
+@pytest.mark.parametrize("amx,direct", [(True, True), (False, True), (False, False)])
+def test_int8_activation_row_limit_follows_the_kernel_that_runs(amx, direct, monkeypatch):
     """``linear_a8`` on the repacked weight takes steps of up to ``A8_MAX_ROWS`` rows (beside a
     bfloat16 dense copy on a CPU with AMX, ``A8_MAX_ROWS_BESIDE_AMX_BF16``: oneDNN's tiles win
     above); where it cannot run (float16 activations, N % 16 != 0) its torch reference does,
     within the float kernels' limit (its float64 block sums grow with the rows: ~450 MB for
-    SmolLM2's head at 64). The float kernels' limit is ``QUANT_MAX_ROWS``, also cut beside a
-    bfloat16 dense copy on a CPU with AMX (``QUANT_MAX_ROWS_BESIDE_AMX_BF16``)."""
+    SmolLM2's head at 64). The float kernels' limit is ``QUANT_MAX_ROWS``, cut beside a bfloat16
+    dense copy that our dense kernel takes (``QUANT_MAX_ROWS_BESIDE_DIRECT_BF16``: AMX tiles, or
+    vdpbf16ps on a CPU without AMX)."""
     monkeypatch.setattr(engine_linear, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(engine_linear, "dense_runs_direct", lambda n, k: direct)
     g = torch.Generator().manual_seed(0)
     beside_amx = engine_linear.A8_MAX_ROWS_BESIDE_AMX_BF16 if amx else engine_linear.A8_MAX_ROWS
-    float_beside_amx = (engine_linear.QUANT_MAX_ROWS_BESIDE_AMX_BF16 if amx
+    float_beside_amx = (engine_linear.QUANT_MAX_ROWS_BESIDE_DIRECT_BF16 if direct
                         else engine_linear.QUANT_MAX_ROWS)  # fmt: skip
     for dtype, n, a8, dense_limit in (
         (torch.bfloat16, 48, True, beside_amx),
@@ -302,6 +304,31 @@ def test_quantized_weights_on_huge_pages_compute_the_same(quantize_activations, 
                                               strict=True))  # fmt: skip
     monkeypatch.setattr(LlamaForCausalLM, "huge_pages", False)
     assert run_tiny(tiny_llama_dir, **config) == huge
+
+
+def test_packed_weights_are_collapsed_onto_huge_pages(tiny_llama_dir, monkeypatch):
+    """Every oneDNN-packed weight (each bfloat16 layer and the LM head) is collapsed onto 2 MiB
+    pages in place when the model binds its kernels, and the model computes what it did without
+    (engine.huge_pages.collapse_onto_huge_pages: tests/unit/test_huge_pages.py)."""
+    import engine.model as model_module
+    from engine.model import LlamaForCausalLM
+
+    collapsed: list[tuple[int, int]] = []
+    real = model_module.collapse_onto_huge_pages
+
+    def recorded(address: int, nbytes: int) -> int:
+        collapsed.append((address, nbytes))
+        return real(address, nbytes)
+
+    monkeypatch.setattr(model_module, "collapse_onto_huge_pages", recorded)
+    seen = []
+    huge = run_tiny(tiny_llama_dir, prepare=seen.append, dtype="bfloat16")
+    packed = [m.packed for m in seen[0].model.modules() if getattr(m, "packed", None) is not None]
+    assert len(packed) == 4 * len(seen[0].model.layers) + 1
+    mkldnn = torch.ops.mkldnn
+    assert {(mkldnn.data_ptr(p), mkldnn._nbytes(p)) for p in packed} <= set(collapsed)
+    monkeypatch.setattr(LlamaForCausalLM, "huge_pages", False)
+    assert run_tiny(tiny_llama_dir, dtype="bfloat16") == huge
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

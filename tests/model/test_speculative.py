@@ -71,14 +71,16 @@ def test_greedy_with_speculation_equals_without(target_dir, other_draft_dir, var
 
 def test_bfloat16_verification_steps_above_32_rows_equal_the_decode_steps():
     """In bfloat16 a verification step of many sequences (SmolLM2, 10 x (1 + 4) rows) computes
-    each row as the decode steps it replaces: on a CPU with AMX every dense call of up to 128
-    rows runs on the same tiles, 32 rows at a time (csrc/dense_linear.cpp), where oneDNN's own
-    kernel above 32 rows rounds differently (which left 2-9 of 16 batch-16 n-gram runs unequal
-    to plain decoding, and fails this test). Greedy tokens and their logprobs equal, bit for bit.
-    Without the tiles (no AMX, or no extension) every call is oneDNN's: not covered."""
+    each row as the decode steps it replaces: every dense call of up to 128 rows runs our
+    kernel (csrc/dense_linear.cpp), on a CPU with AMX the same tiles 32 rows at a time, on one
+    with AVX512-BF16 the same vdpbf16ps sums 4 rows at a time, where oneDNN's own kernel rounds
+    some rows differently in larger calls (on AMX above 32 rows: that left 2-9 of 16 batch-16
+    n-gram runs unequal to plain decoding, and fails this test). Greedy tokens and their
+    logprobs equal, bit for bit. Without either (or no extension) every call is oneDNN's: not
+    covered."""
     ops = cpu_ext.load_ops()
-    if ops is None or not ops.dense_linear_direct(576, 576):
-        pytest.skip("bfloat16 dense calls take oneDNN on this CPU (no AMX tiles)")
+    if ops is None or ops.dense_linear_kernel(576, 576) == "onednn":
+        pytest.skip("bfloat16 dense calls take oneDNN on this CPU (no AMX tiles, no AVX512-BF16)")
     greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
     g = torch.Generator().manual_seed(3)
     prompts = [(torch.randint(3, 256, (4,), generator=g).tolist() * 4)[: 9 + i] for i in range(10)]

@@ -1,14 +1,21 @@
-"""engine.huge_pages: equal copies in one 2 MiB-aligned mapping advised for huge pages."""
+"""engine.huge_pages: equal copies in one 2 MiB-aligned mapping advised for huge pages, and
+memory allocated elsewhere collapsed onto huge pages in place."""
 
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from engine.huge_pages import HUGE_PAGE, huge_page_copies, huge_page_zeros
+from engine.huge_pages import (
+    HUGE_PAGE,
+    collapse_onto_huge_pages,
+    huge_page_copies,
+    huge_page_zeros,
+)
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -23,6 +30,19 @@ def vm_flags(address: int) -> list[str]:
             inside = lo <= address < hi
         elif inside and head == "VmFlags:":
             return line.split()[1:]
+    raise AssertionError(f"{address:#x} is in no mapping")
+
+
+def anon_huge_kb(address: int) -> int:
+    """AnonHugePages (kB) of the mapping holding ``address`` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
     raise AssertionError(f"{address:#x} is in no mapping")
 
 
@@ -68,3 +88,22 @@ def test_a_cpu_kv_cache_is_allocated_on_huge_pages():
     cache = KVCache(KVCacheSpec(num_layers=2, num_kv_heads=3, head_dim=64, block_size=16,
                                 dtype=torch.bfloat16), num_blocks=8)  # fmt: skip
     assert "hg" in vm_flags(cache.data.data_ptr()) and not cache.data.any()
+
+
+def test_memory_allocated_elsewhere_is_collapsed_in_place():
+    """A torch tensor (malloc's memory, 4 KiB pages) keeps its address and values; on a kernel
+    with MADV_COLLAPSE (6.1+) and THP not ``never`` at least the 2 MiB ranges wholly inside its
+    9 MiB are huge pages after the call, elsewhere nothing happens."""
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(0, 255, (9 << 20,), dtype=torch.uint8, generator=g)
+    before, address = t.clone(), t.data_ptr()
+    huge_before = anon_huge_kb(address)
+    ranges = collapse_onto_huge_pages(address, t.nbytes)
+    assert t.data_ptr() == address and torch.equal(t, before)
+    release = tuple(int(x) for x in os.uname().release.split(".")[:2])
+    if THP.exists() and "[never]" not in THP.read_text() and release >= (6, 1):
+        assert ranges >= 4, ranges  # 9 MiB holds 4 whole 2 MiB ranges wherever it starts
+        assert anon_huge_kb(address) >= huge_before + 4 * 2048
+    else:
+        assert ranges == 0
+    assert collapse_onto_huge_pages(address, 0) == 0
