@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from thread_split import same_on_two_threads
 
 from engine.engine_config import cpu_has_amx
 from engine.linear import onednn_packs
@@ -98,6 +99,17 @@ def test_rows_are_batch_invariant_up_to_128_rows(n, k):
     assert torch.equal(
         ops.dense_linear(wide[:, :k], p), ops.dense_linear(wide[:, :k].contiguous(), p)
     )
+
+
+def test_every_block_is_computed_once_whichever_thread_takes_it():
+    """Our vdpbf16ps kernel's two threads claim blocks of outputs from per-thread ranges and take
+    the other's when done (csrc/work_ranges.h): every output equals the one-thread result."""
+    if kernel_here() != "vdpbf16ps":
+        pytest.skip("our vdpbf16ps kernel does not run on this CPU")
+    g = torch.Generator().manual_seed(4)
+    _, p = packed(960, 576, g)
+    xs = [torch.randn(m, 576, generator=g).bfloat16() for m in (1, 5)]
+    same_on_two_threads(lambda x: ops.dense_linear(x, p), xs)
 
 
 def test_the_layout_probe_and_the_fallbacks():

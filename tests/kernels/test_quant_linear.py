@@ -7,6 +7,7 @@ import pytest
 import torch
 from isa_builds import check_build
 from paged_cases import rel_err
+from thread_split import same_on_two_threads
 
 from kernels import cpu_ext, quant_reference, triton_quant_linear
 
@@ -126,6 +127,19 @@ def test_cpu_kernel_is_batch_invariant(fmt):
     for m in (1, 2, 5, 9):
         assert torch.equal(op(x[:m].contiguous(), *packed), full[:m])
     assert torch.equal(op(x[7:8].contiguous(), *packed), full[7:8])
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_row_is_computed_once_whichever_thread_takes_it(fmt, dtype):
+    """Two threads split the weight rows (row pairs at 1 row), on the float path and, for
+    bfloat16 x of int4, the vdpbf16ps one: every output equals the one-thread result, at 1 and 3
+    rows, with an odd row count."""
+    ops = cpu_ext.load_ops()
+    op = ops.int4_linear if fmt == "int4" else ops.int8_linear
+    _, packed, _ = _inputs(fmt, 1, 16 * 37 + 1, 576, dtype, seed=8)
+    xs = [_inputs(fmt, m, 1, 576, dtype, seed=9 + m)[0] for m in (1, 3)]
+    same_on_two_threads(lambda x: op(x, *packed), xs)
 
 
 def test_int4_bfloat16_outputs_round_the_exact_product():

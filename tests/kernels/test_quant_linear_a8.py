@@ -9,6 +9,7 @@ import torch
 from a8_isa_check import special_rows
 from isa_builds import check_build
 from paged_cases import rel_err
+from thread_split import same_on_two_threads
 
 from kernels import cpu_ext, quant_reference
 
@@ -132,15 +133,7 @@ def test_every_row_group_is_computed_once_whichever_thread_takes_it(fmt):
     ops = cpu_ext.load_ops()
     w = cpu_ext.pack_a8(fmt[:4], _w(fmt, 16 * 37, 576, seed=8))
     xs = [_x(m, 576, torch.bfloat16, seed=9 + m) for m in (1, 3)]
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        want = [ops.linear_a8(x, *w) for x in xs]
-        torch.set_num_threads(2)
-        for i in range(300):
-            assert torch.equal(ops.linear_a8(xs[i % 2], *w), want[i % 2]), i
-    finally:
-        torch.set_num_threads(threads)
+    same_on_two_threads(lambda x: ops.linear_a8(x, *w), xs)
 
 
 def _cpu_has_amx_int8() -> bool:
