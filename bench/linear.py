@@ -19,6 +19,8 @@ down; so they stream from DRAM as in a real step, not from cache), and separatel
     int8-g32     ours, int8 group 32 (llama.cpp Q8_0: the GGUF's LM head)
     int4         ours, int4 group 32 (llama.cpp Q4_1: the GGUF's layers), float32 activations
     int4-bf16    ours, int4 with bfloat16 activations
+    int4-bf16-packed  the same on the weight repacked as for int4-a8
+                 (kernels/csrc/quant_linear_bf16_packed.cpp)
     int4-deq-*   int4 dequantized for the call (C++) to float32 / bfloat16, then ``F.linear``:
                  what a large step costs without a dense copy (``keep_dense_weights: false``)
     int4-a8      ours with int8 activations (kernels/csrc/quant_linear_a8.cpp, the weight
@@ -111,6 +113,10 @@ def prepare(fmt: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.T
         packed, dm = cpu_ext.pack_a8(fmt[:4], w_q)
         return (lambda x: ops.linear_a8(x.bfloat16(), packed, dm)
                 ), packed.numel() + dm.numel() * 2  # fmt: skip
+    if fmt == "int4-bf16-packed":
+        packed, dm = cpu_ext.pack_a8("int4", qr.quantize_int4(w))
+        return (lambda x: ops.int4_linear_bf16_packed(x.bfloat16(), packed, dm)
+                ), packed.numel() + dm.numel() * 2  # fmt: skip
     if fmt in ("int4-deq-f32", "int4-deq-bf16"):  # large steps without a dense copy
         q, d, m = qr.quantize_int4(w)
         dt = torch.float32 if fmt == "int4-deq-f32" else torch.bfloat16
@@ -121,7 +127,7 @@ def prepare(fmt: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.T
 
 FORMATS = (
     "f32-mkl f32-split bf16-onednn bf16-packed int8-torch int4-torch int4-torch-f32 int8 int8-g32"
-    " int4 int4-bf16 int4-a8 int8-g32-a8 int4-deq-f32 int4-deq-bf16".split()
+    " int4 int4-bf16 int4-bf16-packed int4-a8 int8-g32-a8 int4-deq-f32 int4-deq-bf16".split()
 )
 
 

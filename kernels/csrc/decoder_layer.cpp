@@ -28,12 +28,15 @@ namespace {
 
 // x [M, K] @ W^T with W as engine/model.py's bind_kernels passes it: (qweight, scales, mins) int4,
 // (qweight, scales) int8, (packed, dm) int4 / int8 repacked for int8 activations (uint8 marks
-// it), or (packed,) a dense weight in oneDNN's layout (dense_linear: our AMX tiles or oneDNN)
+// it), the int4 one for bfloat16 activations (packed viewed as int8 [.., 5 dims] marks it:
+// int4_linear_bf16_packed), or (packed,) a dense weight in oneDNN's layout (dense_linear: our
+// kernels or oneDNN)
 at::Tensor quant_linear(const at::Tensor& x, at::TensorList w) {
   if (w.size() == 1) return tandem::ops::dense_linear(x, w[0]);
   if (w.size() == 3) return tandem::ops::int4_linear(x, w[0], w[1], w[2]);
   TORCH_CHECK(w.size() == 2, "a quantized weight is 3 tensors (int4), 2 (int8 or a *_pack_a8's)");
   if (w[0].scalar_type() == at::kByte) return tandem::ops::linear_a8(x, w[0], w[1]);
+  if (w[0].dim() == 5) return tandem::ops::int4_linear_bf16_packed(x, w[0], w[1]);
   return tandem::ops::int8_linear(x, w[0], w[1]);
 }
 

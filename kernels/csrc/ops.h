@@ -36,5 +36,9 @@ at::Tensor int4_linear_bf16(const at::Tensor& x, const at::Tensor& qweight, cons
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& packed);
 std::string dense_linear_kernel(int64_t N, int64_t K);
 at::Tensor linear_a8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm);
+// int4 weight-only on int4_pack_a8's weight with bfloat16 x, on AVX512-BF16
+// (quant_linear_bf16_packed.cpp; available: whether it was built)
+bool int4_linear_bf16_packed_available();
+at::Tensor int4_linear_bf16_packed(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm);
 
 }  // namespace tandem::ops

@@ -178,6 +178,58 @@ def test_int4_bfloat16_rows_are_batch_invariant_up_to_8_rows():
     assert torch.equal(shifted[0], one[0, 1:])
 
 
+def _packed_bf16(n: int, k: int, seed: int):
+    """An int4 weight (Q4_1 tensors) and int4_pack_a8's repacking of it."""
+    q = quant_reference.quantize_int4(weights(n, k, seed))
+    return q, cpu_ext.load_ops().int4_pack_a8(*q)
+
+
+def test_int4_bfloat16_on_the_repacked_weight_rounds_the_exact_product():
+    """csrc/quant_linear_bf16_packed.cpp (16 rows in the lanes, four vdpbf16ps chains per block)
+    at 1-9 rows: each output within one bfloat16 ulp of the float64 product of x and the
+    dequantized weight plus the float32 sum's own error (which shows where the products nearly
+    cancel: 3 ulps of an output of 6e-6 at K = 64), nearly all that product correctly rounded,
+    and nearly all equal to the row kernel's (quant_linear_bf16.cpp: the same arithmetic, summed
+    in another order)."""
+    ops = cpu_ext.load_ops()
+    if not ops.int4_linear_bf16_packed_available():
+        pytest.skip("built without AVX512-BF16")
+    g = torch.Generator().manual_seed(2)
+    for m, n, k in ((1, 576, 1536), (1, 96, 160), (4, 960, 576), (5, 64, 576), (9, 3072, 64)):
+        x = (torch.randn(m, k, generator=g) * 2).bfloat16()
+        q, packed = _packed_bf16(n, k, m + n)
+        out = ops.int4_linear_bf16_packed(x, *packed)
+        assert out.shape == (m, n) and out.dtype == torch.bfloat16
+        w = quant_reference.dequantize_int4(*q).double()
+        ref = x.double() @ w.t()
+        ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - 7)
+        sum_err = k * 2.0**-24 * (x.double().abs() @ w.abs().t())
+        assert ((out.double() - ref).abs() <= ulp + sum_err).all(), (m, n, k)
+        assert (out == ref.bfloat16()).float().mean() >= 0.99, (m, n, k)
+        assert (out == ops.int4_linear(x, *q)).float().mean() >= 0.99, (m, n, k)
+    # the engine passes the packed bytes viewed as int8 (that marks the kernel in DecoderStack)
+    assert torch.equal(ops.int4_linear_bf16_packed(x, packed[0].view(torch.int8), packed[1]), out)
+
+
+def test_int4_bfloat16_on_the_repacked_weight_is_batch_and_thread_invariant():
+    """Each row of a call of any size gets the bits it gets alone (tiles of 4 / 2 / 1 rows run
+    the same operations), and two threads claiming row groups give the one-thread result."""
+    ops = cpu_ext.load_ops()
+    if not ops.int4_linear_bf16_packed_available():
+        pytest.skip("built without AVX512-BF16")
+    _, packed = _packed_bf16(16 * 37, 576, seed=6)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(19, 576, generator=g).bfloat16()
+    alone = torch.cat(
+        [ops.int4_linear_bf16_packed(x[i : i + 1].contiguous(), *packed) for i in range(19)]
+    )
+    for rows in (slice(0, 2), slice(1, 4), slice(2, 7), slice(3, 11), slice(0, 19)):
+        assert torch.equal(ops.int4_linear_bf16_packed(x[rows].contiguous(), *packed), alone[rows])
+    same_on_two_threads(
+        lambda x: ops.int4_linear_bf16_packed(x, *packed), [x[:1].contiguous(), x[:3].contiguous()]
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "flags",

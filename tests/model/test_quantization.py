@@ -124,6 +124,7 @@ def test_one_call_decoder_layers_equal_the_per_op_path(quantization, dtype, spec
     if quantization == "int4+dense":
         monkeypatch.setattr(engine_linear, "QUANT_MAX_ROWS", 1)
         monkeypatch.setattr(engine_linear, "QUANT_MAX_ROWS_BESIDE_DIRECT_BF16", 1)
+        monkeypatch.setattr(engine_linear, "QUANT_MAX_ROWS_PACKED_BF16", 1)
     runs, rows, limit = {}, {}, []
     for fuse in (True, False):
         calls: list[int] = []
@@ -282,16 +283,17 @@ def test_packed_layers_keep_no_plain_copy(tiny_llama_dir):
             assert down.weight_bytes == down.in_features * down.out_features * 2
 
 
-@pytest.mark.parametrize("quantize_activations", [False, True])
-def test_quantized_weights_on_huge_pages_compute_the_same(quantize_activations, tiny_llama_dir,
-                                                          monkeypatch):  # fmt: skip
+@pytest.mark.parametrize("dtype,quantize_activations",
+                         [("bfloat16", False), ("bfloat16", True), ("float32", False)])  # fmt: skip
+def test_quantized_weights_on_huge_pages_compute_the_same(dtype, quantize_activations,
+                                                          tiny_llama_dir, monkeypatch):  # fmt: skip
     """The kernels' weight tensors are copied onto 2 MiB pages when bound (the quantized
-    weight's own too where the kernel takes them as they are: one copy), and the model computes
-    exactly what it did on the tensors as loaded."""
+    weight's own too where the kernel takes them as they are, float32 x: one copy), and the
+    model computes exactly what it did on the tensors as loaded."""
     from engine.model import LlamaForCausalLM
     from tests.unit.test_huge_pages import vm_flags
 
-    config = dict(dtype="bfloat16", quantization="int4",
+    config = dict(dtype=dtype, quantization="int4",
                   quantize_activations=quantize_activations)  # fmt: skip
     seen = []
     huge = run_tiny(tiny_llama_dir, prepare=seen.append, **config)
@@ -299,9 +301,12 @@ def test_quantized_weights_on_huge_pages_compute_the_same(quantize_activations, 
     for lin in (model.layers[0].self_attn.qkv_proj, model.layers[-1].mlp.down_proj, model.lm_head):
         assert lin.a8 == quantize_activations
         assert all("hg" in vm_flags(t.data_ptr()) for t in lin.kernel_tensors)
-        if not lin.a8:  # the kernel reads the quantized weight's tensors: moved, not copied
-            assert all(a is b for a, b in zip(lin.kernel_tensors, lin.quantized.tensors(),
-                                              strict=True))  # fmt: skip
+        # int4_linear / int8_linear read the quantized weight's tensors: moved, not copied (the
+        # repacked kernels, linear_a8 and int4 x bfloat16's, read a copy of their own)
+        raw = not lin.a8 and (dtype == "float32" or lin.quantized.fmt == "int8")
+        ours, its = lin.kernel_tensors, lin.quantized.tensors()
+        same = len(ours) == len(its) and all(a is b for a, b in zip(ours, its, strict=True))
+        assert same == raw
     monkeypatch.setattr(LlamaForCausalLM, "huge_pages", False)
     assert run_tiny(tiny_llama_dir, **config) == huge
 
