@@ -20,30 +20,28 @@ from engine.huge_pages import (
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-def vm_flags(address: int) -> list[str]:
-    """The VmFlags of the mapping holding ``address`` (/proc/self/smaps)."""
+def mapping_field(address: int, key: str) -> list[str]:
+    """The words after ``key`` (e.g. "VmFlags:") in the /proc/self/smaps entry of the mapping
+    holding ``address``."""
     inside = False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()[0]
         if "-" in head and not head.endswith(":"):
             lo, hi = (int(x, 16) for x in head.split("-"))
             inside = lo <= address < hi
-        elif inside and head == "VmFlags:":
+        elif inside and head == key:
             return line.split()[1:]
     raise AssertionError(f"{address:#x} is in no mapping")
 
 
+def vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping holding ``address``."""
+    return mapping_field(address, "VmFlags:")
+
+
 def anon_huge_kb(address: int) -> int:
-    """AnonHugePages (kB) of the mapping holding ``address`` (/proc/self/smaps)."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and not head.endswith(":"):
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            inside = lo <= address < hi
-        elif inside and head == "AnonHugePages:":
-            return int(line.split()[1])
-    raise AssertionError(f"{address:#x} is in no mapping")
+    """AnonHugePages (kB) of the mapping holding ``address``."""
+    return int(mapping_field(address, "AnonHugePages:")[0])
 
 
 def test_copies_are_equal_aligned_and_outlive_the_originals():
