@@ -8,7 +8,8 @@ down; so they stream from DRAM as in a real step, not from cache), and separatel
 576] LM head. Formats (``--formats``):
 
     f32-mkl      float32 ``F.linear`` (MKL)
-    f32-split    float32, the engine's split bmm (``engine.linear.linear``, bit-identical to MKL)
+    f32-split    float32, MKL on row blocks (``engine.linear.split_linear``, = ``F.linear``)
+    f32-direct   float32, our FMA kernel on the plain weight (kernels/csrc/dense_linear_f32.cpp)
     bf16-onednn  bfloat16 weights packed for oneDNN (``torch.ops.mkldnn._linear_pointwise``)
     bf16-packed  the same weights through the engine's op (kernels/csrc/dense_linear.cpp: our
                  AMX tiles on oneDNN's bytes up to 128 rows where the CPU has AMX, else oneDNN)
@@ -78,7 +79,9 @@ def prepare(fmt: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.T
     if fmt == "f32-mkl":
         return (lambda x: F.linear(x, w)), w.numel() * 4
     if fmt == "f32-split":
-        return (lambda x: lin.linear(x, w)), w.numel() * 4
+        return (lambda x: lin.split_linear(x, w)), w.numel() * 4
+    if fmt == "f32-direct":
+        return (lambda x: ops.dense_linear_f32(x, w)), w.numel() * 4
     if fmt in ("bf16-onednn", "bf16-packed"):
         packed = torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), None)
         op = ops.dense_linear if fmt == "bf16-packed" else lin.onednn_linear
@@ -126,9 +129,9 @@ def prepare(fmt: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.T
 
 
 FORMATS = (
-    "f32-mkl f32-split bf16-onednn bf16-packed int8-torch int4-torch int4-torch-f32 int8 int8-g32"
-    " int4 int4-bf16 int4-bf16-packed int4-a8 int8-g32-a8 int4-deq-f32 int4-deq-bf16".split()
-)
+    "f32-mkl f32-split f32-direct bf16-onednn bf16-packed int8-torch int4-torch int4-torch-f32 int8"
+    " int8-g32 int4 int4-bf16 int4-bf16-packed int4-a8 int8-g32-a8 int4-deq-f32 int4-deq-bf16"
+).split()
 
 
 def time_format(fmt: str, layers: dict, head: torch.Tensor, rows: list[int], gen) -> tuple:
@@ -137,7 +140,7 @@ def time_format(fmt: str, layers: dict, head: torch.Tensor, rows: list[int], gen
     nbytes = sum(b for s in LAYER_SHAPES for _, b in fns[s])
     if fmt == "f32-split":  # the split must stay bit-identical to F.linear
         x = torch.randn(rows[0], 576, generator=gen)
-        assert all(torch.equal(lin.linear(x, w), F.linear(x, w)) for w in layers[(960, 576)])
+        assert all(torch.equal(lin.split_linear(x, w), F.linear(x, w)) for w in layers[(960, 576)])
     times = []
     for m in rows:
         xs = {s: torch.randn(m, s[1], generator=gen) for s in LAYER_SHAPES}

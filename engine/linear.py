@@ -2,8 +2,14 @@
 
 Storage and kernel, by device and format (``Linear.load`` picks; ``forward`` follows):
 
-- dense float32 on CPU: MKL ``F.linear`` with few rows (a decode step: M = batch size) runs on ONE
-  thread and reads the weights at ~15 GB/s, half the copy bandwidth. Viewing the weight as P
+- dense float32 on CPU, up to ``F32_DIRECT_MAX_ROWS`` rows (a decode step: M = batch size; a
+  verification step): our FMA kernel on the plain weight (csrc/dense_linear_f32.cpp, AVX-512 or
+  AVX2), each row's outputs the same in any call of up to that many rows. MKL ran such calls on
+  one thread; even split as below, SmolLM2's 30 layers took 20.8 / 27.3 / 28.0 ms at 1 / 2 / 4
+  rows against 15.3 / 18.4 / 18.4 ms for ours (AMD EPYC, 2 threads; docs/benchmarks.md "float32
+  decode steps"). Not MKL's summation order: outputs differ from ``F.linear``'s in the last bits.
+- dense float32 on CPU, more rows (or no such kernel: K not a multiple of its lanes, no AVX2):
+  MKL, with few rows on ONE thread at ~15 GB/s. Viewing the weight as P
   row blocks ``[P, N/P, K]`` (no copy) and calling one ``bmm`` hands MKL P independent problems,
   which it spreads over the threads; three blocks per thread (smaller blocks stay in L2) beat one
   per thread by another ~10 % from M=32 up. The outputs are bit-identical to ``F.linear`` (each
@@ -63,6 +69,10 @@ from engine.quantized_weight import QuantizedWeight
 
 SPLIT_MAX_ROWS = 512
 BLOCKS_PER_THREAD = 3
+# Rows up to which a float32 call on CPU takes our kernel (csrc/dense_linear_f32.cpp), not MKL:
+# ``python -m bench.linear --rows 1,2,4,8,16,32 --formats f32-split,f32-direct`` (AMD EPYC, 2
+# threads, SmolLM2's 30 layers): 22.1 vs 33.6 ms at 8 rows, 33.7 vs 41.2 at 16, 56.7 vs 57.7 at 32.
+F32_DIRECT_MAX_ROWS = 16
 # Rows up to which a step uses the quantized kernel (CPU, 2 threads, SmolLM2's 30 layers,
 # ``python -m bench.linear``): against a kept dense copy (bfloat16 oneDNN / float32 MKL) the
 # crossover is between 8 and 16 rows; against dequantizing the whole weight for the call, near 16
@@ -130,6 +140,24 @@ def dense_runs_direct(n: int, k: int) -> bool:
 
     ops = cpu_ext.load_ops() if onednn_packs(torch.bfloat16) else None
     return ops is not None and ops.dense_linear_kernel(n, k) != "onednn"
+
+
+@functools.cache
+def f32_direct_lanes() -> int:
+    """The float32 lanes of our dense kernel here (16: AVX-512, 8: AVX2), 0 if it is not built."""
+    from kernels import cpu_ext
+
+    ops = cpu_ext.load_ops()
+    lanes = [] if ops is None else ops.dense_linear_f32_lanes()
+    return lanes[0] if lanes else 0
+
+
+def runs_f32_direct(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether our float32 kernel takes ``dtype`` x [..., K] @ weight [N, K]^T (rows not
+    counted: up to ``F32_DIRECT_MAX_ROWS``)."""
+    lanes = f32_direct_lanes() if weight.device.type == "cpu" else 0
+    return (lanes > 0 and dtype == weight.dtype == torch.float32 and weight.dim() == 2
+            and weight.is_contiguous() and weight.shape[1] % lanes == 0)  # fmt: skip
 
 
 class Linear(nn.Module):
@@ -294,9 +322,20 @@ def onednn_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ weight[N, K]^T -> [..., N]."""
-    threads = torch.get_num_threads()
     n, k = weight.shape
     m = x.numel() // k
+    if m <= F32_DIRECT_MAX_ROWS and x.device.type == "cpu" and runs_f32_direct(weight, x.dtype):
+        x2 = x.reshape(m, k)  # [M, K]
+        x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+        return torch.ops.tandem_cpu.dense_linear_f32(x2, weight).view(*x.shape[:-1], n)
+    return split_linear(x, weight)
+
+
+def split_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ weight[N, K]^T -> [..., N] by MKL, float32 in row blocks (module docstring)."""
+    n, k = weight.shape
+    m = x.numel() // k
+    threads = torch.get_num_threads()
     if (x.is_cuda or threads == 1 or n % threads or m > SPLIT_MAX_ROWS
             or not weight.is_contiguous() or weight.dtype != torch.float32):  # fmt: skip
         return F.linear(x, weight)

@@ -25,7 +25,7 @@ import kernels
 from engine.attention_metadata import AttentionMetadata
 from engine.huge_pages import collapse_onto_huge_pages, huge_page_copies
 from engine.kv_cache import KVCache
-from engine.linear import Linear
+from engine.linear import F32_DIRECT_MAX_ROWS, Linear, runs_f32_direct
 from engine.model_config import ModelConfig, RopeScaling
 from engine.quantized_weight import QuantizedWeight
 
@@ -235,10 +235,11 @@ class LlamaForCausalLM(nn.Module):
         self._fused_op: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
         self._decoder_stack: Callable[..., object] | None = None  # DecoderStack's constructor
         # the stacks' arguments but the caches: the norms, and each linear's weight tensors with
-        # the quantized kernels' weights (steps of at most max_quant_rows rows) / the
-        # oneDNN-packed dense ones (larger steps, dense models); None: that set is not fusable
+        # the quantized kernels' weights (steps of at most max_quant_rows rows) / the dense ones,
+        # oneDNN-packed or plain float32 (larger steps, dense models); None: not fusable
         self._fused_args: tuple | None = None
         self._fused_dense_args: tuple | None = None
+        self._fused_dense_rows = 1 << 30  # rows up to which the dense stack runs
         self._stacks: dict[tuple[int, bool], tuple[KVCache, object]] = {}  # (id(cache), dense)
         self.quantize_activations = False  # quantized CPU linears: int8 activations (load_weights)
 
@@ -277,8 +278,9 @@ class LlamaForCausalLM(nn.Module):
     def _fused_layers(self, rows: int, md: AttentionMetadata, kv_cache: KVCache) -> object | None:
         """The ``DecoderStack`` this step runs its layers through, or None: a decode step over a
         cache of the model dtype without FP8 scales, each linear taking the kernel the per-op path
-        would (its quantized kernel up to ``Linear.max_quant_rows`` rows, its oneDNN-packed dense
-        weight above / in a dense model). Made on first use per cache and weight set."""
+        would (its quantized kernel up to ``Linear.max_quant_rows`` rows, its dense weight above /
+        in a dense model: oneDNN-packed, or plain float32 up to ``F32_DIRECT_MAX_ROWS`` rows).
+        Made on first use per cache and weight set."""
         if self._decoder_stack is None or not self.fuse_layers or md.is_prefill:
             return None
         if kv_cache.scales is not None or kv_cache.data.dtype != self.norm.weight.dtype:
@@ -286,7 +288,7 @@ class LlamaForCausalLM(nn.Module):
         quant = rows <= self.layers[0].self_attn.qkv_proj.max_quant_rows
         dense = not (quant and self._fused_args is not None)
         args = self._fused_dense_args if dense else self._fused_args
-        if args is None:
+        if args is None or (dense and rows > self._fused_dense_rows):
             return None
         cached = self._stacks.get((id(kv_cache), dense))
         if cached is None or cached[0] is not kv_cache:
@@ -378,6 +380,7 @@ class LlamaForCausalLM(nn.Module):
             self._weights_on_huge_pages()
         self._fused_op, self._decoder_stack, self._stacks = None, None, {}
         self._fused_args = self._fused_dense_args = None
+        self._fused_dense_rows = 1 << 30
         linears = [(a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
                    for a, m in ((ly.self_attn, ly.mlp) for ly in self.layers)]  # fmt: skip
         if device_type != "cpu":
@@ -403,9 +406,12 @@ class LlamaForCausalLM(nn.Module):
         # int8 activations without the C++ kernel: its torch reference runs per op
         if all(w.quantized is not None and w.a8 == self.quantize_activations for w in every):
             self._fused_args = args(lambda w: [*w.kernel_tensors])
-        # dense float32 layers take MKL (engine/linear.py's split), which the op does not call
         if all(w.packed is not None for w in every):
             self._fused_dense_args = args(lambda w: [w.packed])
+        # plain float32 weights: the rows our float32 kernel takes (above them MKL, per op)
+        elif all(w.weight is not None and runs_f32_direct(w.weight, dtype) for w in every):
+            self._fused_dense_args = args(lambda w: [w.weight])
+            self._fused_dense_rows = F32_DIRECT_MAX_ROWS
 
     def _weights_on_huge_pages(self) -> None:
         """The quantized kernels' weight tensors (what a small step streams) copied onto 2 MiB

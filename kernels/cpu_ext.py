@@ -60,7 +60,7 @@ def _cpu_tag() -> str:
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("paged_decode.cpp", "store_kv.cpp", "fused.cpp", "quant_linear.cpp",
            "quant_linear_a8.cpp", "quant_linear_bf16.cpp", "quant_linear_bf16_packed.cpp",
-           "dense_linear.cpp",
+           "dense_linear.cpp", "dense_linear_f32.cpp",
            "decoder_layer.cpp",
            "argmax.cpp")  # fmt: skip
 # -ffp-contract=off: a * b + c stays two roundings, as in torch's separate ops (RoPE then equals

@@ -12,8 +12,8 @@
 // Scope (engine/model.py decides): CPU, float32 / bfloat16 activations, a cache of the model dtype
 // without FP8 scales, a decode step (no prefill), and every linear either quantized within its
 // kernel's row limit (Linear.max_quant_rows; weights as Linear.kernel_tensors: 3 tensors int4, 2
-// int8 or repacked) or dense in oneDNN's layout (Linear.packed: bfloat16 layers, or a bfloat16
-// dense copy of quantized ones above that limit).
+// int8 or repacked) or dense: in oneDNN's layout (Linear.packed: bfloat16 layers, or a bfloat16
+// dense copy of quantized ones above that limit), or plain float32 weights (dense_linear_f32).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -29,10 +29,12 @@ namespace {
 // x [M, K] @ W^T with W as engine/model.py's bind_kernels passes it: (qweight, scales, mins) int4,
 // (qweight, scales) int8, (packed, dm) int4 / int8 repacked for int8 activations (uint8 marks
 // it), the int4 one for bfloat16 activations (packed viewed as int8 [.., 5 dims] marks it:
-// int4_linear_bf16_packed), or (packed,) a dense weight in oneDNN's layout (dense_linear: our
-// kernels or oneDNN)
+// int4_linear_bf16_packed), or (weight,) a dense weight: in oneDNN's layout (dense_linear: our
+// kernels or oneDNN), or plain float32 (dense_linear_f32; engine/model.py passes those for steps
+// of up to engine.linear.F32_DIRECT_MAX_ROWS rows only)
 at::Tensor quant_linear(const at::Tensor& x, at::TensorList w) {
-  if (w.size() == 1) return tandem::ops::dense_linear(x, w[0]);
+  if (w.size() == 1)
+    return w[0].is_mkldnn() ? tandem::ops::dense_linear(x, w[0]) : tandem::ops::dense_linear_f32(x, w[0], 0);
   if (w.size() == 3) return tandem::ops::int4_linear(x, w[0], w[1], w[2]);
   TORCH_CHECK(w.size() == 2, "a quantized weight is 3 tensors (int4), 2 (int8 or a *_pack_a8's)");
   if (w[0].scalar_type() == at::kByte) return tandem::ops::linear_a8(x, w[0], w[1]);

@@ -7,6 +7,7 @@
 
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace tandem::ops {
 
@@ -35,6 +36,10 @@ at::Tensor int4_linear_bf16(const at::Tensor& x, const at::Tensor& qweight, cons
 // (dense_linear.cpp; kernel: which an [N, K] weight gets, "amx", "vdpbf16ps" or "onednn")
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& packed);
 std::string dense_linear_kernel(int64_t N, int64_t K);
+// x [M, K] @ W^T on a plain float32 [N, K] weight, AVX-512 (lanes 16) or AVX2 (8) FMAs, each row
+// alike (dense_linear_f32.cpp; lanes 0: the widest built; _lanes: the widths built, widest first)
+at::Tensor dense_linear_f32(const at::Tensor& x, const at::Tensor& w, int64_t lanes);
+std::vector<int64_t> dense_linear_f32_lanes();
 at::Tensor linear_a8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm);
 // int4 weight-only on int4_pack_a8's weight with bfloat16 x, on AVX512-BF16
 // (quant_linear_bf16_packed.cpp; available: whether it was built)

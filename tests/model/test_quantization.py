@@ -117,9 +117,10 @@ def test_one_call_decoder_layers_equal_the_per_op_path(quantization, dtype, spec
     in one C++ call: the same tokens and bit for bit the same logprobs as the per-op path, and
     it did run, for all layers of every decode step it covers (with n-gram speculation: also
     verification steps of several rows per sequence). Quantized layers within their kernel's row
-    limit take that kernel; bfloat16 dense layers (``none``; ``int4+dense``: a dense copy, the
-    int4 kernel's limit cut to 1 row so that most steps exceed it) the packed weight's kernel.
-    Float32 dense layers take MKL per op: those steps are not fused."""
+    limit take that kernel; dense layers (``none``; ``int4+dense``: a dense copy, the int4
+    kernel's limit cut to 1 row so that most steps exceed it) the packed weight's kernel in
+    bfloat16, our float32 kernel in float32 (steps above its row limit take MKL per op and are
+    not fused)."""
     dense = quantization in ("none", "int4+dense")
     if quantization == "int4+dense":
         monkeypatch.setattr(engine_linear, "QUANT_MAX_ROWS", 1)
@@ -150,10 +151,9 @@ def test_one_call_decoder_layers_equal_the_per_op_path(quantization, dtype, spec
         rows[fuse] = calls
     assert runs[True] == runs[False]  # tokens, logprobs and prompt logprobs: exactly equal
     assert rows[False] == []
-    if dense and dtype == "float32":
-        assert all(r <= 1 for r in rows[True]) if quantization != "none" else rows[True] == []
-        return
     assert len(rows[True]) > 0
+    if dense and dtype == "float32":
+        assert max(rows[True]) <= engine_linear.F32_DIRECT_MAX_ROWS
     if quantization == "int4+dense":  # steps above the int4 kernel's limit: the packed copy
         assert max(rows[True]) > limit[0] == 1
     elif not dense:
