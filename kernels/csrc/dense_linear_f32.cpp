@@ -35,6 +35,8 @@
 
 namespace {
 
+#if defined(__AVX2__) && defined(__FMA__)
+
 #if defined(__AVX512F__)
 struct Lanes16 {
   using V = __m512;
@@ -52,7 +54,6 @@ struct Lanes16 {
 };
 #endif
 
-#if defined(__AVX2__) && defined(__FMA__)
 struct Lanes8 {
   using V = __m256;
   static constexpr int L = 8;
@@ -65,7 +66,6 @@ struct Lanes8 {
     return _mm_cvtss_f32(_mm_add_ss(p, _mm_movehdup_ps(p)));
   }
 };
-#endif
 
 // y[m0 .. m0 + MT, n0 .. n0 + NT): NT weight rows streamed once, MT activation rows against each
 template <class S, int MT, int NT>
@@ -119,6 +119,8 @@ void run(const float* w, const float* x, int64_t xs, float* y, int64_t M, int64_
       });
   });
 }
+
+#endif  // AVX2 + FMA
 
 }  // namespace
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-QUANT_SOURCES = ("quant_linear.cpp", "quant_linear_bf16.cpp", "dense_linear.cpp")
+QUANT_SOURCES = ("quant_linear.cpp", "quant_linear_bf16.cpp", "dense_linear.cpp",
+                 "dense_linear_f32.cpp")  # fmt: skip
 A8_SOURCES = ("quant_linear_a8.cpp",)
 ISA_SOURCES = (*QUANT_SOURCES, *A8_SOURCES)
 SHARED_FLAGS = ("-mno-avx512f", "-mno-avx2 -mno-fma -mno-avx512f")  # AVX2, plain

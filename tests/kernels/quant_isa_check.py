@@ -2,8 +2,9 @@
 (with quant_linear_a8.cpp for the flags a8_isa_check.py builds too) with extra compiler flags (a
 child process of test_quant_linear.py: its ops would clash with the main extension's in one
 process) and check ``int4_linear`` / ``int8_linear`` against the reference on random inputs,
-float32 and bfloat16, with batch invariance, and ``dense_linear`` against oneDNN's own call (bit
-for bit); prints "ok".
+float32 and bfloat16, with batch invariance, ``dense_linear`` against oneDNN's own call (bit
+for bit), and ``dense_linear_f32`` against ``dense_reference.lane_sums`` for each lane width the
+build has (AVX2 + FMA: 8; AVX-512: 16 too; neither: none, and the op says so); prints "ok".
 
     python tests/kernels/quant_isa_check.py BUILD_DIR "-mno-avx512bf16"
 """
@@ -18,9 +19,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from isa_builds import QUANT_SOURCES, build  # noqa: E402
+from isa_builds import QUANT_SOURCES, build, cpu_flags  # noqa: E402
 
-from kernels import quant_reference  # noqa: E402
+from kernels import dense_reference, quant_reference  # noqa: E402
 
 
 def main(build_dir: str, flags: list[str]) -> None:
@@ -46,6 +47,21 @@ def main(build_dir: str, flags: list[str]) -> None:
         x = torch.randn(m, k, generator=g).bfloat16()
         ref = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
         assert torch.equal(ops.dense_linear(x, w), ref), (m, n, k)
+    lanes = list(ops.dense_linear_f32_lanes())
+    want = [16] if "-mno-avx512f" not in flags and "avx512f" in cpu_flags() else []
+    want += [] if "-mno-avx2" in flags else [8]
+    assert lanes == want, (lanes, want)
+    for lane in lanes:
+        for m, n, k in ((1, 37, 96), (5, 48, 576)):
+            x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.05
+            ref = dense_reference.lane_sums(x, w, lane)
+            assert torch.equal(ops.dense_linear_f32(x, w, lane), ref), (lane, m, n, k)
+    if not lanes:
+        try:
+            ops.dense_linear_f32(torch.randn(1, 32), torch.randn(4, 32))
+            raise AssertionError("dense_linear_f32 ran without AVX2")
+        except RuntimeError as e:
+            assert "built without AVX2" in str(e), e
     print("ok")
 
 

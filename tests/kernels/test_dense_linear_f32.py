@@ -1,6 +1,6 @@
 """csrc/dense_linear_f32.cpp: float32 x @ W^T on the plain weight for a decode step's few rows,
 AVX-512 (16 lanes) or AVX2 (8 lanes) FMAs; engine.linear.linear sends it up to
-F32_DIRECT_MAX_ROWS rows."""
+F32_DIRECT_MAX_ROWS rows. The builds of CPUs without AVX-512 / AVX2: quant_isa_check.py."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from thread_split import same_on_two_threads
 
 from engine import linear as engine_linear
 from kernels import cpu_ext
+from kernels.dense_reference import fma, lane_sums
 
 ops = cpu_ext.load_ops()
 LANES = [] if ops is None else list(ops.dense_linear_f32_lanes())
@@ -18,38 +19,6 @@ pytestmark = pytest.mark.skipif(not LANES, reason="C++ extension not built with 
 
 # SmolLM2's layer shapes (qkv, o, gate_up, down); N not a multiple of the 4 rows an item takes
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (50, 64), (7, 32)]
-
-
-def fma(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """float32 acc + a * b with one rounding, as the FMA instruction: the product is exact in
-    float64 and TwoSum gives the float64 sum's error, so the float32 rounding of the exact value
-    is the float32 rounding of the float64 sum, except where that sum lies exactly halfway between
-    two float32 values: there the error's sign picks the side."""
-    acc64, p = acc.double(), a.double() * b.double()
-    s = acc64 + p
-    bb = s - acc64
-    err = (acc64 - (s - bb)) + (p - bb)
-    r = s.float()
-    other = torch.nextafter(r, torch.where(s > r.double(), torch.inf, -torch.inf).float())
-    halfway = (err != 0) & (s != r.double()) & (s * 2 == r.double() + other.double())
-    toward_err = (other.double() - r.double()) * err > 0
-    return torch.where(halfway & toward_err, other, r)
-
-
-def lane_sums(x: torch.Tensor, w: torch.Tensor, lanes: int) -> torch.Tensor:
-    """The kernel's arithmetic in torch: per row and output, lane l sums the products of inputs
-    l, l + lanes, ... in order, one rounding each (FMA); then the lanes added pairwise, halves
-    first."""
-    m, k = x.shape
-    xv = x.view(m, 1, k // lanes, lanes)
-    wv = w.view(1, w.shape[0], k // lanes, lanes)
-    acc = torch.zeros(m, w.shape[0], lanes)
-    for j in range(k // lanes):
-        acc = fma(acc, xv[:, :, j].expand_as(acc), wv[:, :, j].expand_as(acc))
-    while acc.shape[-1] > 1:
-        h = acc.shape[-1] // 2
-        acc = acc[..., :h] + acc[..., h:]
-    return acc[..., 0]
 
 
 def test_the_reference_fma_rounds_once():
