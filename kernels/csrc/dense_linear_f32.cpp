@@ -151,6 +151,7 @@ at::Tensor tandem::ops::dense_linear_f32(const at::Tensor& x, const at::Tensor& 
   const int64_t N = w.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
+  if (K == 0) return y.zero_();  // an empty sum
   const float *wp = w.data_ptr<float>(), *xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
 #if defined(__AVX512F__)

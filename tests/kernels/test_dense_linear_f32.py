@@ -70,9 +70,13 @@ def test_two_threads_give_the_one_thread_outputs():
     same_on_two_threads(lambda x: ops.dense_linear_f32(x, w), xs)
 
 
-def test_bad_inputs_are_named():
+def test_bad_inputs_are_named_and_empty_ones_work():
     with pytest.raises(RuntimeError, match="K = 36 is not a multiple of"):
         ops.dense_linear_f32(torch.randn(1, 36), torch.randn(8, 36), LANES[-1])
+    assert torch.equal(
+        ops.dense_linear_f32(torch.randn(2, 0), torch.randn(3, 0)), torch.zeros(2, 3)
+    )
+    assert ops.dense_linear_f32(torch.randn(0, 16), torch.randn(3, 16)).shape == (0, 3)
     with pytest.raises(RuntimeError, match="lanes 4 not built"):
         ops.dense_linear_f32(torch.randn(1, 64), torch.randn(8, 64), 4)
     with pytest.raises(RuntimeError, match="float32"):
