@@ -240,6 +240,8 @@ class LlamaForCausalLM(nn.Module):
         self._fused_args: tuple | None = None
         self._fused_dense_args: tuple | None = None
         self._fused_dense_rows = 1 << 30  # rows up to which the dense stack runs
+        # (rows up to which every quantized linear takes its kernel, rows up to which any does)
+        self._fused_rows = (0, 0)
         self._stacks: dict[tuple[int, bool], tuple[KVCache, object]] = {}  # (id(cache), dense)
         self.quantize_activations = False  # quantized CPU linears: int8 activations (load_weights)
 
@@ -285,10 +287,13 @@ class LlamaForCausalLM(nn.Module):
             return None
         if kv_cache.scales is not None or kv_cache.data.dtype != self.norm.weight.dtype:
             return None
-        quant = rows <= self.layers[0].self_attn.qkv_proj.max_quant_rows
-        dense = not (quant and self._fused_args is not None)
-        args = self._fused_dense_args if dense else self._fused_args
-        if args is None or (dense and rows > self._fused_dense_rows):
+        # each stack only where every linear's per-op kernel is the one it binds
+        lo, hi = self._fused_rows
+        if self._fused_args is not None and rows <= lo:
+            dense, args = False, self._fused_args
+        elif self._fused_dense_args is not None and hi < rows <= self._fused_dense_rows:
+            dense, args = True, self._fused_dense_args
+        else:
             return None
         cached = self._stacks.get((id(kv_cache), dense))
         if cached is None or cached[0] is not kv_cache:
@@ -381,6 +386,7 @@ class LlamaForCausalLM(nn.Module):
         self._fused_op, self._decoder_stack, self._stacks = None, None, {}
         self._fused_args = self._fused_dense_args = None
         self._fused_dense_rows = 1 << 30
+        self._fused_rows = (0, 0)
         linears = [(a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
                    for a, m in ((ly.self_attn, ly.mlp) for ly in self.layers)]  # fmt: skip
         if device_type != "cpu":
@@ -403,6 +409,8 @@ class LlamaForCausalLM(nn.Module):
                     attn.num_heads, attn.num_kv_heads)  # fmt: skip
 
         every = [w for ws in linears for w in ws]
+        limits = [w.max_quant_rows for w in every if w.quantized is not None]
+        self._fused_rows = (min(limits, default=0), max(limits, default=0))
         # int8 activations without the C++ kernel: its torch reference runs per op
         if all(w.quantized is not None and w.a8 == self.quantize_activations for w in every):
             self._fused_args = args(lambda w: [*w.kernel_tensors])

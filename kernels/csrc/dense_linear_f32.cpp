@@ -5,15 +5,17 @@
 // output rows per thread, but even so SmolLM2's 30 layers (425 MB) took 20 ms at 1 row on an AMD
 // EPYC (Zen 4, 2 threads), ~21 GB/s, 1.6x the copy-bandwidth floor, and 28-32 ms at 2-8 rows (MKL
 // there switches to kernels that read the weight at a fraction of that). A float32 decode step is
-// a stream of the weights: per 4 output rows (4 weight streams) and vector of inputs, 4 loads and
-// one FMA per activation row, outputs in the lanes' sums. The weight is the one the model already
-// holds (no copy, no repack); a step of more rows than the engine sends here goes to MKL.
+// a stream of the weights: per 4 output rows (4 weight streams) and vector of inputs, 4 weight
+// loads, then per activation row one load and 4 FMAs; outputs in the lanes' sums. The weight is
+// the one the model already holds (no copy, no repack); a step of more rows than the engine sends
+// here goes to MKL.
 //
 // Arithmetic, per (activation row m, output n), for lanes L (16: AVX-512, 8: AVX2): L partial sums,
 // lane l over k = l, l + L, l + 2L, ... in order, each product added with one rounding (FMA);
 // then the lanes summed pairwise, halves first (L = 16: lane l + 8 onto l, then + 4, + 2, + 1).
 // The same for every row and output in any call, whatever the tile, the thread or the rows beside
-// it: a row's outputs do not depend on the batch (a verification step reproduces decode steps).
+// it: a row's outputs do not depend on the batch (a verification step reproduces decode steps as
+// long as both stay within the rows the engine sends here, engine.linear.F32_DIRECT_MAX_ROWS).
 // Not MKL's order: outputs differ from F.linear's in the last bits.
 //
 // K must be a multiple of L (a check; the engine passes other shapes to MKL).
@@ -37,7 +39,7 @@ namespace {
 
 #if defined(__AVX2__) && defined(__FMA__)
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__)  // (AVX-512 implies AVX2; FMA can be switched off alone)
 struct Lanes16 {
   using V = __m512;
   static constexpr int L = 16;
@@ -126,7 +128,7 @@ void run(const float* w, const float* x, int64_t xs, float* y, int64_t M, int64_
 
 std::vector<int64_t> tandem::ops::dense_linear_f32_lanes() {
   std::vector<int64_t> lanes;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
   lanes.push_back(16);
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
@@ -154,13 +156,13 @@ at::Tensor tandem::ops::dense_linear_f32(const at::Tensor& x, const at::Tensor& 
   if (K == 0) return y.zero_();  // an empty sum
   const float *wp = w.data_ptr<float>(), *xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
   if (lanes == 16) return run<Lanes16>(wp, xp, x.stride(0), yp, M, N, K), y;
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
   if (lanes == 8) return run<Lanes8>(wp, xp, x.stride(0), yp, M, N, K), y;
 #endif
-  return y;  // not reached: lanes was checked against the built ones
+  TORCH_CHECK(false, "dense_linear_f32: lanes ", lanes, " not built here");  // not reached: checked above
 }
 
 TORCH_LIBRARY_FRAGMENT(tandem_cpu, m) {

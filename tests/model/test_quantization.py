@@ -31,6 +31,7 @@ from engine.loader import load_model
 from engine.loader.gguf_loader import KEPT_BLOCKS, hf_name, unpermute_rows
 from engine.quantized_weight import QuantizedWeight
 from engine.tokenizer_files import load_tokenizer_files
+from kernels import cpu_ext
 from tests.model.test_engine_vs_hf import run_engine
 
 
@@ -160,6 +161,42 @@ def test_one_call_decoder_layers_equal_the_per_op_path(quantization, dtype, spec
         assert max(rows[True]) <= limit[0]
     if speculative is not None:
         assert max(rows[True]) > 3  # a verification step: more rows than the 3 sequences
+
+
+def test_one_call_decoder_layers_run_only_where_every_linear_takes_their_kernels(
+    tiny_llama_dir, monkeypatch
+):
+    """A float32 int8 model with int8 activations and dense copies, in which the [64, K] linears
+    cannot take the int8-activation kernel (``pack_a8`` refuses them, as it does any N % 16 != 0):
+    those keep the float kernel, up to QUANT_MAX_ROWS rows, the others linear_a8's 64. No step
+    is fused then (neither the quantized set nor the dense copies are what every linear takes at
+    3 rows), and the tokens and logprobs equal the per-op path's exactly."""
+    real = cpu_ext.pack_a8
+
+    def pack_a8(fmt: str, tensors: tuple) -> tuple | None:
+        return None if tensors[0].shape[0] == 64 else real(fmt, tensors)
+
+    monkeypatch.setattr(cpu_ext, "pack_a8", pack_a8)
+    runs, fused = {}, []
+    for fuse in (True, False):
+
+        def prepare(engine: EngineCore, fuse: bool = fuse) -> None:
+            model, op = engine.model, engine.model._fused_op
+            assert op is not None
+            kinds = {w.a8 for ly in model.layers
+                     for w in (ly.self_attn.o_proj, ly.mlp.gate_up_proj)}  # fmt: skip
+            assert kinds == {False, True}
+
+            def counted(stack, x: torch.Tensor, *args):
+                fused.append(x.shape[0])
+                return op(stack, x, *args)
+
+            model._fused_op, model.fuse_layers = counted, fuse
+
+        runs[fuse] = run_tiny(tiny_llama_dir, prepare, dtype="float32", quantization="int8",
+                              quantize_activations=True, keep_dense_weights=True)  # fmt: skip
+    assert fused == []
+    assert runs[True] == runs[False]
 
 
 def test_one_call_decoder_layers_stop_after_each_layer_for_a_caller_that_waits(tiny_llama_dir):
