@@ -39,23 +39,6 @@ namespace {
 
 #if defined(__AVX2__) && defined(__FMA__)
 
-#if defined(__AVX512F__)  // (AVX-512 implies AVX2; FMA can be switched off alone)
-struct Lanes16 {
-  using V = __m512;
-  static constexpr int L = 16;
-  static V zero() { return _mm512_setzero_ps(); }
-  static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static float sum(V v) {  // pairwise, halves first: 16 -> 8 -> 4 -> 2 -> 1
-    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
-    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    const __m128 p = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    return _mm_cvtss_f32(_mm_add_ss(p, _mm_movehdup_ps(p)));
-  }
-};
-#endif
-
 struct Lanes8 {
   using V = __m256;
   static constexpr int L = 8;
@@ -68,6 +51,20 @@ struct Lanes8 {
     return _mm_cvtss_f32(_mm_add_ss(p, _mm_movehdup_ps(p)));
   }
 };
+
+#if defined(__AVX512F__)  // (AVX-512 implies AVX2; FMA can be switched off alone)
+struct Lanes16 {
+  using V = __m512;
+  static constexpr int L = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(V v) {  // pairwise, halves first: 16 -> 8, then as Lanes8
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    return Lanes8::sum(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
+  }
+};
+#endif
 
 // y[m0 .. m0 + MT, n0 .. n0 + NT): NT weight rows streamed once, MT activation rows against each
 template <class S, int MT, int NT>
@@ -138,7 +135,7 @@ std::vector<int64_t> tandem::ops::dense_linear_f32_lanes() {
 }
 
 at::Tensor tandem::ops::dense_linear_f32(const at::Tensor& x, const at::Tensor& w, int64_t lanes) {
-  const std::vector<int64_t> built = dense_linear_f32_lanes();
+  static const std::vector<int64_t> built = dense_linear_f32_lanes();  // once, not per call
   TORCH_CHECK(!built.empty(), "dense_linear_f32: built without AVX2 + FMA or AVX-512");
   if (lanes == 0) lanes = built.front();
   TORCH_CHECK(std::find(built.begin(), built.end(), lanes) != built.end(), "dense_linear_f32: lanes ", lanes,
