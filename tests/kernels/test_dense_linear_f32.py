@@ -84,9 +84,10 @@ def test_bad_inputs_are_named_and_empty_ones_work():
         ops.dense_linear_f32(torch.randn(1, 64), torch.randn(8, 32))
 
 
-def test_the_engine_takes_it_up_to_its_row_limit_and_mkl_above():
-    """engine.linear.linear: up to F32_DIRECT_MAX_ROWS rows this kernel (widest lanes), above it
-    and where K is not a multiple of the lanes MKL's (bit for bit ``F.linear``)."""
+def test_the_engine_takes_it_up_to_its_row_limit_and_mkl_above(monkeypatch):
+    """engine.linear.linear: up to F32_DIRECT_MAX_ROWS rows this kernel (widest lanes), above it,
+    where K is not a multiple of the lanes and where the kernel is not built (no AVX2) MKL's (bit
+    for bit ``F.linear``)."""
     w = torch.randn(576, 576) * 0.05
     limit = engine_linear.F32_DIRECT_MAX_ROWS
     for m in (1, limit):
@@ -97,3 +98,6 @@ def test_the_engine_takes_it_up_to_its_row_limit_and_mkl_above():
     odd = torch.randn(64, LANES[-1] * 3 + 4)
     x = torch.randn(1, odd.shape[1])
     assert torch.equal(engine_linear.linear(x, odd), F.linear(x, odd))
+    monkeypatch.setattr(engine_linear, "f32_direct_lanes", lambda: 0)
+    x = torch.randn(1, 576)
+    assert torch.equal(engine_linear.linear(x, w), F.linear(x, w))
