@@ -29,7 +29,10 @@ down; so they stream from DRAM as in a real step, not from cache), and separatel
     int8-g32-a8  the same for int8 group 32
 
 It also prints the weight bytes each format reads per model-worth and the copy bandwidth
-measured in the same run: "floor" = bytes / bandwidth, the batch-1 bound.
+measured in the same run: "floor" = bytes / bandwidth, the batch-1 bound. ``--cached``: one copy
+of each layer's weight called 30 times, so the layers' weights (~2 MB of int4) stay in the caches:
+what a format costs when the DRAM read is not the limit (against the default: how much of a
+model-worth is the read).
 """
 
 from __future__ import annotations
@@ -134,9 +137,13 @@ FORMATS = (
 ).split()
 
 
-def time_format(fmt: str, layers: dict, head: torch.Tensor, rows: list[int], gen) -> tuple:
-    """(weight MB of the layers, ms per M, head MB, head ms per M) of one format."""
-    fns = {s: [prepare(fmt, w) for w in layers[s]] for s in LAYER_SHAPES}
+def time_format(
+    fmt: str, layers: dict, head: torch.Tensor, rows: list[int], gen, cached: bool = False
+) -> tuple:
+    """(weight MB of the layers, ms per M, head MB, head ms per M) of one format; ``cached``: the
+    first weight of each shape prepared once and called ``LAYERS`` times."""
+    prep = lambda ws: [prepare(fmt, ws[0])] * LAYERS if cached else [prepare(fmt, w) for w in ws]  # noqa: E731
+    fns = {s: prep(layers[s]) for s in LAYER_SHAPES}
     nbytes = sum(b for s in LAYER_SHAPES for _, b in fns[s])
     if fmt == "f32-split":  # the split must stay bit-identical to F.linear
         x = torch.randn(rows[0], 576, generator=gen)
@@ -155,6 +162,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rows", default="1,4,16,64")
     ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--cached", action="store_true", help="one weight per shape, called 30 times")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
@@ -164,11 +172,12 @@ def main() -> None:
     head = torch.randn(*HEAD_SHAPE, generator=gen) * 0.05
     bandwidth = copy_bandwidth()
     print(f"torch threads {args.threads}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read+write)")
-    print(f"ms per {LAYERS} layers of {LAYER_SHAPES} | LM head {HEAD_SHAPE}; best of 15")
+    copies = "one copy per shape, called" if args.cached else "distinct"
+    print(f"ms per {LAYERS} layers ({copies}) of {LAYER_SHAPES} | LM head {HEAD_SHAPE}; best of 15")
     cols = " ".join(f"{'M=' + str(m):>7}" for m in rows)
     print(f"{'format':>12} {'MB':>6} {'floor':>6} {cols} | {'MB':>5} {'floor':>5} {cols}")
     for fmt in args.formats.split(","):
-        nbytes, times, hbytes, htimes = time_format(fmt, layers, head, rows, gen)
+        nbytes, times, hbytes, htimes = time_format(fmt, layers, head, rows, gen, args.cached)
         print(f"{fmt:>12} {nbytes / 1e6:6.1f} {nbytes / bandwidth * 1e3:6.2f} "
               + " ".join(f"{t:7.2f}" for t in times)
               + f" | {hbytes / 1e6:5.1f} {hbytes / bandwidth * 1e3:5.2f} "
