@@ -142,8 +142,10 @@ def time_format(
 ) -> tuple:
     """(weight MB of the layers, ms per M, head MB, head ms per M) of one format; ``cached``: the
     first weight of each shape prepared once and called ``LAYERS`` times."""
-    prep = lambda ws: [prepare(fmt, ws[0])] * LAYERS if cached else [prepare(fmt, w) for w in ws]  # noqa: E731
-    fns = {s: prep(layers[s]) for s in LAYER_SHAPES}
+    if cached:
+        fns = {s: [prepare(fmt, layers[s][0])] * LAYERS for s in LAYER_SHAPES}
+    else:
+        fns = {s: [prepare(fmt, w) for w in layers[s]] for s in LAYER_SHAPES}
     nbytes = sum(b for s in LAYER_SHAPES for _, b in fns[s])
     if fmt == "f32-split":  # the split must stay bit-identical to F.linear
         x = torch.randn(rows[0], 576, generator=gen)
