@@ -61,7 +61,7 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("paged_decode.cpp", "store_kv.cpp", "fused.cpp", "quant_linear.cpp",
            "quant_linear_a8.cpp", "quant_linear_bf16.cpp", "quant_linear_bf16_packed.cpp",
            "dense_linear.cpp", "dense_linear_f32.cpp",
-           "decoder_layer.cpp",
+           "decoder_layer.cpp", "team.cpp",
            "argmax.cpp")  # fmt: skip
 # -ffp-contract=off: a * b + c stays two roundings, as in torch's separate ops (RoPE then equals
 # the reference bit for bit); the hot loops that want FMA spell it with intrinsics.

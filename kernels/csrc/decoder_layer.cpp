@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "team.h"
 
 namespace {
 
@@ -84,13 +85,20 @@ namespace tandem {
 // per layer the Python loop paid ~9 us (perf) to pass ~24 arguments, four weight lists among them,
 // to a decoder_layer op, and ~3 us to slice the layer's cache views. Each layer is decoder_layer
 // as before; the int4 weight-only batch-1 step went from 5.96-6.17 to 5.29-5.47 ms
-// (docs/benchmarks.md "Dense bfloat16 decode steps").
+// (docs/benchmarks.md "Dense bfloat16 decode steps"). On more than one thread the layers run in
+// one team (team.h): the step's ~120 parallel loops hand over to a waiting thread instead of
+// opening an OpenMP region each.
 struct DecoderStack : torch::CustomClassHolder {
   std::vector<at::Tensor> input_norms, post_norms, k_caches, v_caches;
   std::vector<std::vector<at::Tensor>> linears;  // [layer * 4 + j]: qkv, o, gate_up, down
   at::Tensor cos, sin;
   double eps, sm_scale;
   int64_t num_heads, num_kv_heads;
+  // The layers run in one team (team.h) where every op in them goes through tandem::parallel_for:
+  // not where a linear would call oneDNN (a packed weight without our kernel; our dense_linear
+  // takes up to 128 rows), which runs on one thread inside a team.
+  bool team_ok = true;
+  static constexpr int64_t kTeamMaxRows = 128;
 
   // norms: per layer input then post-attention; weights: every linear's tensors in order, counts[j]
   // of them for linear j (four per layer); caches: per layer k then v
@@ -120,7 +128,14 @@ struct DecoderStack : torch::CustomClassHolder {
       }
     }
     TORCH_CHECK(w == weights.size(), "DecoderStack: counts do not match the weights");
+    for (const auto& lin : linears)
+      if (lin.size() == 1 && lin[0].is_mkldnn())
+        team_ok = team_ok && lin[0].scalar_type() == at::kBFloat16 &&
+                  tandem::ops::dense_linear_kernel(lin[0].size(0), lin[0].size(1)) != "onednn";
   }
+
+  // whether forward runs steps of this many rows in one team
+  bool team_for(int64_t rows) const { return team_ok && rows <= kTeamMaxRows; }
 
   // (the MLP output of layer end - 1, its residual stream); residual None: begin is layer 0 and x
   // the embeddings
@@ -130,13 +145,17 @@ struct DecoderStack : torch::CustomClassHolder {
                                              int64_t max_seqlen) {
     TORCH_CHECK(0 <= begin && begin < end && end <= static_cast<int64_t>(input_norms.size()),
                 "DecoderStack.forward: layers [", begin, ", ", end, ") out of range");
-    for (int64_t l = begin; l < end; ++l) {
-      const auto* lin = &linears[4 * l];
-      std::tie(x, residual) = decoder_layer(x, residual, input_norms[l], post_norms[l], eps, lin[0], lin[1], lin[2],
-                                            lin[3], positions, cos, sin, k_caches[l], v_caches[l], slot_mapping,
-                                            block_tables, seq_lens, cu_seqlens, max_seqlen, sm_scale, num_heads,
-                                            num_kv_heads);
-    }
+    const auto layers = [&] {
+      for (int64_t l = begin; l < end; ++l) {
+        const auto* lin = &linears[4 * l];
+        std::tie(x, residual) = decoder_layer(x, residual, input_norms[l], post_norms[l], eps, lin[0], lin[1],
+                                              lin[2], lin[3], positions, cos, sin, k_caches[l], v_caches[l],
+                                              slot_mapping, block_tables, seq_lens, cu_seqlens, max_seqlen, sm_scale,
+                                              num_heads, num_kv_heads);
+      }
+    };
+    if (team_for(x.size(0))) tandem::with_team(layers);
+    else layers();
     return {x, *residual};
   }
 };
@@ -147,5 +166,6 @@ TORCH_LIBRARY_FRAGMENT(tandem_cpu, m) {
   m.class_<tandem::DecoderStack>("DecoderStack")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
                        std::vector<at::Tensor>, at::Tensor, at::Tensor, double, double, int64_t, int64_t>())
-      .def("forward", &tandem::DecoderStack::forward);
+      .def("forward", &tandem::DecoderStack::forward)
+      .def("team_for", &tandem::DecoderStack::team_for);
 }

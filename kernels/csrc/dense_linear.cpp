@@ -39,7 +39,9 @@
 #include <optional>
 #include <string>
 
+#include "cpu_tensor.h"
 #include "ops.h"
+#include "team.h"
 
 namespace {
 
@@ -304,17 +306,17 @@ at::Tensor tandem::ops::dense_linear(const at::Tensor& x, const at::Tensor& pack
                       M <= kMaxRows;
   const Path path = direct ? path_for(N, K) : Path::kOneDnn;
   if (path == Path::kOneDnn) return onednn_linear(x, packed);
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = tandem::new_cpu({M, N}, x.scalar_type());
   const c10::BFloat16* w = onednn_data(packed);
   const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
-  const int64_t ldx = x.stride(0), threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t ldx = x.stride(0), threads = std::max<int64_t>(1, tandem::num_threads());
 #if TANDEM_AMX_BF16
   if (path == Path::kAmx) {
     const int64_t blocks = N / kAmxBlock;
     // blocks split evenly over the threads (one range each: one contiguous stretch of W)
     const int64_t grain = std::max<int64_t>(1, (blocks + threads - 1) / threads);
-    at::parallel_for(0, blocks, grain,
+    tandem::parallel_for(0, blocks, grain,
                      [&](int64_t begin, int64_t end) { amx_block_range(w, K, xp, ldx, M, yp, N, begin, end); });
     return y;
   }
@@ -323,7 +325,7 @@ at::Tensor tandem::ops::dense_linear(const at::Tensor& x, const at::Tensor& pack
   // one range of blocks per thread, claimed one block (36-98 KB of weights here) at a time
   // (work_ranges.h: a thread done early takes blocks from the back of the other's range)
   tandem::WorkRanges work(N / B, threads, 1);
-  at::parallel_for(0, work.parts(), 1, [&](int64_t begin, int64_t end) {
+  tandem::parallel_for(0, work.parts(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part)
       work.run(part, [&](int64_t b0, int64_t b1) {
         if (B == 64) dp_block_range<64>(w, K, xp, ldx, M, yp, N, b0, b1);

@@ -28,7 +28,9 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu_tensor.h"
 #include "ops.h"
+#include "team.h"
 #include "work_ranges.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -103,8 +105,8 @@ void run(const float* w, const float* x, int64_t xs, float* y, int64_t M, int64_
   constexpr int kOut = 4;  // weight rows per item
   const int64_t items = (N + kOut - 1) / kOut;
   // one range of items per thread, claimed ~16 KB of weights at a time (work_ranges.h)
-  tandem::WorkRanges work(items, at::get_num_threads(), 16384 / (kOut * K * 4));
-  at::parallel_for(0, work.parts(), 1, [&](int64_t begin, int64_t end) {
+  tandem::WorkRanges work(items, tandem::num_threads(), 16384 / (kOut * K * 4));
+  tandem::parallel_for(0, work.parts(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part)
       work.run(part, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
@@ -148,7 +150,7 @@ at::Tensor tandem::ops::dense_linear_f32(const at::Tensor& x, const at::Tensor& 
               "w must be a contiguous CPU float32 [N, K] for this x");
   TORCH_CHECK(K % lanes == 0, "dense_linear_f32: K = ", K, " is not a multiple of ", lanes);
   const int64_t N = w.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = tandem::new_cpu({M, N}, x.scalar_type());
   if (M == 0 || N == 0) return y;
   if (K == 0) return y.zero_();  // an empty sum
   const float *wp = w.data_ptr<float>(), *xp = x.data_ptr<float>();

@@ -21,7 +21,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_tensor.h"
 #include "ops.h"
+#include "team.h"
 #include "vec_exp.h"
 
 namespace {
@@ -60,7 +62,7 @@ void norm_rows(const at::Tensor& x, const at::Tensor* residual, const at::Tensor
   T* hp = h_out ? h_out->data_ptr<T>() : nullptr;
   const int64_t xs = x.stride(0), rs = residual ? residual->stride(0) : 0;
   const float feps = static_cast<float>(eps);
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+  tandem::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<float> hbuf(std::is_same_v<T, float> ? 0 : H);
     for (int64_t i = begin; i < end; ++i) {
       const T* xr = xp + i * xs;
@@ -107,7 +109,7 @@ void norm_rows(const at::Tensor& x, const at::Tensor* residual, const at::Tensor
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rows(x, "x");
   check_weight(weight, x);
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor out = tandem::new_cpu(x.sizes(), x.scalar_type());
   if (x.scalar_type() == at::kFloat) norm_rows<float>(x, nullptr, weight, eps, out, nullptr);
   else norm_rows<bf16>(x, nullptr, weight, eps, out, nullptr);
   return out;
@@ -119,8 +121,8 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
   check_rows(residual, "residual");
   TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type(), "residual must match x");
   check_weight(weight, x);
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  at::Tensor h = at::empty(x.sizes(), x.options());
+  at::Tensor out = tandem::new_cpu(x.sizes(), x.scalar_type());
+  at::Tensor h = tandem::new_cpu(x.sizes(), x.scalar_type());
   if (x.scalar_type() == at::kFloat) norm_rows<float>(x, &residual, weight, eps, out, &h);
   else norm_rows<bf16>(x, &residual, weight, eps, out, &h);
   return {out, h};
@@ -171,11 +173,11 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   check_rows(gate_up, "gate_up");
   TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up width must be even");
   const int64_t n = gate_up.size(0), I = gate_up.size(1) / 2, gs = gate_up.stride(0);
-  at::Tensor out = at::empty({n, I}, gate_up.options());
+  at::Tensor out = tandem::new_cpu({n, I}, gate_up.scalar_type());
   if (gate_up.scalar_type() == at::kBFloat16) {
     const bf16* gp = gate_up.data_ptr<bf16>();
     bf16* op = out.data_ptr<bf16>();
-    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    tandem::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const bf16* g = gp + i * gs;
         const bf16* u = g + I;
@@ -193,7 +195,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   }
   const float* gp = gate_up.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+  tandem::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* g = gp + i * gs;
       const float* u = g + I;
@@ -240,7 +242,7 @@ void rotary_rows(const at::Tensor& q, const at::Tensor& k, const int64_t* pp, co
   const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>();
   const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
   T *qop = qo.data_ptr<T>(), *kop = ko.data_ptr<T>();
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+  tandem::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* c = cp + pp[i] * D;
       const float* s = sp + pp[i] * D;
@@ -261,12 +263,12 @@ std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor&
   TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.sizes() == cos.sizes() &&
                   sin.is_contiguous() && cos.dim() == 2 && cos.size(1) == D,
               "cos / sin must be float32 [P, D]");
-  const at::Tensor pos = positions.to(at::kLong).contiguous();
+  const at::Tensor pos = tandem::contiguous_as(positions, at::kLong);
   TORCH_CHECK(pos.numel() == n, "positions must be [N]");
   const int64_t* pp = pos.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(pp[i] >= 0 && pp[i] < cos.size(0), "position out of the table");
-  at::Tensor qo = at::empty(q.sizes(), q.options());
-  at::Tensor ko = at::empty(k.sizes(), k.options());
+  at::Tensor qo = tandem::new_cpu(q.sizes(), q.scalar_type());
+  at::Tensor ko = tandem::new_cpu(k.sizes(), k.scalar_type());
   if (q.scalar_type() == at::kFloat) rotary_rows<float>(q, k, pp, cos, sin, qo, ko);
   else rotary_rows<bf16>(q, k, pp, cos, sin, qo, ko);
   return {qo, ko};

@@ -51,7 +51,9 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_tensor.h"
 #include "ops.h"
+#include "team.h"
 #include "vec_exp.h"
 
 #if defined(__F16C__)
@@ -293,7 +295,7 @@ void merge_chunks(const Args& a, const std::vector<ItemT>& items, const Partials
   std::vector<const ItemT*> heads;  // the first chunk of each (sequence, kv head) to merge
   for (const ItemT& it : items)
     if (it.part >= 0 && it.c == 0) heads.push_back(&it);
-  at::parallel_for(0, static_cast<int64_t>(heads.size()), 16, [&](int64_t begin, int64_t end) {
+  tandem::parallel_for(0, static_cast<int64_t>(heads.size()), 16, [&](int64_t begin, int64_t end) {
     std::vector<float> out(D), weight;
     for (int64_t k = begin; k < end; ++k) {
       const ItemT* first = heads[k];
@@ -366,7 +368,7 @@ void run(const Args& a) {
   const int64_t work = total_tokens * a.Hkv * D * G;
   const int64_t grain = work < (1 << 16) ? std::max<int64_t>(n_items, 1) : 1;
 
-  at::parallel_for(0, n_items, grain, [&](int64_t begin, int64_t end) {
+  tandem::parallel_for(0, n_items, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> qbuf, scores, acc, kbuf(bs * D), wbuf(bs);
     std::vector<const float*> krows(bs);
     for (int64_t w = begin; w < end; ++w) {
@@ -552,9 +554,9 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, c
               "q must be float32, bfloat16 or float16");
   // read in its dtype (converted to float32 per row in the kernel, as one .to(float32) did)
   const at::Tensor q = q_in.stride(2) == 1 ? q_in : q_in.contiguous();
-  const at::Tensor bt = block_tables_in.to(at::kInt).contiguous();
-  const at::Tensor lens = seq_lens_in.to(at::kInt).contiguous();
-  const at::Tensor cu = cu_in.to(at::kInt).contiguous();
+  const at::Tensor bt = tandem::contiguous_as(block_tables_in, at::kInt);
+  const at::Tensor lens = tandem::contiguous_as(seq_lens_in, at::kInt);
+  const at::Tensor cu = tandem::contiguous_as(cu_in, at::kInt);
   const int64_t B = lens.size(0);
   TORCH_CHECK(cu.dim() == 1 && cu.size(0) == B + 1, "cu_seqlens_q must be [B+1]");
   TORCH_CHECK(bt.dim() == 2 && bt.size(0) == B, "block_tables must be [B, max_blocks]");
@@ -575,7 +577,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, c
     }
   }
 
-  at::Tensor out = at::empty({N, Hq, D}, q.options());
+  at::Tensor out = tandem::new_cpu({N, Hq, D}, q.scalar_type());
   Args a{};
   a.q = q.data_ptr();
   a.q_dtype = q.scalar_type();

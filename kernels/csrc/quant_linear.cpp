@@ -32,7 +32,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_tensor.h"
 #include "ops.h"
+#include "team.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -292,12 +294,12 @@ at::Tensor run(const at::Tensor& x, const Rows& rows, int64_t N) {
     }
     xp = xbuf.data();
   }
-  at::Tensor y = at::empty({M, N}, x.options());
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  at::Tensor y = tandem::new_cpu({M, N}, x.scalar_type());
+  const int64_t threads = std::max<int64_t>(1, tandem::num_threads());
   const int64_t grain = std::max<int64_t>(1, (N + threads - 1) / threads);  // one range per thread
   float* yf = bf ? nullptr : y.data_ptr<float>();
   c10::BFloat16* yb = bf ? y.data_ptr<c10::BFloat16>() : nullptr;
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+  tandem::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     const int64_t ns = 2 * rows.num_scales();
     std::vector<float> buf(2 * ns);
     int64_t n = begin;
@@ -368,7 +370,7 @@ template <typename Rows>
 at::Tensor dequantize_rows(const Rows& rows, int64_t N, int64_t K, at::ScalarType dtype) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequantize to float32 or bfloat16");
   at::Tensor out = at::empty({N, K}, at::TensorOptions().dtype(dtype));
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+  tandem::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(2 * rows.num_scales());
     alignas(64) float row[kUnit];
     for (int64_t n = begin; n < end; ++n) {

@@ -56,7 +56,9 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_tensor.h"
 #include "ops.h"
+#include "team.h"
 #include "work_ranges.h"
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -167,7 +169,7 @@ QuantizedRows quantize_rows(const at::Tensor& x) {
   QuantizedRows r{M, K, units, std::vector<int8_t>(M * K), std::vector<float>(M * units), std::vector<float>(M * units)};
   const c10::BFloat16* xb = x.scalar_type() == at::kBFloat16 ? x.data_ptr<c10::BFloat16>() : nullptr;
   const float* xf = xb == nullptr ? x.data_ptr<float>() : nullptr;
-  at::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
+  tandem::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
     alignas(64) float v[kBlock];
     for (int64_t m = begin; m < end; ++m)
       for (int64_t u = 0; u < units; ++u) {
@@ -519,7 +521,7 @@ at::Tensor linear_a8(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const int64_t groups = packed.size(0), N = groups * kRows;
   const bool int4 = packed.size(2) == 4;
   const QuantizedRows xr = quantize_rows(x);
-  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  at::Tensor y = tandem::new_cpu({x.size(0), N}, x.scalar_type());
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const c10::Half* dp = dm.data_ptr<c10::Half>();
   c10::BFloat16* yb = bf ? y.data_ptr<c10::BFloat16>() : nullptr;
@@ -527,8 +529,8 @@ at::Tensor linear_a8(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const bool amx = use_amx(xr.M);
   // one range of row groups per thread, claimed ~16 KB of weights at a time (work_ranges.h)
   const int64_t group_bytes = xr.units * ((int4 ? 256 : 512) + 2 * kRows * 2);
-  tandem::WorkRanges work(groups, at::get_num_threads(), 16384 / group_bytes);
-  at::parallel_for(0, work.parts(), 1, [&](int64_t begin, int64_t end) {
+  tandem::WorkRanges work(groups, tandem::num_threads(), 16384 / group_bytes);
+  tandem::parallel_for(0, work.parts(), 1, [&](int64_t begin, int64_t end) {
     const uint8_t* tiles = nullptr;
 #if TANDEM_AMX
     std::vector<uint8_t> unpacked(amx && int4 ? xr.units * 512 : 0);

@@ -30,7 +30,9 @@
 // Built only where the compiler targets AVX512-BF16 (-march=native); elsewhere available() is
 // false and int4_linear keeps the float path.
 
+#include "cpu_tensor.h"
 #include "ops.h"
+#include "team.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 
@@ -256,11 +258,11 @@ at::Tensor tandem::ops::int4_linear_bf16(const at::Tensor& x, const at::Tensor& 
   const Acts a = arrange(x);
   const Weights w{qweight.data_ptr<uint8_t>(), scales.data_ptr<c10::Half>(), mins.data_ptr<c10::Half>(), K,
                   K / kGroup};
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = tandem::new_cpu({M, N}, x.scalar_type());
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t threads = std::max<int64_t>(1, tandem::num_threads());
   const int64_t grain = std::max<int64_t>(1, (N + threads - 1) / threads);  // one range per thread
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+  tandem::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> corr(a.gpad, 0.0f);
     float out[2];
     int64_t n = begin;

@@ -29,7 +29,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_tensor.h"
 #include "ops.h"
+#include "team.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 
@@ -141,13 +143,13 @@ at::Tensor tandem::ops::int4_linear_bf16_packed(const at::Tensor& x, const at::T
               "dm must be a float16 [N / 16, K / 32, 2, 16] from int4_pack_a8");
   const int64_t groups = packed.size(0), N = groups * kRows;
   const PairedRows xr = arrange(x);
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = tandem::new_cpu({M, N}, x.scalar_type());
   const uint8_t* pp = static_cast<const uint8_t*>(packed.data_ptr());
   const c10::Half* dp = dm.data_ptr<c10::Half>();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   // one range of row groups per thread, claimed ~16 KB of weights at a time (work_ranges.h)
-  tandem::WorkRanges work(groups, at::get_num_threads(), 16384 / std::max<int64_t>(1, xr.units * (256 + 64)));
-  at::parallel_for(0, work.parts(), 1, [&](int64_t begin, int64_t end) {
+  tandem::WorkRanges work(groups, tandem::num_threads(), 16384 / std::max<int64_t>(1, xr.units * (256 + 64)));
+  tandem::parallel_for(0, work.parts(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t part = begin; part < end; ++part)
       work.run(part, [&](int64_t g0, int64_t g1) {
         for (int64_t g = g0; g < g1; ++g) {

@@ -12,6 +12,7 @@
 
 #include <cstring>
 
+#include "cpu_tensor.h"
 #include "ops.h"
 
 namespace {
@@ -45,7 +46,7 @@ void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor k_cache
               "key, value and caches must share one dtype");
   TORCH_CHECK(key.stride(2) == 1 && value.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
               "head_dim must be contiguous");
-  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+  const at::Tensor slots = tandem::contiguous_as(slot_mapping, at::kLong);
   TORCH_CHECK(slots.dim() == 1 && slots.size(0) == key.size(0), "slot_mapping must be [N]");
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t n = slots.size(0), capacity = k_cache.size(0) * k_cache.size(1);

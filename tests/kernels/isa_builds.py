@@ -52,6 +52,7 @@ def build(build_dir: str, flags: list[str], own: tuple[str, ...]) -> None:
 
     cpu_ext._put_ninja_on_path()
     names = ISA_SOURCES if " ".join(flags) in SHARED_FLAGS else own
-    sources = [str(cpu_ext.CSRC / name) for name in names]
+    # team.cpp: the kernels' parallel loops (team.h)
+    sources = [str(cpu_ext.CSRC / name) for name in (*names, "team.cpp")]
     load(name="tandem_isa_check", sources=sources, extra_cflags=[*cpu_ext.CFLAGS, *flags],
          extra_ldflags=["-fopenmp"], build_directory=build_dir, is_python_module=False)  # fmt: skip

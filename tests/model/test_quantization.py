@@ -77,8 +77,9 @@ def run_tiny(
 ) -> tuple[list[list[int]], list[list[float]], list[float]]:
     """Greedy tokens, their logprobs and all prompt logprobs of 3 prompts (5, 19, 40 tokens:
     prefill steps above and below the quantized kernels' row limit, then decode steps).
-    ``prepare(engine)`` runs before the first step."""
-    engine = EngineCore(EngineConfig(model=str(directory), num_blocks=64, num_threads=1, **config))
+    ``prepare(engine)`` runs before the first step; one thread unless ``num_threads`` says."""
+    config.setdefault("num_threads", 1)
+    engine = EngineCore(EngineConfig(model=str(directory), num_blocks=64, **config))
     if prepare is not None:
         prepare(engine)
     g = torch.Generator().manual_seed(0)
@@ -161,6 +162,39 @@ def test_one_call_decoder_layers_equal_the_per_op_path(quantization, dtype, spec
         assert max(rows[True]) <= limit[0]
     if speculative is not None:
         assert max(rows[True]) > 3  # a verification step: more rows than the 3 sequences
+
+
+@pytest.mark.parametrize("speculative", [None, {"method": "ngram", "num_speculative_tokens": 3}])
+@pytest.mark.parametrize("config", ["float32:int4", "bfloat16:int4+a8", "bfloat16:none",
+                                    "float32:none"])  # fmt: skip
+def test_one_call_decoder_layers_on_two_threads_equal_the_per_op_path(config, speculative,
+                                                                      tiny_llama_dir):  # fmt: skip
+    """On two threads ``DecoderStack`` runs its layers in one team (kernels/csrc/team.h) and
+    the per-op path each op's own at::parallel_for: the same tokens, bit for bit the same
+    logprobs."""
+    dtype, quantization = config.split(":")
+    quant, _, flag = quantization.partition("+")
+    runs, fused_steps = {}, []
+    for fuse in (True, False):
+
+        def set_fuse(engine: EngineCore, fuse: bool = fuse) -> None:
+            model, op = engine.model, engine.model._fused_op
+            assert op is not None
+
+            def counted(stack, x: torch.Tensor, *args):
+                fused_steps.append(fuse)
+                # our kernels for every linear (bfloat16 dense: where this CPU has them)
+                assert stack.team_for(x.shape[0]) or config == "bfloat16:none"
+                return op(stack, x, *args)
+
+            model._fused_op, model.fuse_layers = counted, fuse
+
+        extra = {} if speculative is None else {"speculative": speculative}
+        runs[fuse] = run_tiny(tiny_llama_dir, set_fuse, dtype=dtype, quantization=quant,
+                              quantize_activations=flag == "a8", num_threads=2,
+                              **extra)  # fmt: skip
+    assert runs[True] == runs[False]
+    assert fused_steps and all(fused_steps)  # the fused run used the stack, the per-op run never
 
 
 def test_one_call_decoder_layers_run_only_where_every_linear_takes_their_kernels(
