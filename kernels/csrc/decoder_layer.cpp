@@ -43,6 +43,21 @@ at::Tensor quant_linear(const at::Tensor& x, at::TensorList w) {
   return tandem::ops::int8_linear(x, w[0], w[1]);
 }
 
+// In a team (team.h), the other threads read the weights of o_proj while this one runs RoPE, the
+// KV store and attention (~17 us a layer at batch 1, the only long stretch a layer runs on one
+// thread): o_proj's reads then come from the caches. The served config's batch-1 steps took
+// 0.979-0.988x the time (alternating steps, docs/benchmarks.md). oneDNN-packed weights (dense
+// bfloat16) do not expose their bytes and are not warmed.
+void warm(at::TensorList w) {
+  tandem::Team* team = tandem::Team::current();
+  if (team == nullptr) return;
+  tandem::Team::Span spans[tandem::Team::kMaxSpans];
+  int64_t n = 0;
+  for (const at::Tensor& t : w)
+    if (!t.is_mkldnn() && n < tandem::Team::kMaxSpans) spans[n++] = {t.data_ptr(), static_cast<int64_t>(t.nbytes())};
+  team->warm(spans, n);
+}
+
 // (this layer's MLP output [N, hidden], the residual stream it is to be added to): see
 // DecoderLayer.forward. residual None: layer 0 (x is the embeddings).
 std::tuple<at::Tensor, at::Tensor> decoder_layer(
@@ -62,6 +77,7 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer(
   }
   const int64_t n = x.size(0), D = k_cache.size(3), q_size = num_heads * D, kv_size = num_kv_heads * D;
   const at::Tensor qkv = quant_linear(h, qkv_w);  // [N, q_size + 2 kv_size]
+  warm(o_w);
   TORCH_CHECK(qkv.size(1) == q_size + 2 * kv_size, "qkv width != (num_heads + 2 num_kv_heads) * head_dim");
   const at::Tensor q = qkv.narrow(1, 0, q_size).view({n, num_heads, D});  // strided views, no copies
   const at::Tensor k = qkv.narrow(1, q_size, kv_size).view({n, num_kv_heads, D});

@@ -43,6 +43,15 @@ class Team {
   // all are done, rethrowing the first exception any of them raised
   void run(int64_t parts, void (*fn)(const void*, int64_t), const void* ctx);
 
+  // Bytes for the member threads to read into their caches (split between them) while the leader
+  // goes on with work of its own; the next loop starts once they are done. At most kMaxSpans.
+  struct Span {
+    const void* data;
+    int64_t bytes;
+  };
+  static constexpr int64_t kMaxSpans = 8;
+  void warm(const Span* spans, int64_t count);
+
   // a member thread's loop (t >= 1) until stop()
   void serve(int64_t t);
   void stop();
@@ -50,12 +59,16 @@ class Team {
  private:
   friend void with_team(const std::function<void()>& body);
   void record(std::exception_ptr e);
+  void wait_idle();  // until the member threads are done with the last loop or warm
+  static void read_spans(const void* team, int64_t t);
 
   int64_t size_;  // set by its leader (with_team) before the first loop
   void (*fn_)(const void*, int64_t) = nullptr;
   const void* ctx_ = nullptr;
   int64_t parts_ = 0;
   bool stopping_ = false;
+  Span spans_[kMaxSpans];
+  int64_t num_spans_ = 0;
   std::mutex error_mu_;
   std::exception_ptr error_;
   alignas(64) std::atomic<uint64_t> epoch_{0};  // bumped by the leader per loop (and to stop)
