@@ -15,7 +15,9 @@ second of a 256 MiB copy, the better of a measurement before and after).
 
 ``--alternate-fuse``: one engine per config, its decode steps alternating between one C++ call per
 decoder layer and the per-op path (``fuse_layers``), so both see the same load; prints the two
-medians and their ratio per batch size.
+medians and their ratio per batch size. ``--alternate-team``: the same, between those layers'
+parallel loops in one thread team (kernels/csrc/team.h) and an OpenMP region per loop
+(``set_layer_team``).
 
 ``--step-thread second``: build each engine on the main thread but step it on a second thread,
 as workers did before they built the engine on their loop thread (engine/worker_base.py): two
@@ -30,6 +32,8 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -56,9 +60,14 @@ def engine_for(spec: str, threads: int, max_batch: int) -> EngineCore:
 
 
 def decode_steps(
-    engine: EngineCore, batch: int, new_tokens: int, seed: int, alternate: bool = False
+    engine: EngineCore,
+    batch: int,
+    new_tokens: int,
+    seed: int,
+    alternate: Callable[[bool], None] | None = None,
 ) -> list[float]:
-    """Times of the full-batch decode steps; ``alternate``: the odd ones without layer fusion."""
+    """Times of the full-batch decode steps; ``alternate(on)`` before each step, on for the even
+    ones."""
     g = torch.Generator().manual_seed(seed)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     for i in range(batch):
@@ -66,8 +75,8 @@ def decode_steps(
                            params)  # fmt: skip
     times = []
     while engine.has_unfinished():
-        if alternate:
-            engine.model.fuse_layers = len(times) % 2 == 0
+        if alternate is not None:
+            alternate(len(times) % 2 == 0)
         batch_ = engine.scheduler.schedule()
         t0 = time.perf_counter()
         out = engine.runner.execute(batch_)
@@ -96,9 +105,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--step-thread", choices=["main", "second"], default="main")
     ap.add_argument("--alternate-fuse", action="store_true")
+    ap.add_argument("--alternate-team", action="store_true")
     args = ap.parse_args()
-    if args.alternate_fuse:
-        return alternate_fuse(args)
+    if args.alternate_fuse or args.alternate_team:
+        return alternate(args)
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     print(f"machine: {machine()}; threads {args.threads}, steps on the {args.step_thread} thread; "
@@ -129,19 +139,25 @@ def main() -> None:
               f"{floor * 1e3:8.2f} {ratio} {cells}")  # fmt: skip
 
 
-def alternate_fuse(args: argparse.Namespace) -> None:
+def alternate(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
+    on, off = ("team", "no team") if args.alternate_team else ("fused", "per-op")
     print(f"machine: {machine()}; threads {args.threads}; load avg {load_average()}")
-    print(f"{'config':>18} {'batch':>5} {'fused ms':>8} {'per-op ms':>9} {'fused/per-op':>12}")
+    print(f"{'config':>18} {'batch':>5} {on + ' ms':>12} {off + ' ms':>12} {on + '/' + off:>14}")
     for spec in args.configs.split(","):
         engine = engine_for(spec, args.threads, max(batches))
+        model = engine.model
+        if args.alternate_team:
+            switch = model.set_layer_team
+        else:
+            switch = partial(setattr, model, "fuse_layers")
         decode_steps(engine, 2, 4, seed=99)  # warm-up
         for b in batches:
-            times = decode_steps(engine, b, args.new_tokens, seed=b, alternate=True)
-            fused, per_op = statistics.median(times[0::2]), statistics.median(times[1::2])
-            print(f"{spec:>18} {b:5d} {fused * 1e3:8.2f} {per_op * 1e3:9.2f} "
-                  f"{fused / per_op:12.2f}", flush=True)  # fmt: skip
+            times = decode_steps(engine, b, args.new_tokens, seed=b, alternate=switch)
+            a, z = statistics.median(times[0::2]), statistics.median(times[1::2])
+            print(f"{spec:>18} {b:5d} {a * 1e3:12.2f} {z * 1e3:12.2f} {a / z:14.3f}",
+                  flush=True)  # fmt: skip
         del engine
     print(f"load avg {load_average()}")
 

@@ -232,6 +232,9 @@ class LlamaForCausalLM(nn.Module):
         # a decode step runs its layers in one C++ call when their linears allow it (bind_kernels,
         # _fused_layers); False: always the per-op path (benchmarks)
         self.fuse_layers = True
+        # those layers' parallel loops in one thread team (kernels/csrc/team.h) where they can;
+        # False: an OpenMP region per loop (benchmarks; set_layer_team)
+        self.layer_team = True
         self._fused_op: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
         self._decoder_stack: Callable[..., object] | None = None  # DecoderStack's constructor
         # the stacks' arguments but the caches: the norms, and each linear's weight tensors with
@@ -299,8 +302,15 @@ class LlamaForCausalLM(nn.Module):
         if cached is None or cached[0] is not kv_cache:
             caches = [t for i in range(len(self.layers)) for t in kv_cache.layer(i)[:2]]
             cached = (kv_cache, self._decoder_stack(*args[:3], caches, *args[3:]))
+            cached[1].set_team(self.layer_team)
             self._stacks[(id(kv_cache), dense)] = cached
         return cached[1]
+
+    def set_layer_team(self, on: bool) -> None:
+        """Whether the one-call decoder layers run their parallel loops in one thread team."""
+        self.layer_team = on
+        for _, stack in self._stacks.values():
+            stack.set_team(on)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [M, vocab], float32 for sampling

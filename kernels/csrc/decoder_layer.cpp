@@ -46,16 +46,24 @@ at::Tensor quant_linear(const at::Tensor& x, at::TensorList w) {
 // In a team (team.h), the other threads read the weights of o_proj while this one runs RoPE, the
 // KV store and attention (~17 us a layer at batch 1, the only long stretch a layer runs on one
 // thread): o_proj's reads then come from the caches. The served config's batch-1 steps took
-// 0.979-0.988x the time (alternating steps, docs/benchmarks.md). oneDNN-packed weights (dense
-// bfloat16) do not expose their bytes and are not warmed.
+// 0.979-0.988x the time (alternating steps, docs/benchmarks.md). Only up to kWarmMaxBytes: a
+// quantized o_proj is ~200 KB at SmolLM2's shapes, a float32 one 1.3 MB, which takes longer to
+// read than the stretch lasts (the next loop waits for it) and does not fit a 1 MB L2; warming it
+// made float32 steps 1.3-6 % slower. oneDNN-packed weights (dense bfloat16) do not expose their
+// bytes and are not warmed.
+constexpr int64_t kWarmMaxBytes = 256 << 10;
+
 void warm(at::TensorList w) {
   tandem::Team* team = tandem::Team::current();
   if (team == nullptr) return;
   tandem::Team::Span spans[tandem::Team::kMaxSpans];
-  int64_t n = 0;
-  for (const at::Tensor& t : w)
-    if (!t.is_mkldnn() && n < tandem::Team::kMaxSpans) spans[n++] = {t.data_ptr(), static_cast<int64_t>(t.nbytes())};
-  team->warm(spans, n);
+  int64_t n = 0, bytes = 0;
+  for (const at::Tensor& t : w) {
+    if (t.is_mkldnn() || n == tandem::Team::kMaxSpans) return;
+    spans[n++] = {t.data_ptr(), static_cast<int64_t>(t.nbytes())};
+    bytes += static_cast<int64_t>(t.nbytes());
+  }
+  if (bytes <= kWarmMaxBytes) team->warm(spans, n);
 }
 
 // (this layer's MLP output [N, hidden], the residual stream it is to be added to): see
@@ -114,6 +122,7 @@ struct DecoderStack : torch::CustomClassHolder {
   // not where a linear would call oneDNN (a packed weight without our kernel; our dense_linear
   // takes up to 128 rows), which runs on one thread inside a team.
   bool team_ok = true;
+  bool team_on = true;  // set_team: off for benchmarks (engine/model.py set_layer_team)
   static constexpr int64_t kTeamMaxRows = 128;
 
   // norms: per layer input then post-attention; weights: every linear's tensors in order, counts[j]
@@ -151,7 +160,8 @@ struct DecoderStack : torch::CustomClassHolder {
   }
 
   // whether forward runs steps of this many rows in one team
-  bool team_for(int64_t rows) const { return team_ok && rows <= kTeamMaxRows; }
+  bool team_for(int64_t rows) const { return team_on && team_ok && rows <= kTeamMaxRows; }
+  void set_team(bool on) { team_on = on; }
 
   // (the MLP output of layer end - 1, its residual stream); residual None: begin is layer 0 and x
   // the embeddings
@@ -183,5 +193,6 @@ TORCH_LIBRARY_FRAGMENT(tandem_cpu, m) {
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
                        std::vector<at::Tensor>, at::Tensor, at::Tensor, double, double, int64_t, int64_t>())
       .def("forward", &tandem::DecoderStack::forward)
-      .def("team_for", &tandem::DecoderStack::team_for);
+      .def("team_for", &tandem::DecoderStack::team_for)
+      .def("set_team", &tandem::DecoderStack::set_team);
 }

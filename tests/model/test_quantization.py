@@ -169,32 +169,35 @@ def test_one_call_decoder_layers_equal_the_per_op_path(quantization, dtype, spec
                                     "float32:none"])  # fmt: skip
 def test_one_call_decoder_layers_on_two_threads_equal_the_per_op_path(config, speculative,
                                                                       tiny_llama_dir):  # fmt: skip
-    """On two threads ``DecoderStack`` runs its layers in one team (kernels/csrc/team.h) and
-    the per-op path each op's own at::parallel_for: the same tokens, bit for bit the same
-    logprobs."""
+    """On two threads ``DecoderStack`` runs its layers in one team (kernels/csrc/team.h), or
+    with ``set_layer_team(False)`` an OpenMP region per parallel loop, and the per-op path
+    each op's own at::parallel_for: the same tokens, bit for bit the same logprobs."""
     dtype, quantization = config.split(":")
     quant, _, flag = quantization.partition("+")
-    runs, fused_steps = {}, []
-    for fuse in (True, False):
+    runs, stack_steps = {}, {}
+    for mode in ("team", "no team", "per-op"):
+        steps = stack_steps[mode] = []
 
-        def set_fuse(engine: EngineCore, fuse: bool = fuse) -> None:
+        def prepare(engine: EngineCore, mode: str = mode, steps: list = steps) -> None:
             model, op = engine.model, engine.model._fused_op
             assert op is not None
 
             def counted(stack, x: torch.Tensor, *args):
-                fused_steps.append(fuse)
-                # our kernels for every linear (bfloat16 dense: where this CPU has them)
-                assert stack.team_for(x.shape[0]) or config == "bfloat16:none"
+                steps.append(stack.team_for(x.shape[0]))
                 return op(stack, x, *args)
 
-            model._fused_op, model.fuse_layers = counted, fuse
+            model._fused_op, model.fuse_layers = counted, mode != "per-op"
+            model.set_layer_team(mode == "team")
 
         extra = {} if speculative is None else {"speculative": speculative}
-        runs[fuse] = run_tiny(tiny_llama_dir, set_fuse, dtype=dtype, quantization=quant,
+        runs[mode] = run_tiny(tiny_llama_dir, prepare, dtype=dtype, quantization=quant,
                               quantize_activations=flag == "a8", num_threads=2,
                               **extra)  # fmt: skip
-    assert runs[True] == runs[False]
-    assert fused_steps and all(fused_steps)  # the fused run used the stack, the per-op run never
+    assert runs["team"] == runs["no team"] == runs["per-op"]
+    assert stack_steps["per-op"] == [] and stack_steps["team"] and stack_steps["no team"]
+    assert not any(stack_steps["no team"])
+    # in a team at every step: our kernels for every linear (bfloat16 dense: where the CPU has them)
+    assert all(stack_steps["team"]) or config == "bfloat16:none"
 
 
 def test_one_call_decoder_layers_run_only_where_every_linear_takes_their_kernels(
