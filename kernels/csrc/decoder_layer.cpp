@@ -160,7 +160,7 @@ struct DecoderStack : torch::CustomClassHolder {
   }
 
   // whether forward runs steps of this many rows in one team
-  bool team_for(int64_t rows) const { return team_on && team_ok && rows <= kTeamMaxRows; }
+  bool team_for(int64_t rows) const { return team_on && team_ok && rows <= kTeamMaxRows && tandem::team_size() > 0; }
   void set_team(bool on) { team_on = on; }
 
   // (the MLP output of layer end - 1, its residual stream); residual None: begin is layer 0 and x

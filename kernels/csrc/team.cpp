@@ -6,6 +6,10 @@
 #include <omp.h>
 #include <torch/library.h>
 
+#ifdef __linux__
+#include <sched.h>
+#endif
+
 #include <algorithm>
 #include <thread>
 
@@ -116,9 +120,19 @@ void Team::stop() {
   epoch_.fetch_add(1, std::memory_order_release);
 }
 
-void with_team(const std::function<void()>& body) {
+int64_t team_size() {
   const int64_t threads = at::get_num_threads();
-  if (threads <= 1 || at::in_parallel_region() || Team::current() != nullptr) {
+  if (threads <= 1 || at::in_parallel_region() || Team::current() != nullptr) return 0;
+#ifdef __linux__
+  cpu_set_t cpus;
+  if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0 && threads > CPU_COUNT(&cpus)) return 0;
+#endif
+  return threads;
+}
+
+void with_team(const std::function<void()>& body) {
+  const int64_t threads = team_size();
+  if (threads == 0) {
     body();
     return;
   }
@@ -149,11 +163,13 @@ void with_team(const std::function<void()>& body) {
 namespace {
 
 // For tests (tests/kernels/test_team.py): the OpenMP thread number that ran each item of
-// tandem::parallel_for(0, n, grain), run twice in one team (team) or through at::parallel_for;
-// the item `fail` (unless -1) raises on whichever thread runs it
+// tandem::parallel_for(0, n, grain), run twice in one team (team) or through at::parallel_for,
+// then the size of the team the loops ran in (0: none); the item `fail` (unless -1) raises on
+// whichever thread runs it
 at::Tensor team_probe(int64_t n, int64_t grain, bool team, int64_t fail) {
-  at::Tensor out = at::full({n}, -1, at::kLong);
+  at::Tensor out = at::full({n + 1}, -1, at::kLong);
   int64_t* p = out.data_ptr<int64_t>();
+  p[n] = 0;
   const auto loop = [&] {
     tandem::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
@@ -165,7 +181,9 @@ at::Tensor team_probe(int64_t n, int64_t grain, bool team, int64_t fail) {
   if (team) {
     tandem::with_team([&] {
       loop();
-      out.fill_(-1);
+      std::fill(p, p + n, -1);
+      const tandem::Team* current = tandem::Team::current();
+      p[n] = current ? current->size() : 0;
       loop();
     });
   } else {

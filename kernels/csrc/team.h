@@ -76,9 +76,14 @@ class Team {
 };
 
 // body() on the calling thread, leading a team of at::get_num_threads() threads (an OpenMP region
-// that lasts as long as body); without a team where there is nothing to gain (one thread) or
-// no region can be opened (already inside one)
+// that lasts as long as body); without a team where there is nothing to gain (one thread), where
+// the threads outnumber the CPUs this thread may run on (a member spinning for its next loop
+// would take the CPU from the thread it waits for; OpenMP's own barriers go to sleep instead), or
+// where no region can be opened (already inside one)
 void with_team(const std::function<void()>& body);
+
+// the team size with_team would use now (0: no team)
+int64_t team_size();
 
 // at::get_num_threads(), or the size of the team the calling thread leads
 inline int64_t num_threads() {

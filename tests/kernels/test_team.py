@@ -4,6 +4,8 @@ without leaving the team stuck."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -32,20 +34,35 @@ SPLITS = [(1, 1), (2, 1), (7, 1), (64, 16), (64, 40), (15, 16), (999, 3)]  # (n,
 def test_a_team_splits_loops_as_at_parallel_for_does(probe, two_threads, n, grain):
     """Chunk t on thread t, chunks of ceil(n / parts), parts = min(threads, ceil(n / grain)); the
     second of two loops in one team (the team serves one loop after another)."""
-    on_team, plain = probe(n, grain, True, -1), probe(n, grain, False, -1)
-    assert (on_team >= 0).all()  # every item ran
-    assert torch.equal(on_team, plain)
+    *on_team, size = probe(n, grain, True, -1).tolist()
+    *plain, none = probe(n, grain, False, -1).tolist()
+    assert (size, none) == (2, 0)  # the first loops ran in a team of two, the others not
+    assert min(on_team) >= 0  # every item ran
+    assert on_team == plain
     parts = min(2, -(-n // grain))
-    assert on_team.unique().tolist() == list(range(parts))
+    assert sorted(set(on_team)) == list(range(parts))
 
 
 def test_one_thread_runs_every_item_on_the_caller(probe):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert torch.equal(probe(9, 1, True, -1), torch.zeros(9, dtype=torch.long))
+        assert probe(9, 1, True, -1).tolist() == [0] * 9 + [0]  # and in no team
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_no_team_where_its_threads_outnumber_the_cpus(probe, two_threads):
+    """Two threads allowed one CPU: no team (its members would spin on the CPU of the thread they
+    wait for); the loops still run, split as always."""
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        *items, size = probe(10, 1, True, -1).tolist()
+    finally:
+        os.sched_setaffinity(0, cpus)
+    assert size == 0 and items == probe(10, 1, False, -1).tolist()[:-1]
 
 
 @pytest.mark.parametrize("fail", [0, 9])  # thread 0's chunk (the caller), thread 1's
@@ -53,4 +70,4 @@ def test_an_error_on_any_thread_of_a_team_reaches_the_caller(probe, two_threads,
     with pytest.raises(RuntimeError, match=f"item {fail} raised on thread {fail // 5}"):
         probe(10, 1, True, fail)
     # the team is gone and the next one works
-    assert torch.equal(probe(10, 1, True, -1), probe(10, 1, False, -1))
+    assert probe(10, 1, True, -1).tolist()[:-1] == probe(10, 1, False, -1).tolist()[:-1]
