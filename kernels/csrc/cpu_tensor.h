@@ -16,7 +16,7 @@ namespace tandem {
 
 // at::empty(sizes, dtype) on the CPU
 inline at::Tensor new_cpu(at::IntArrayRef sizes, at::ScalarType dtype) {
-  return at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false, /*memory_format_opt=*/c10::nullopt);
+  return at::detail::empty_cpu(sizes, dtype, /*pin_memory=*/false, /*memory_format_opt=*/std::nullopt);
 }
 
 // t.to(dtype).contiguous(): t itself when it is of that dtype and contiguous already

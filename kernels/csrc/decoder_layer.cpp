@@ -49,8 +49,9 @@ at::Tensor quant_linear(const at::Tensor& x, at::TensorList w) {
 // 0.979-0.988x the time (alternating steps, docs/benchmarks.md). Only up to kWarmMaxBytes: a
 // quantized o_proj is ~200 KB at SmolLM2's shapes, a float32 one 1.3 MB, which takes longer to
 // read than the stretch lasts (the next loop waits for it) and does not fit a 1 MB L2; warming it
-// made float32 steps 1.3-6 % slower. oneDNN-packed weights (dense bfloat16) do not expose their
-// bytes and are not warmed.
+// made float32 steps 1.3-6 % slower. Where attention runs a loop of its own (longer contexts),
+// that loop stops the read where it got. oneDNN-packed weights (dense bfloat16) do not expose
+// their bytes and are not warmed.
 constexpr int64_t kWarmMaxBytes = 256 << 10;
 
 void warm(at::TensorList w) {

@@ -44,7 +44,8 @@ class Team {
   void run(int64_t parts, void (*fn)(const void*, int64_t), const void* ctx);
 
   // Bytes for the member threads to read into their caches (split between them) while the leader
-  // goes on with work of its own; the next loop starts once they are done. At most kMaxSpans.
+  // goes on with work of its own. The next loop stops them where they are (what is read by then is
+  // what the leader's stretch allowed) and starts once they have. At most kMaxSpans.
   struct Span {
     const void* data;
     int64_t bytes;
@@ -60,6 +61,7 @@ class Team {
   friend void with_team(const std::function<void()>& body);
   void record(std::exception_ptr e);
   void wait_idle();  // until the member threads are done with the last loop or warm
+  void end_warm();   // stops a warm still running, then wait_idle
   static void read_spans(const void* team, int64_t t);
 
   int64_t size_;  // set by its leader (with_team) before the first loop
@@ -73,6 +75,7 @@ class Team {
   std::exception_ptr error_;
   alignas(64) std::atomic<uint64_t> epoch_{0};  // bumped by the leader per loop (and to stop)
   alignas(64) std::atomic<int64_t> pending_{0};  // member threads still in the current loop
+  alignas(64) std::atomic<bool> cancel_{false};  // set by the leader: the running warm stops
 };
 
 // body() on the calling thread, leading a team of at::get_num_threads() threads (an OpenMP region
@@ -100,7 +103,7 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   }
   if (begin >= end) return;
   const int64_t n = end - begin;
-  const int64_t parts = std::min(team->size(), grain > 0 ? (n + grain - 1) / grain : n);
+  const int64_t parts = std::min(team->size(), grain > 0 ? (n - 1) / grain + 1 : n);
   if (parts <= 1) {
     f(begin, end);
     return;

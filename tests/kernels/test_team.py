@@ -21,6 +21,8 @@ def probe():
 
 @pytest.fixture
 def two_threads():
+    if len(os.sched_getaffinity(0)) < 2 or os.environ.get("OMP_PROC_BIND"):
+        pytest.skip("a team of two needs two CPUs to run on, unpinned")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
@@ -52,7 +54,6 @@ def test_one_thread_runs_every_item_on_the_caller(probe):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
 def test_no_team_where_its_threads_outnumber_the_cpus(probe, two_threads):
     """Two threads allowed one CPU: no team (its members would spin on the CPU of the thread they
     wait for); the loops still run, split as always."""
