@@ -7,8 +7,9 @@
 // of every call, ~0.3 ms of a ~3.7 ms step (per-call timers around linear_a8, docs/benchmarks.md).
 // with_team opens ONE region for the step's layers instead: its calling thread runs them, and the
 // region's other threads wait on a spin flag for the next loop. Handing a loop over is then two
-// cache-line transfers: 0.35 / 0.55 us to the first items, 0.09 us after the last (the same
-// timers), and batch-1 steps took 0.962-0.987x the time (alternating steps of one engine).
+// cache-line transfers: 0.35-0.85 / 0.55-1.38 us to the first items, 0.09-0.24 us after the last
+// (the same timers, two runs), and batch-1 steps took 0.954-0.987x the time (alternating steps of
+// one engine, bench/decode_step.py --alternate-team).
 //
 // tandem::parallel_for splits [begin, end) exactly as at::parallel_for does with OpenMP
 // (min(threads, ceil(n / grain)) chunks of ceil(n / chunks) items, chunk t on thread t), on the
