@@ -46,11 +46,11 @@ at::Tensor quant_linear(const at::Tensor& x, at::TensorList w) {
 // In a team (team.h), the other threads read the weights of o_proj while this one runs RoPE, the
 // KV store and attention (~17 us a layer at batch 1, the only long stretch a layer runs on one
 // thread): o_proj's reads then come from the caches. The served config's batch-1 steps took
-// 0.979-0.988x the time (alternating steps, docs/benchmarks.md). Only up to kWarmMaxBytes: a
+// 0.971-0.988x the time (alternating steps, docs/benchmarks.md). Only up to kWarmMaxBytes: a
 // quantized o_proj is ~200 KB at SmolLM2's shapes, a float32 one 1.3 MB, which takes longer to
-// read than the stretch lasts (the next loop waits for it) and does not fit a 1 MB L2; warming it
-// made float32 steps 1.3-6 % slower. Where attention runs a loop of its own (longer contexts),
-// that loop stops the read where it got. oneDNN-packed weights (dense bfloat16) do not expose
+// read than the stretch lasts and does not fit a 1 MB L2; warming it (when the next loop still
+// waited for the whole read) made float32 steps 1.3-6 % slower. The next loop (o_proj's, or
+// attention's own at longer contexts) stops the read where it got. oneDNN-packed weights (dense bfloat16) do not expose
 // their bytes and are not warmed.
 constexpr int64_t kWarmMaxBytes = 256 << 10;
 
@@ -160,8 +160,10 @@ struct DecoderStack : torch::CustomClassHolder {
                   tandem::ops::dense_linear_kernel(lin[0].size(0), lin[0].size(1)) != "onednn";
   }
 
-  // whether forward runs steps of this many rows in one team
-  bool team_for(int64_t rows) const { return team_on && team_ok && rows <= kTeamMaxRows && tandem::team_size() > 0; }
+  // whether forward asks for a team for steps of this many rows (with_team decides whether the
+  // threads and CPUs allow one), and whether it would get one now
+  bool wants_team(int64_t rows) const { return team_on && team_ok && rows <= kTeamMaxRows; }
+  bool team_for(int64_t rows) const { return wants_team(rows) && tandem::team_size() > 0; }
   void set_team(bool on) { team_on = on; }
 
   // (the MLP output of layer end - 1, its residual stream); residual None: begin is layer 0 and x
@@ -181,7 +183,7 @@ struct DecoderStack : torch::CustomClassHolder {
                                               num_heads, num_kv_heads);
       }
     };
-    if (team_for(x.size(0))) tandem::with_team(layers);
+    if (wants_team(x.size(0))) tandem::with_team(layers);
     else layers();
     return {x, *residual};
   }

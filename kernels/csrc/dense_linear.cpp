@@ -317,7 +317,7 @@ at::Tensor tandem::ops::dense_linear(const at::Tensor& x, const at::Tensor& pack
     // blocks split evenly over the threads (one range each: one contiguous stretch of W)
     const int64_t grain = std::max<int64_t>(1, (blocks + threads - 1) / threads);
     tandem::parallel_for(0, blocks, grain,
-                     [&](int64_t begin, int64_t end) { amx_block_range(w, K, xp, ldx, M, yp, N, begin, end); });
+                         [&](int64_t begin, int64_t end) { amx_block_range(w, K, xp, ldx, M, yp, N, begin, end); });
     return y;
   }
 #endif
