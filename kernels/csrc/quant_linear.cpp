@@ -129,16 +129,6 @@ struct Int4Rows {
   void unit(int64_t n, int64_t u, const float* buf, vec* w) const {
     dequant_int4(q + n * (K / 2) + u * 16, buf[u], buf[K / kUnit + u], w);
   }
-  // the cache lines of rows n, n + 1 that units u, u + 1 live in (and, at u = 0, their scales)
-  void prefetch(int64_t n, int64_t u) const {
-    for (int64_t r = n; r < n + 2; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(q + r * (K / 2) + u * 16), _MM_HINT_T0);
-      if (u == 0) {
-        _mm_prefetch(reinterpret_cast<const char*>(d + r * (K / kUnit)), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(m + r * (K / kUnit)), _MM_HINT_T0);
-      }
-    }
-  }
 #endif
   void unit_scalar(int64_t n, int64_t u, const float* buf, float* w) const {
     const uint8_t* qs = q + n * (K / 2) + u * 16;
@@ -160,12 +150,6 @@ struct Int8Rows {
   void unit(int64_t n, int64_t u, const float* buf, vec* w) const {
     dequant_int8(q + n * K + u * kUnit, buf[u * kUnit / G], w);
   }
-  void prefetch(int64_t n, int64_t u) const {
-    for (int64_t r = n; r < n + 2; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(q + r * K + u * kUnit), _MM_HINT_T0);
-      if (u == 0) _mm_prefetch(reinterpret_cast<const char*>(d + r * (K / G)), _MM_HINT_T0);
-    }
-  }
 #endif
   void unit_scalar(int64_t n, int64_t u, const float* buf, float* w) const {
     const int8_t* qs = q + n * K + u * kUnit;
@@ -180,9 +164,9 @@ inline void row_tile(const Rows& rows, int64_t n, const float* x, int64_t K, con
   const int64_t units = K / kUnit;
 #if defined(__AVX2__) && defined(__FMA__)
   constexpr int W = kUnit / kLanes;
-  // two accumulators per row (lane i of a unit goes to i % 2), the same for every MT and for
-  // row_pair_m1, so a row's result does not depend on the batch it is in (batch invariance:
-  // speculative verification of k + 1 rows reproduces plain decoding bit for bit)
+  // two accumulators per row (lane i of a unit goes to i % 2), the same for every MT, so a row's
+  // result does not depend on the batch it is in (batch invariance: speculative verification of
+  // k + 1 rows reproduces plain decoding bit for bit)
   constexpr int A = W < 2 ? W : 2;
   vec acc[MT][A];
   for (int m = 0; m < MT; ++m)
@@ -213,41 +197,6 @@ inline void row_tile(const Rows& rows, int64_t n, const float* x, int64_t K, con
   for (int m = 0; m < MT; ++m) out[m] = acc[m];
 #endif
 }
-
-#if defined(__AVX2__) && defined(__FMA__)
-// Rows ahead of the pair being computed whose lines a batch-1 step prefetches: the hardware
-// prefetcher alone leaves one thread reading the weights at ~7 GB/s (two rows of int4 or int8
-// per call of row_pair_m1: ~1-2 KB per pair, so this asks for them ~5-9 KB ahead). Measured on
-// SmolLM2's shapes, 1 thread (AMD EPYC, AVX-512): int8 LM head 4.9 -> 3.0-3.6 ms, the 120 int4
-// layer calls of a step 8.9-9.9 -> 8.0-8.8 ms.
-constexpr int64_t kPrefetchRows = 16;
-
-// M == 1 (a batch-1 decode step), two weight rows at once: the x loads are shared and the fixed
-// cost of a row (scales, reduction, store) overlaps with the other row's work. ``end``: the
-// thread's last row + 1 (nothing past it is prefetched).
-template <typename Rows>
-inline void row_pair_m1(const Rows& rows, int64_t n, int64_t end, const float* x, int64_t K,
-                        const float* buf0, const float* buf1, float* out) {
-  constexpr int W = kUnit / kLanes, A = W < 2 ? W : 2;  // accumulators as in row_tile
-  const bool ahead = n + kPrefetchRows + 2 <= end;
-  vec a0[A], a1[A];
-  for (int i = 0; i < A; ++i) a0[i] = a1[i] = vzero();
-  for (int64_t u = 0; u < K / kUnit; ++u) {
-    if (ahead && u % 2 == 0) rows.prefetch(n + kPrefetchRows, u);  // a 64-byte line: 2+ units
-    vec w0[W], w1[W];
-    rows.unit(n, u, buf0, w0);
-    rows.unit(n + 1, u, buf1, w1);
-    for (int i = 0; i < W; ++i) {
-      const vec xv = vload(x + u * kUnit + i * kLanes);
-      a0[i % A] = vfma(w0[i], xv, a0[i % A]);
-      a1[i % A] = vfma(w1[i], xv, a1[i % A]);
-    }
-  }
-  for (int i = 1; i < A; ++i) a0[0] = vadd(a0[0], a0[i]), a1[0] = vadd(a1[0], a1[i]);
-  out[0] = vsum(a0[0]);
-  out[1] = vsum(a1[0]);
-}
-#endif
 
 template <typename Rows, typename T>
 void rows_all_m(const Rows& rows, int64_t n, const float* x, int64_t M, int64_t K, const float* buf, T* y,
@@ -299,23 +248,14 @@ at::Tensor run(const at::Tensor& x, const Rows& rows, int64_t N) {
   const int64_t grain = std::max<int64_t>(1, (N + threads - 1) / threads);  // one range per thread
   float* yf = bf ? nullptr : y.data_ptr<float>();
   c10::BFloat16* yb = bf ? y.data_ptr<c10::BFloat16>() : nullptr;
+  // One weight row at a time, at M = 1 too: rows taken in pairs (x loads shared, the rows 16 ahead
+  // prefetched) were faster from cache but slower from memory, where a step's weights come from.
+  // SmolLM2's 30 layers from memory, bit-equal outputs (AMD EPYC, 2 threads): int8 group 32 with
+  // bfloat16 x 6.40 -> 5.26 ms, int4 with float32 x 4.40 -> 4.13; an AVX2 build 5.27 -> 4.95 and
+  // 6.37 -> 5.40; decode steps 0.83-0.85x (docs/benchmarks.md "On the EPYC, 2026-12-05").
   tandem::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    const int64_t ns = 2 * rows.num_scales();
-    std::vector<float> buf(2 * ns);
-    int64_t n = begin;
-#if defined(__AVX2__) && defined(__FMA__)
-    for (; M == 1 && n + 2 <= end; n += 2) {
-      float out[2];
-      rows.load_row_scales(n, buf.data());
-      rows.load_row_scales(n + 1, buf.data() + ns);
-      row_pair_m1(rows, n, end, xp, K, buf.data(), buf.data() + ns, out);
-      for (int i = 0; i < 2; ++i) {
-        if (bf) yb[n + i] = static_cast<c10::BFloat16>(out[i]);
-        else yf[n + i] = out[i];
-      }
-    }
-#endif
-    for (; n < end; ++n) {
+    std::vector<float> buf(2 * rows.num_scales());  // one row's scales (and mins)
+    for (int64_t n = begin; n < end; ++n) {
       rows.load_row_scales(n, buf.data());
       if (bf) rows_all_m(rows, n, xp, M, K, buf.data(), yb, N);
       else rows_all_m(rows, n, xp, M, K, buf.data(), yf, N);
