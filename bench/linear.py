@@ -16,12 +16,14 @@ down; so they stream from DRAM as in a real step, not from cache), and separatel
     int8-torch   ``torch._weight_int8pack_mm`` (int8 per channel; float32 activations)
     int4-torch   ``torch._weight_int4pack_mm_for_cpu`` (int4, group 32; bfloat16 activations,
                  bfloat16 scale / zero point); int4-torch-f32: the same with float32 ones
-    int8         ours (kernels/csrc/quant_linear.cpp), int8 per channel, float32 activations
+    int8         ours (kernels/csrc/quant_linear.cpp), int8 per channel, float32 activations;
+                 int8-bf16: bfloat16 ones
     int8-g32     ours, int8 group 32 (llama.cpp Q8_0: the GGUF's LM head)
     int4         ours, int4 group 32 (llama.cpp Q4_1: the GGUF's layers), float32 activations
     int4-bf16    ours, int4 with bfloat16 activations
-    int4-bf16-packed  the same on the weight repacked as for int4-a8
-                 (kernels/csrc/quant_linear_bf16_packed.cpp)
+    int4-packed  int4, float32 activations, on the weight repacked as for int4-a8
+                 (kernels/csrc/quant_linear_packed.cpp); int4-bf16-packed: bfloat16 ones;
+                 int8-packed, int8-bf16-packed: the same for int8 per channel
     int4-deq-*   int4 dequantized for the call (C++) to float32 / bfloat16, then ``F.linear``:
                  what a large step costs without a dense copy (``keep_dense_weights: false``)
     int4-a8      ours with int8 activations (kernels/csrc/quant_linear_a8.cpp, the weight
@@ -106,9 +108,10 @@ def prepare(fmt: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.T
         sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(dt)  # [K/32, N, 2]
         return (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(dt), packed, 32, sz)
                 ), n * k // 2 + sz.numel() * sz.element_size()  # fmt: skip
-    if fmt in ("int8", "int8-g32"):
+    if fmt in ("int8", "int8-bf16", "int8-g32"):
         q, s = qr.quantize_int8(w, 32 if fmt == "int8-g32" else None)
-        return (lambda x: ops.int8_linear(x, q, s)), q.numel() + s.numel() * 2
+        dt = torch.bfloat16 if fmt == "int8-bf16" else torch.float32
+        return (lambda x: ops.int8_linear(x.to(dt), q, s)), q.numel() + s.numel() * 2
     if fmt in ("int4", "int4-bf16"):
         q, d, m = qr.quantize_int4(w)
         if fmt == "int4":
@@ -119,9 +122,11 @@ def prepare(fmt: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.T
         packed, dm = cpu_ext.pack_a8(fmt[:4], w_q)
         return (lambda x: ops.linear_a8(x.bfloat16(), packed, dm)
                 ), packed.numel() + dm.numel() * 2  # fmt: skip
-    if fmt == "int4-bf16-packed":
-        packed, dm = cpu_ext.pack_a8("int4", qr.quantize_int4(w))
-        return (lambda x: ops.int4_linear_bf16_packed(x.bfloat16(), packed, dm)
+    if fmt in ("int4-packed", "int4-bf16-packed", "int8-packed", "int8-bf16-packed"):
+        w_q = qr.quantize_int4(w) if fmt.startswith("int4") else qr.quantize_int8(w)
+        packed, dm = cpu_ext.pack_a8(fmt[:4], w_q)
+        dt = torch.bfloat16 if "bf16" in fmt else torch.float32
+        return (lambda x: ops.linear_packed(x.to(dt), packed, dm)
                 ), packed.numel() + dm.numel() * 2  # fmt: skip
     if fmt in ("int4-deq-f32", "int4-deq-bf16"):  # large steps without a dense copy
         q, d, m = qr.quantize_int4(w)
@@ -133,7 +138,8 @@ def prepare(fmt: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.T
 
 FORMATS = (
     "f32-mkl f32-split f32-direct bf16-onednn bf16-packed int8-torch int4-torch int4-torch-f32 int8"
-    " int8-g32 int4 int4-bf16 int4-bf16-packed int4-a8 int8-g32-a8 int4-deq-f32 int4-deq-bf16"
+    " int8-bf16 int8-g32 int4 int4-bf16 int4-packed int4-bf16-packed int8-packed int8-bf16-packed"
+    " int4-a8 int8-g32-a8 int4-deq-f32 int4-deq-bf16"
 ).split()
 
 

@@ -36,10 +36,13 @@ Storage and kernel, by device and format (``Linear.load`` picks; ``forward`` fol
   ``load(keep_dense=True)`` kept one (above ``QUANT_MAX_ROWS``: decode batches of 9+, prefill;
   ``QUANT_MAX_ROWS_BESIDE_DIRECT_BF16``, 5, for a bfloat16 copy our dense kernel takes), else the
   weight dequantized for the call (above ``QUANT_MAX_ROWS_NO_DENSE``: prefill chunks).
-- int4 with bfloat16 activations on a CPU with AVX512-BF16: ``int4_linear_bf16_packed``
-  (``kernels/csrc/quant_linear_bf16_packed.cpp``) on the weight repacked as for ``linear_a8``, 16
-  output rows in the lanes of a vector: SmolLM2's 30 layers 2.65 vs 4.34 ms at 1 row, 13.8 vs 46.4
-  at 16 (an AMD EPYC, 2 threads), up to ``QUANT_MAX_ROWS_PACKED_BF16`` rows.
+- int4 / int8 with float activations on an AVX-512 CPU: ``linear_packed``
+  (``kernels/csrc/quant_linear_packed.cpp``) on the weight repacked as for ``linear_a8``, 16
+  output rows in the lanes of a vector, within the same row limits (bfloat16 x of int4, on
+  AVX512-BF16 only: up to ``QUANT_MAX_ROWS_PACKED_BF16``). SmolLM2's 30 layers (an AMD EPYC, 2
+  threads, ``python -m bench.linear``): bfloat16 x of int4 2.65 vs 4.34 ms at 1 row, 13.8 vs 46.4
+  at 16; float32 x of int4 2.61 vs 3.64 at 1 row, 9.81 vs 15.11 at 8; int8 per channel 3.55 vs
+  4.24 at 1 row, 10.28 vs 15.75 at 8 (docs/benchmarks.md "On the EPYC, 2026-12-05").
 - int4 / int8 with ``int8_activations`` (``model.quantize_activations``, CPU): ``linear_a8``
   (``kernels/csrc/quant_linear_a8.cpp``) in place of the float kernel, up to ``A8_MAX_ROWS`` (64)
   rows (``A8_MAX_ROWS_BESIDE_AMX_BF16``, 32, beside a bfloat16 dense copy on a CPU with AMX):
@@ -93,7 +96,7 @@ QUANT_MAX_ROWS = 8
 # 5.69 vs 5.01 ms at 1 row, 5.45 vs 5.79 at 2, 5.68 vs 8.46 at 4, 8.33 vs 14.98 at 8: 5 for the same
 # reason.
 QUANT_MAX_ROWS_BESIDE_DIRECT_BF16 = 5
-# ... but int4 with bfloat16 x on the repacked weight (csrc/quant_linear_bf16_packed.cpp) keeps up
+# ... but int4 with bfloat16 x on the repacked weight (csrc/quant_linear_packed.cpp) keeps up
 # with our vdpbf16ps kernel on the dense copy further (AMD EPYC, ``--rows 1,2,4,5,8,16 --formats
 # int4-bf16-packed,bf16-packed``, 2026-12-04: 2.65 vs 5.84 ms at 1 row, 5.69 vs 7.19 at 5, 7.72
 # vs 8.51 at 8, 13.78 vs 13.28 at 16): 8 rows where the dense copy is not on AMX tiles (not
@@ -182,10 +185,10 @@ class Linear(nn.Module):
         and embedding lookups read them), or its torch reference (``int4_linear_a8`` /
         ``int8_linear_a8``) where that kernel does not run (no extension, N % 16 != 0, float16).
         Weights whose blocks of 32 inputs would straddle scale groups (K or an int8 group size
-        not a multiple of 32) keep float activations. Without ``int8_activations``, an int4
-        weight with bfloat16 activations on CPU takes ``int4_linear_bf16_packed`` on that same
-        repacked weight where the extension has it (AVX512-BF16; no activation rounded, as
-        ``int4_linear``). A packed bfloat16 weight on CPU takes
+        not a multiple of 32) keep float activations. Without ``int8_activations``, a quantized
+        weight on CPU takes ``linear_packed`` on that same repacked weight where the extension
+        runs it for ``dtype`` (AVX-512; bfloat16 x of int4: AVX512-BF16; no activation rounded, as
+        ``int4_linear`` / ``int8_linear``). A packed bfloat16 weight on CPU takes
         ``dense_linear`` (csrc/dense_linear.cpp: oneDNN, or up to 128 rows our AMX tiles or
         vdpbf16ps kernel on oneDNN's own bytes) where the extension is built."""
         self._dense_kernel = onednn_linear
@@ -216,17 +219,18 @@ class Linear(nn.Module):
                 self.max_quant_rows = A8_MAX_ROWS
                 if self.has_dense and dtype == torch.bfloat16 and cpu_has_amx():
                     self.max_quant_rows = A8_MAX_ROWS_BESIDE_AMX_BF16  # (a dense copy's there)
-        elif device_type == "cpu" and blocks and q.fmt == "int4":
+        elif device_type == "cpu" and blocks:
             from kernels import cpu_ext
 
-            op = cpu_ext.direct("int4_linear_bf16_packed", dtype)
-            built = op is not None and cpu_ext.load_ops().int4_linear_bf16_packed_available()
-            packed = cpu_ext.pack_a8("int4", q.tensors()) if built else None
+            op = cpu_ext.direct("linear_packed", dtype)
+            bits = 4 if q.fmt == "int4" else 8
+            built = op is not None and cpu_ext.load_ops().linear_packed_available(dtype, bits)
+            packed = cpu_ext.pack_a8(q.fmt, q.tensors()) if built else None
             if packed is not None:
                 # the int8 view marks the kernel for DecoderStack (csrc/decoder_layer.cpp)
                 self._quant_kernel = op
                 self.kernel_tensors = (packed[0].view(torch.int8), packed[1])
-                if not cpu_has_amx():
+                if q.fmt == "int4" and dtype == torch.bfloat16 and not cpu_has_amx():
                     self.max_quant_rows = QUANT_MAX_ROWS_PACKED_BF16
 
     def rebase_kernel_tensors(self, copies: dict[int, torch.Tensor]) -> None:

@@ -59,7 +59,7 @@ def _cpu_tag() -> str:
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("paged_decode.cpp", "store_kv.cpp", "fused.cpp", "quant_linear.cpp",
-           "quant_linear_a8.cpp", "quant_linear_bf16.cpp", "quant_linear_bf16_packed.cpp",
+           "quant_linear_a8.cpp", "quant_linear_bf16.cpp", "quant_linear_packed.cpp",
            "dense_linear.cpp", "dense_linear_f32.cpp",
            "decoder_layer.cpp", "team.cpp",
            "argmax.cpp")  # fmt: skip
@@ -391,7 +391,7 @@ DIRECT_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "int4_linear": _FUSED_DTYPES,
     "int8_linear": _FUSED_DTYPES,
     "linear_a8": _FUSED_DTYPES,  # on pack_a8's weights: int8 activations
-    "int4_linear_bf16_packed": (torch.bfloat16,),  # on int4_pack_a8's weight, AVX512-BF16 builds
+    "linear_packed": _FUSED_DTYPES,  # on pack_a8's weights: float activations (AVX-512 builds)
     "decode_attention": Q_DTYPES,
     "store_kv": Q_DTYPES,  # cache dtype == key dtype (no FP8: quantized on store by the reference)
     "dense_linear": (torch.bfloat16,),  # on a packed weight: oneDNN, or our kernels (128 rows)

@@ -29,8 +29,8 @@ namespace {
 
 // x [M, K] @ W^T with W as engine/model.py's bind_kernels passes it: (qweight, scales, mins) int4,
 // (qweight, scales) int8, (packed, dm) int4 / int8 repacked for int8 activations (uint8 marks
-// it), the int4 one for bfloat16 activations (packed viewed as int8 [.., 5 dims] marks it:
-// int4_linear_bf16_packed), or (weight,) a dense weight: in oneDNN's layout (dense_linear: our
+// it), the same for float activations (packed viewed as int8 [.., 5 dims] marks it:
+// linear_packed), or (weight,) a dense weight: in oneDNN's layout (dense_linear: our
 // kernels or oneDNN), or plain float32 (dense_linear_f32; engine/model.py passes those for steps
 // of up to engine.linear.F32_DIRECT_MAX_ROWS rows only)
 at::Tensor quant_linear(const at::Tensor& x, at::TensorList w) {
@@ -39,7 +39,7 @@ at::Tensor quant_linear(const at::Tensor& x, at::TensorList w) {
   if (w.size() == 3) return tandem::ops::int4_linear(x, w[0], w[1], w[2]);
   TORCH_CHECK(w.size() == 2, "a quantized weight is 3 tensors (int4), 2 (int8 or a *_pack_a8's)");
   if (w[0].scalar_type() == at::kByte) return tandem::ops::linear_a8(x, w[0], w[1]);
-  if (w[0].dim() == 5) return tandem::ops::int4_linear_bf16_packed(x, w[0], w[1]);
+  if (w[0].dim() == 5) return tandem::ops::linear_packed(x, w[0], w[1]);
   return tandem::ops::int8_linear(x, w[0], w[1]);
 }
 

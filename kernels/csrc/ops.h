@@ -41,9 +41,9 @@ std::string dense_linear_kernel(int64_t N, int64_t K);
 at::Tensor dense_linear_f32(const at::Tensor& x, const at::Tensor& w, int64_t lanes);
 std::vector<int64_t> dense_linear_f32_lanes();
 at::Tensor linear_a8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm);
-// int4 weight-only on int4_pack_a8's weight with bfloat16 x, on AVX512-BF16
-// (quant_linear_bf16_packed.cpp; available: whether it was built)
-bool int4_linear_bf16_packed_available();
-at::Tensor int4_linear_bf16_packed(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm);
+// int4 / int8 weight-only on int4_pack_a8's / int8_pack_a8's weight with float32 or bfloat16 x
+// (quant_linear_packed.cpp; available: whether this build runs x of dtype on weights of bits)
+bool linear_packed_available(at::ScalarType dtype, int64_t bits);
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& dm);
 
 }  // namespace tandem::ops

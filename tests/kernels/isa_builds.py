@@ -4,7 +4,7 @@ extension's in one process) and prints "ok" when every check against the referen
 
 Each build goes to one directory per flag set (the ``isa_build_dirs`` fixture). For the flag sets
 both checks use (SHARED_FLAGS) each builds every source they need (ISA_SOURCES), so the second
-finds the build done: two ninja jobs compile the four files at once, nothing twice."""
+finds the build done: two ninja jobs compile the files at once, nothing twice."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
+# quant_linear_packed.cpp runs on quant_linear_a8.cpp's repacking (int4_pack_a8 / int8_pack_a8)
 QUANT_SOURCES = ("quant_linear.cpp", "quant_linear_bf16.cpp", "dense_linear.cpp",
-                 "dense_linear_f32.cpp")  # fmt: skip
+                 "dense_linear_f32.cpp", "quant_linear_packed.cpp",
+                 "quant_linear_a8.cpp")  # fmt: skip
 A8_SOURCES = ("quant_linear_a8.cpp",)
-ISA_SOURCES = (*QUANT_SOURCES, *A8_SOURCES)
+ISA_SOURCES = tuple(dict.fromkeys((*QUANT_SOURCES, *A8_SOURCES)))
 SHARED_FLAGS = ("-mno-avx512f", "-mno-avx2 -mno-fma -mno-avx512f")  # AVX2, plain
 
 # a flag set that switches off only features this CPU lacks builds what the main (-march=native)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from isa_builds import check_build
+from isa_builds import check_build, cpu_flags
 from paged_cases import rel_err
 from thread_split import same_on_two_threads
 
@@ -178,55 +178,87 @@ def test_int4_bfloat16_rows_are_batch_invariant_up_to_8_rows():
     assert torch.equal(shifted[0], one[0, 1:])
 
 
-def _packed_bf16(n: int, k: int, seed: int):
-    """An int4 weight (Q4_1 tensors) and int4_pack_a8's repacking of it."""
-    q = quant_reference.quantize_int4(weights(n, k, seed))
-    return q, cpu_ext.load_ops().int4_pack_a8(*q)
+PACKED = [("int4", torch.bfloat16), ("int4", torch.float32), ("int8", torch.bfloat16),
+          ("int8", torch.float32)]  # fmt: skip
 
 
-def test_int4_bfloat16_on_the_repacked_weight_rounds_the_exact_product():
-    """csrc/quant_linear_bf16_packed.cpp (16 rows in the lanes, four vdpbf16ps chains per block)
-    at 1-9 rows: each output within one bfloat16 ulp of the float64 product of x and the
-    dequantized weight plus the float32 sum's own error (which shows where the products nearly
-    cancel: 3 ulps of an output of 6e-6 at K = 64), nearly all that product correctly rounded,
-    and nearly all equal to the row kernel's (quant_linear_bf16.cpp: the same arithmetic, summed
-    in another order)."""
+def _packed(fmt: str, n: int, k: int, seed: int):
+    """A quantized weight (int4: Q4_1 tensors; int8: per channel) and its pack_a8 repacking."""
+    w = weights(n, k, seed)
+    q = quant_reference.quantize_int4(w) if fmt == "int4" else quant_reference.quantize_int8(w)
+    return q, cpu_ext.pack_a8(fmt, q)
+
+
+def _skip_unless_packed(fmt: str, dtype: torch.dtype):
+    """The ops, or a skip where this build does not run x of ``dtype`` on ``fmt`` packed."""
     ops = cpu_ext.load_ops()
-    if not ops.int4_linear_bf16_packed_available():
-        pytest.skip("built without AVX512-BF16")
+    if not ops.linear_packed_available(dtype, 4 if fmt == "int4" else 8):
+        pytest.skip(f"this build has no linear_packed for {dtype} x of {fmt}")
+    return ops
+
+
+def test_packed_kernel_says_where_it_runs():
+    """linear_packed runs float32 / bfloat16 x of int4 / int8 on an AVX-512 build, bfloat16 x of
+    int4 (vdpbf16ps) only with AVX512-BF16, never float16 x."""
+    ops = cpu_ext.load_ops()
+    flags = cpu_flags()
+    avx512 = {"avx512f", "avx512bw", "avx512vl"} <= flags
+    for fmt, dtype in PACKED:
+        bf16_dot = fmt == "int4" and dtype == torch.bfloat16
+        want = avx512 and ("avx512_bf16" in flags or not bf16_dot)
+        assert ops.linear_packed_available(dtype, 4 if fmt == "int4" else 8) == want, (fmt, dtype)
+    assert not ops.linear_packed_available(torch.float16, 4)
+
+
+@pytest.mark.parametrize(("fmt", "dtype"), PACKED)
+def test_packed_kernel_is_within_its_rounding_of_the_exact_product(fmt, dtype):
+    """csrc/quant_linear_packed.cpp (16 rows in the lanes, s d * sum((1 + q / s) x) + (m - s d) *
+    sum(x) per block) at 1-9 rows: each output within one ulp of its dtype of the float64 product
+    of x and the dequantized weight, plus the float32 sums' own error over the factored terms
+    (which shows where they nearly cancel); bfloat16 outputs nearly all that product correctly
+    rounded, and for int4 (vdpbf16ps) nearly all equal to the row kernel's
+    (quant_linear_bf16.cpp: the same arithmetic, summed in another order)."""
+    ops = _skip_unless_packed(fmt, dtype)
     g = torch.Generator().manual_seed(2)
+    s = 16.0 if fmt == "int4" else 256.0
+    mant = 7 if dtype == torch.bfloat16 else 23
     for m, n, k in ((1, 576, 1536), (1, 96, 160), (4, 960, 576), (5, 64, 576), (9, 3072, 64)):
-        x = (torch.randn(m, k, generator=g) * 2).bfloat16()
-        q, packed = _packed_bf16(n, k, m + n)
-        out = ops.int4_linear_bf16_packed(x, *packed)
-        assert out.shape == (m, n) and out.dtype == torch.bfloat16
-        w = quant_reference.dequantize_int4(*q).double()
+        x = (torch.randn(m, k, generator=g) * 2).to(dtype)
+        q, packed = _packed(fmt, n, k, m + n)
+        out = ops.linear_packed(x, *packed)
+        assert out.shape == (m, n) and out.dtype == dtype
+        if fmt == "int4":
+            w, d, mins = quant_reference.dequantize_int4(*q).double(), q[1].double(), q[2].double()
+        else:
+            w, d = quant_reference.dequantize_int8(*q).double(), q[1].double()
+            mins = -128 * d
         ref = x.double() @ w.t()
-        ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - 7)
-        sum_err = k * 2.0**-24 * (x.double().abs() @ w.abs().t())
+        ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - mant)
+        # |s d (1 + q / s)| <= 2 s |d| and |m - s d| per weight, summed over k with |x|
+        terms = (2 * s * d.abs() + (mins - s * d).abs()).repeat_interleave(k // d.shape[1], dim=1)
+        sum_err = k * 2.0**-24 * (x.double().abs() @ (w.abs() + terms).t())
         assert ((out.double() - ref).abs() <= ulp + sum_err).all(), (m, n, k)
-        assert (out == ref.bfloat16()).float().mean() >= 0.99, (m, n, k)
-        assert (out == ops.int4_linear(x, *q)).float().mean() >= 0.99, (m, n, k)
+        if dtype == torch.bfloat16:
+            assert (out == ref.bfloat16()).float().mean() >= 0.99, (m, n, k)
+        if fmt == "int4" and dtype == torch.bfloat16:
+            assert (out == ops.int4_linear(x, *q)).float().mean() >= 0.99, (m, n, k)
     # the engine passes the packed bytes viewed as int8 (that marks the kernel in DecoderStack)
-    assert torch.equal(ops.int4_linear_bf16_packed(x, packed[0].view(torch.int8), packed[1]), out)
+    assert torch.equal(ops.linear_packed(x, packed[0].view(torch.int8), packed[1]), out)
 
 
-def test_int4_bfloat16_on_the_repacked_weight_is_batch_and_thread_invariant():
+@pytest.mark.parametrize(("fmt", "dtype"), PACKED)
+def test_packed_kernel_is_batch_and_thread_invariant(fmt, dtype):
     """Each row of a call of any size gets the bits it gets alone (tiles of 4 / 2 / 1 rows run
     the same operations), and two threads claiming row groups give the one-thread result."""
-    ops = cpu_ext.load_ops()
-    if not ops.int4_linear_bf16_packed_available():
-        pytest.skip("built without AVX512-BF16")
-    _, packed = _packed_bf16(16 * 37, 576, seed=6)
+    ops = _skip_unless_packed(fmt, dtype)
+    _, packed = _packed(fmt, 16 * 37, 576, seed=6)
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(19, 576, generator=g).bfloat16()
-    alone = torch.cat(
-        [ops.int4_linear_bf16_packed(x[i : i + 1].contiguous(), *packed) for i in range(19)]
-    )
+    x = torch.randn(19, 576, generator=g).to(dtype)
+    alone = torch.cat([ops.linear_packed(x[i : i + 1].contiguous(), *packed) for i in range(19)])
     for rows in (slice(0, 2), slice(1, 4), slice(2, 7), slice(3, 11), slice(0, 19)):
-        assert torch.equal(ops.int4_linear_bf16_packed(x[rows].contiguous(), *packed), alone[rows])
+        assert torch.equal(ops.linear_packed(x[rows].contiguous(), *packed), alone[rows])
     same_on_two_threads(
-        lambda x: ops.int4_linear_bf16_packed(x, *packed), [x[:1].contiguous(), x[:3].contiguous()]
+        lambda x: ops.linear_packed(x, *packed), [x[:1].contiguous(), x[:3].contiguous()]
     )
 
 
