@@ -124,7 +124,7 @@ def prepare(fmt: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.T
                 ), packed.numel() + dm.numel() * 2  # fmt: skip
     if fmt in ("int4-packed", "int4-bf16-packed", "int8-packed", "int8-bf16-packed"):
         w_q = qr.quantize_int4(w) if fmt.startswith("int4") else qr.quantize_int8(w)
-        packed, dm = cpu_ext.pack_a8(fmt[:4], w_q)
+        packed, dm = cpu_ext.pack_float(fmt[:4], w_q)
         dt = torch.bfloat16 if "bf16" in fmt else torch.float32
         return (lambda x: ops.linear_packed(x.to(dt), packed, dm)
                 ), packed.numel() + dm.numel() * 2  # fmt: skip

@@ -225,7 +225,7 @@ class Linear(nn.Module):
             op = cpu_ext.direct("linear_packed", dtype)
             bits = 4 if q.fmt == "int4" else 8
             built = op is not None and cpu_ext.load_ops().linear_packed_available(dtype, bits)
-            packed = cpu_ext.pack_a8(q.fmt, q.tensors()) if built else None
+            packed = cpu_ext.pack_float(q.fmt, q.tensors()) if built else None
             if packed is not None:
                 # the int8 view marks the kernel for DecoderStack (csrc/decoder_layer.cpp)
                 self._quant_kernel = op

@@ -14,7 +14,9 @@
 // A block's dot product is then factored, with s = 16 (int4) or 256 (int8) and the block's d, m
 // (int8: m = -128 d, as int8_pack_a8 stores it):
 //     sum_k (d q_k + m) x_k = s d * sum_k (1 + q_k / s) x_k + (m - s d) * sum_k x_k
-// and sum_k x_k is the activations' own, once per call. No horizontal sums, no per-row work.
+// and sum_k x_k is the activations' own, once per call. No horizontal sums, no per-row work. An int8
+// weight with one scale per row may come with one block's d and m per row group (dm [N / 16, 1, 2,
+// 16], cpu_ext.pack_float), read once for all its blocks: 4 bytes per 32 weights not read.
 //
 // Two ways to the inner sum, by x's dtype and the format:
 //   - bfloat16 x, int4 (AVX512-BF16): 1 + q / 16 is a bfloat16 (mantissa bits 3..6), and
@@ -213,20 +215,23 @@ inline __m256i bf16_of(__m512 v) {
 
 enum class Way { kBf16Dot, kFmaInt4, kFmaInt8 };
 
-// y[m0 .. m0 + MT, 16g .. 16g + 16) for row group g; B = packed bytes per block of 16 rows
+// y[m0 .. m0 + MT, 16g .. 16g + 16) for row group g; B = packed bytes per block of 16 rows; dm_blocks:
+// dm's blocks per row group (K / 32, or 1: every block's d and m, read once)
 template <Way W, int MT, typename T>
-void group_tile(const uint8_t* packed, const c10::Half* dm, int64_t g, const Acts& a, int64_t m0, T* y, int64_t N) {
+void group_tile(const uint8_t* packed, const c10::Half* dm, int64_t dm_blocks, int64_t g, const Acts& a, int64_t m0,
+                T* y, int64_t N) {
   constexpr int64_t B = W == Way::kFmaInt8 ? 512 : 256;
   const float s = W == Way::kFmaInt8 ? 256.0f : 16.0f;
   const int64_t units = a.units;
   const uint8_t* p = packed + g * units * B;
-  const c10::Half* sc = dm + g * units * 2 * kRows;
+  const c10::Half* sc = dm + g * dm_blocks * 2 * kRows;
+  const int64_t sc_step = dm_blocks == 1 ? 0 : 2 * kRows;
   __m512 acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
-  for (int64_t u = 0; u < units; ++u, p += B, sc += 2 * kRows) {
+  for (int64_t u = 0; u < units; ++u, p += B, sc += sc_step) {
     for (int64_t line = 0; line < B; line += 64)  // 8 blocks ahead
       _mm_prefetch(reinterpret_cast<const char*>(p + 8 * B + line), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(sc + 8 * 2 * kRows), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(sc + 8 * sc_step), _MM_HINT_T0);
     __m512 part[MT][4];
     for (int m = 0; m < MT; ++m)
       for (int q = 0; q < 4; ++q) part[m][q] = _mm512_setzero_ps();
@@ -251,7 +256,7 @@ void group_tile(const uint8_t* packed, const c10::Half* dm, int64_t g, const Act
 }
 
 template <Way W, typename T>
-void run(const uint8_t* pp, const c10::Half* dp, const Acts& a, int64_t M, int64_t groups, T* y) {
+void run(const uint8_t* pp, const c10::Half* dp, int64_t dm_blocks, const Acts& a, int64_t M, int64_t groups, T* y) {
   constexpr int64_t B = W == Way::kFmaInt8 ? 512 : 256;
   const int64_t N = groups * kRows;
   // one range of row groups per thread, claimed ~16 KB of weights at a time (work_ranges.h)
@@ -261,9 +266,9 @@ void run(const uint8_t* pp, const c10::Half* dp, const Acts& a, int64_t M, int64
       work.run(part, [&](int64_t g0, int64_t g1) {
         for (int64_t g = g0; g < g1; ++g) {
           int64_t m0 = 0;
-          for (; m0 + 4 <= M; m0 += 4) group_tile<W, 4>(pp, dp, g, a, m0, y, N);
-          if (M - m0 >= 2) group_tile<W, 2>(pp, dp, g, a, m0, y, N), m0 += 2;
-          if (M - m0 >= 1) group_tile<W, 1>(pp, dp, g, a, m0, y, N);
+          for (; m0 + 4 <= M; m0 += 4) group_tile<W, 4>(pp, dp, dm_blocks, g, a, m0, y, N);
+          if (M - m0 >= 2) group_tile<W, 2>(pp, dp, dm_blocks, g, a, m0, y, N), m0 += 2;
+          if (M - m0 >= 1) group_tile<W, 1>(pp, dp, dm_blocks, g, a, m0, y, N);
         }
       });
   });
@@ -286,10 +291,12 @@ at::Tensor tandem::ops::linear_packed(const at::Tensor& x, const at::Tensor& pac
                   (packed.size(2) == 4 || packed.size(2) == 8) && packed.size(3) == kRows && packed.size(4) == 4,
               "packed must be a uint8 (or its int8 view) [N / 16, K / 32, 4 or 8, 16, 4] from int4_pack_a8 / "
               "int8_pack_a8 for this x");
-  TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.dim() == 4 && dm.size(0) == packed.size(0) &&
-                  dm.size(1) == packed.size(1) && dm.size(2) == 2 && dm.size(3) == kRows,
-              "dm must be a float16 [N / 16, K / 32, 2, 16] from int4_pack_a8 / int8_pack_a8");
   const bool int8 = packed.size(2) == 8, bf = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(dm.scalar_type() == at::kHalf && dm.is_contiguous() && dm.dim() == 4 && dm.size(0) == packed.size(0) &&
+                  (dm.size(1) == packed.size(1) || (int8 && dm.size(1) == 1)) && dm.size(2) == 2 &&
+                  dm.size(3) == kRows,
+              "dm must be a float16 [N / 16, K / 32, 2, 16] from int4_pack_a8 / int8_pack_a8 (int8 with one scale per "
+              "row: [N / 16, 1, 2, 16] too)");
   const bool dot = bf && !int8;
   TORCH_CHECK(!dot || kHasBf16Dot, "linear_packed: bfloat16 x of int4 needs a build with AVX512-BF16");
   const int64_t groups = packed.size(0);
@@ -297,11 +304,12 @@ at::Tensor tandem::ops::linear_packed(const at::Tensor& x, const at::Tensor& pac
   at::Tensor y = tandem::new_cpu({M, groups * kRows}, x.scalar_type());
   const uint8_t* pp = static_cast<const uint8_t*>(packed.data_ptr());
   const c10::Half* dp = dm.data_ptr<c10::Half>();
-  if (dot) run<Way::kBf16Dot>(pp, dp, a, M, groups, y.data_ptr<c10::BFloat16>());
-  else if (int8 && bf) run<Way::kFmaInt8>(pp, dp, a, M, groups, y.data_ptr<c10::BFloat16>());
-  else if (int8) run<Way::kFmaInt8>(pp, dp, a, M, groups, y.data_ptr<float>());
-  else if (bf) run<Way::kFmaInt4>(pp, dp, a, M, groups, y.data_ptr<c10::BFloat16>());
-  else run<Way::kFmaInt4>(pp, dp, a, M, groups, y.data_ptr<float>());
+  const int64_t db = dm.size(1);
+  if (dot) run<Way::kBf16Dot>(pp, dp, db, a, M, groups, y.data_ptr<c10::BFloat16>());
+  else if (int8 && bf) run<Way::kFmaInt8>(pp, dp, db, a, M, groups, y.data_ptr<c10::BFloat16>());
+  else if (int8) run<Way::kFmaInt8>(pp, dp, db, a, M, groups, y.data_ptr<float>());
+  else if (bf) run<Way::kFmaInt4>(pp, dp, db, a, M, groups, y.data_ptr<c10::BFloat16>());
+  else run<Way::kFmaInt4>(pp, dp, db, a, M, groups, y.data_ptr<float>());
   return y;
 }
 

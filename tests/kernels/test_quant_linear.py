@@ -246,6 +246,25 @@ def test_packed_kernel_is_within_its_rounding_of_the_exact_product(fmt, dtype):
     assert torch.equal(ops.linear_packed(x, packed[0].view(torch.int8), packed[1]), out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_int8_with_one_scale_per_row_reads_it_once_alike(dtype):
+    """An int8 weight with one scale per row comes from ``pack_float`` with one block's d and m
+    per group of 16 rows: the same bits as the full [N / 16, K / 32, 2, 16] dm, and a dm of one
+    block refused where the weight is int4."""
+    ops = _skip_unless_packed("int8", dtype)
+    q, (packed, dm) = _packed("int8", 48, 576, seed=3)
+    packed_f, dm_f = cpu_ext.pack_float("int8", q)
+    assert torch.equal(packed_f, packed) and dm_f.shape == (3, 1, 2, 16)
+    assert torch.equal(dm_f, dm[:, :1])
+    x = torch.randn(5, 576, generator=torch.Generator().manual_seed(4)).to(dtype)
+    assert torch.equal(ops.linear_packed(x, packed_f, dm_f), ops.linear_packed(x, packed, dm))
+    q4 = quant_reference.quantize_int4(weights(48, 576, 5))
+    packed4, dm4 = cpu_ext.pack_float("int4", q4)
+    assert dm4.shape == (3, 18, 2, 16)
+    with pytest.raises(RuntimeError, match="dm must be"):
+        ops.linear_packed(x.float(), packed4, dm4[:, :1].contiguous())
+
+
 @pytest.mark.parametrize(("fmt", "dtype"), PACKED)
 def test_packed_kernel_is_batch_and_thread_invariant(fmt, dtype):
     """Each row of a call of any size gets the bits it gets alone (tiles of 4 / 2 / 1 rows run
