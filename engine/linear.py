@@ -38,8 +38,9 @@ Storage and kernel, by device and format (``Linear.load`` picks; ``forward`` fol
   weight dequantized for the call (above ``QUANT_MAX_ROWS_NO_DENSE``: prefill chunks).
 - int4 / int8 with float activations on an AVX-512 CPU: ``linear_packed``
   (``kernels/csrc/quant_linear_packed.cpp``) on the weight repacked as for ``linear_a8``, 16
-  output rows in the lanes of a vector, within the same row limits (bfloat16 x of int4, on
-  AVX512-BF16 only: up to ``QUANT_MAX_ROWS_PACKED_BF16``). SmolLM2's 30 layers (an AMD EPYC, 2
+  output rows in the lanes of a vector, within the same row limits but bfloat16 x of int4 (on
+  AVX512-BF16 only: up to ``QUANT_MAX_ROWS_PACKED_BF16``) and float32 x (up to
+  ``QUANT_MAX_ROWS_PACKED_F32``). SmolLM2's 30 layers (an AMD EPYC, 2
   threads, ``python -m bench.linear``): bfloat16 x of int4 2.65 vs 4.34 ms at 1 row, 13.8 vs 46.4
   at 16; float32 x of int4 2.61 vs 3.64 at 1 row, 9.81 vs 15.11 at 8; int8 per channel 3.55 vs
   4.24 at 1 row, 10.28 vs 15.75 at 8 (docs/benchmarks.md "On the EPYC, 2026-12-05").
@@ -102,6 +103,12 @@ QUANT_MAX_ROWS_BESIDE_DIRECT_BF16 = 5
 # vs 8.51 at 8, 13.78 vs 13.28 at 16): 8 rows where the dense copy is not on AMX tiles (not
 # measured against those).
 QUANT_MAX_ROWS_PACKED_BF16 = 8
+# ... and float32 x on the repacked weight (its FMA way) against our float32 kernel on the dense
+# copy (AMD EPYC, ``--rows 8,12,16,24,32 --formats f32-direct,int4-packed,int8-packed``,
+# 2026-12-05, 30 layers): int4 10.0 / 19.3 / 37.6 vs 21.3 / 32.0 / 55.3 ms at 8 / 16 / 32 rows,
+# int8 10.4 / 20.1 / 37.9; the LM head (int8) 9.3 vs 14.5 at 32: 32 rows (from 17 the dense copy
+# is MKL's, slower still).
+QUANT_MAX_ROWS_PACKED_F32 = 32
 # The same with int8 activations (``linear_a8``), against bfloat16 oneDNN (``python -m bench.linear
 # --threads 2 --rows 1,8,16,32,64,128 --formats bf16-onednn,int4-a8,int8-g32-a8``, 30 layers, two
 # runs): 37.4 / 41.0 vs 54.0 / 54.2 ms at 64 rows, 75.8 / 70.5 vs 89.2 / 81.4 at 128; the LM head
@@ -232,6 +239,8 @@ class Linear(nn.Module):
                 self.kernel_tensors = (packed[0].view(torch.int8), packed[1])
                 if q.fmt == "int4" and dtype == torch.bfloat16 and not cpu_has_amx():
                     self.max_quant_rows = QUANT_MAX_ROWS_PACKED_BF16
+                elif dtype == torch.float32:
+                    self.max_quant_rows = QUANT_MAX_ROWS_PACKED_F32
 
     def rebase_kernel_tensors(self, copies: dict[int, torch.Tensor]) -> None:
         """Point the quantized kernel's weight tensors at ``copies[id(tensor)]`` (equal copies,

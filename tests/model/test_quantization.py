@@ -129,6 +129,7 @@ def test_one_call_decoder_layers_equal_the_per_op_path(quantization, dtype, spec
         monkeypatch.setattr(engine_linear, "QUANT_MAX_ROWS", 1)
         monkeypatch.setattr(engine_linear, "QUANT_MAX_ROWS_BESIDE_DIRECT_BF16", 1)
         monkeypatch.setattr(engine_linear, "QUANT_MAX_ROWS_PACKED_BF16", 1)
+        monkeypatch.setattr(engine_linear, "QUANT_MAX_ROWS_PACKED_F32", 1)
     runs, rows, limit = {}, {}, []
     for fuse in (True, False):
         calls: list[int] = []
@@ -338,6 +339,34 @@ def test_int8_activation_row_limit_follows_the_kernel_that_runs(amx, direct, mon
             no_dense = max(alone, engine_linear.QUANT_MAX_ROWS_NO_DENSE[dtype])
             limit = dense_limit if keep_dense else no_dense
             assert calls == [r for r in sizes if r <= limit], (dtype, n, keep_dense, calls)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_activation_row_limit_follows_the_kernel_that_runs(fmt, dtype, monkeypatch):
+    """Without int8 activations a quantized weight with a dense copy takes ``linear_packed``
+    (where this build runs it for ``dtype``) up to its limit against that copy: float32
+    ``QUANT_MAX_ROWS_PACKED_F32``; bfloat16 x of int4 ``QUANT_MAX_ROWS_PACKED_BF16`` (no AMX);
+    bfloat16 x of int8 the float kernels' limit beside our dense kernel
+    (``QUANT_MAX_ROWS_BESIDE_DIRECT_BF16``); where it does not run, the row kernels their own."""
+    monkeypatch.setattr(engine_linear, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(engine_linear, "dense_runs_direct", lambda n, k: True)
+    bits = 4 if fmt == "int4" else 8
+    runs = cpu_ext.load_ops().linear_packed_available(dtype, bits)
+    layer = engine_linear.Linear(64, 48).to(dtype)
+    layer.load(torch.randn(48, 64) * 0.05, quantization=fmt, keep_dense=True)
+    layer.bind("cpu", dtype)
+    assert ("linear_packed" in str(layer._quant_kernel)) == runs
+    if dtype == torch.float32:
+        want = engine_linear.QUANT_MAX_ROWS_PACKED_F32 if runs else engine_linear.QUANT_MAX_ROWS
+    elif fmt == "int4" and runs:
+        want = engine_linear.QUANT_MAX_ROWS_PACKED_BF16
+    else:
+        want = engine_linear.QUANT_MAX_ROWS_BESIDE_DIRECT_BF16
+    assert layer.max_quant_rows == want
+    x = torch.randn(want, 64).to(dtype)
+    ref = x.float() @ layer.quantized.dequantize(torch.float32).t()
+    assert torch.allclose(layer(x).float(), ref, rtol=2e-2, atol=2e-2)
 
 
 def test_packed_layers_keep_no_plain_copy(tiny_llama_dir):
