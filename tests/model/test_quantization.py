@@ -278,9 +278,11 @@ def test_int8_activations_move_only_small_steps_and_little(dtype, tiny_llama_dir
     reference): the decode steps of the 3 sequences, and the LM head on the 5-token prompt's 4
     prompt-logprob rows. The prefill's layers (64 rows) and the head on the other prompts' 18 and
     39 rows stay on the dense copy, bit for bit. What moves, moves by about the activations'
-    rounding."""
+    rounding. (The float kernels' limit cut to 16 too: float32's linear_packed would take the
+    18-row head.)"""
     monkeypatch.setattr(engine_linear, "A8_MAX_ROWS", 16)
     monkeypatch.setattr(engine_linear, "A8_MAX_ROWS_BESIDE_AMX_BF16", 16)
+    monkeypatch.setattr(engine_linear, "QUANT_MAX_ROWS_PACKED_F32", 16)
     layers: list = []
     config = {"dtype": dtype, "quantization": "int4", "keep_dense_weights": True}
     tokens, lps, prompt = run_tiny(tiny_llama_dir, **config)
