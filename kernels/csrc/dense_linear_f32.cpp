@@ -5,8 +5,10 @@
 // output rows per thread, but even so SmolLM2's 30 layers (425 MB) took 20 ms at 1 row on an AMD
 // EPYC (Zen 4, 2 threads), ~21 GB/s, 1.6x the copy-bandwidth floor, and 28-32 ms at 2-8 rows (MKL
 // there switches to kernels that read the weight at a fraction of that). A float32 decode step is
-// a stream of the weights: per 4 output rows (4 weight streams) and vector of inputs, 4 weight
-// loads, then per activation row one load and 4 FMAs; outputs in the lanes' sums. The weight is
+// a stream of the weights: per item of 4 output rows, up to 2 activation rows one weight row after
+// the other (one load and one FMA per row and vector of inputs), more rows the 4 side by side (4
+// weight loads, then per activation row one load and 4 FMAs; see tile); outputs in the lanes'
+// sums. The weight is
 // the one the model already holds (no copy, no repack); a step of more rows than the engine sends
 // here goes to MKL.
 //
