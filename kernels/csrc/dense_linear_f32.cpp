@@ -8,9 +8,8 @@
 // a stream of the weights: per item of 4 output rows, up to 2 activation rows one weight row after
 // the other (one load and one FMA per row and vector of inputs), more rows the 4 side by side (4
 // weight loads, then per activation row one load and 4 FMAs; see tile); outputs in the lanes'
-// sums. The weight is
-// the one the model already holds (no copy, no repack); a step of more rows than the engine sends
-// here goes to MKL.
+// sums. The weight is the one the model already holds (no copy, no repack); a step of more rows
+// than the engine sends here goes to MKL.
 //
 // Arithmetic, per (activation row m, output n), for lanes L (16: AVX-512, 8: AVX2): L partial sums,
 // lane l over k = l, l + L, l + 2L, ... in order, each product added with one rounding (FMA);
