@@ -50,8 +50,8 @@ at::Tensor quant_linear(const at::Tensor& x, at::TensorList w) {
 // quantized o_proj is ~200 KB at SmolLM2's shapes, a float32 one 1.3 MB, which takes longer to
 // read than the stretch lasts and does not fit a 1 MB L2; warming it (when the next loop still
 // waited for the whole read) made float32 steps 1.3-6 % slower. The next loop (o_proj's, or
-// attention's own at longer contexts) stops the read where it got. oneDNN-packed weights (dense bfloat16) do not expose
-// their bytes and are not warmed.
+// attention's own at longer contexts) stops the read where it got. oneDNN-packed weights (dense
+// bfloat16) do not expose their bytes and are not warmed.
 constexpr int64_t kWarmMaxBytes = 256 << 10;
 
 void warm(at::TensorList w) {

@@ -169,7 +169,8 @@ QuantizedRows quantize_rows(const at::Tensor& x) {
   QuantizedRows r{M, K, units, std::vector<int8_t>(M * K), std::vector<float>(M * units), std::vector<float>(M * units)};
   const c10::BFloat16* xb = x.scalar_type() == at::kBFloat16 ? x.data_ptr<c10::BFloat16>() : nullptr;
   const float* xf = xb == nullptr ? x.data_ptr<float>() : nullptr;
-  tandem::parallel_for(0, M, std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1));
+  tandem::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     alignas(64) float v[kBlock];
     for (int64_t m = begin; m < end; ++m)
       for (int64_t u = 0; u < units; ++u) {
