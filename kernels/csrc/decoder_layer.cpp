@@ -50,16 +50,16 @@ at::Tensor quant_linear(const at::Tensor& x, at::TensorList w) {
 // that follow into their caches. The next loop (the linear's, or attention's own at longer
 // contexts) stops the read where it got.
 //   - Before attention: all of o_proj (from the caches, the caller's rows read faster too), up to
-//     kWarmMaxBytes, then the members' share of gate_up.
+//     kWarmMaxBytes (add_whole), then the members' share of gate_up.
 //   - Before the others: the members' share of the next linear (add_share).
 // Batch-1 steps, alternating in one engine (docs/benchmarks.md): o_proj alone took the served
-// config to 0.971-0.988x; the members' shares on top of it to 0.958-0.979x more (int4 with
-// bfloat16 activations 0.956-0.967x, int8 0.956x, float32 0.979x; float32 + int4, whose kernel is
-// bound by its arithmetic, 0.98-1.02x). Only up to kWarmMaxBytes of o_proj: a quantized one is
-// ~200 KB at SmolLM2's shapes, a float32 one 1.3 MB, which takes longer to read than the stretch
-// lasts and does not fit a 1 MB L2; warming it (when the next loop still waited for the whole
-// read) made float32 steps 1.3-6 % slower. oneDNN-packed weights (dense bfloat16) do not expose
-// their bytes and are not read ahead.
+// config to 0.971-0.988x; the members' shares on top of that to a further 0.958-0.979x (int4 with
+// bfloat16 activations 0.956-0.967x, int8 0.956-0.972x, float32 0.979x; float32 + int4, whose
+// kernel is bound by its arithmetic, 0.998-1.018x). Only up to kWarmMaxBytes of o_proj: a
+// quantized one is ~200 KB at SmolLM2's shapes, a float32 one 1.3 MB, which takes longer to read
+// than the stretch lasts and does not fit a 1 MB L2; warming it (when the next loop still waited
+// for the whole read) made float32 steps 1.3-6 % slower. oneDNN-packed weights (dense bfloat16) do
+// not expose their bytes and are not read ahead.
 constexpr int64_t kWarmMaxBytes = 256 << 10;
 
 // Appends what the members compute of linear w: every kernel here splits its output rows (or
@@ -79,26 +79,27 @@ bool add_share(at::TensorList w, int64_t threads, tandem::Team::Span* spans, int
   return true;
 }
 
-// before attention: o_proj (if small enough), then the members' share of gate_up
-void warm_o_and_gate_up(at::TensorList o_w, at::TensorList gate_up_w) {
-  tandem::Team* team = tandem::Team::current();
-  if (team == nullptr) return;
-  tandem::Team::Span spans[tandem::Team::kMaxSpans];
-  int64_t n = 0, bytes = 0;
-  for (const at::Tensor& t : o_w) bytes += t.is_mkldnn() ? kWarmMaxBytes + 1 : static_cast<int64_t>(t.nbytes());
-  if (bytes <= kWarmMaxBytes && o_w.size() <= static_cast<size_t>(tandem::Team::kMaxSpans))
-    for (const at::Tensor& t : o_w) spans[n++] = {t.data_ptr(), static_cast<int64_t>(t.nbytes())};
-  add_share(gate_up_w, team->size(), spans, n);
-  if (n > 0) team->warm(spans, n);
+// Appends all of w, if its tensors expose their bytes and come to at most kWarmMaxBytes
+bool add_whole(at::TensorList w, tandem::Team::Span* spans, int64_t& n) {
+  int64_t bytes = 0;
+  for (const at::Tensor& t : w) {
+    if (t.is_mkldnn()) return false;
+    bytes += static_cast<int64_t>(t.nbytes());
+  }
+  if (bytes > kWarmMaxBytes || n + static_cast<int64_t>(w.size()) > tandem::Team::kMaxSpans) return false;
+  for (const at::Tensor& t : w) spans[n++] = {t.data_ptr(), static_cast<int64_t>(t.nbytes())};
+  return true;
 }
 
-// before the other stretches: the members' share of the next linear
-void warm_share(at::TensorList w) {
+// In a team, starts the members reading all of `whole` (add_whole), then their share of `share`
+void read_ahead(at::TensorList whole, at::TensorList share) {
   tandem::Team* team = tandem::Team::current();
   if (team == nullptr) return;
   tandem::Team::Span spans[tandem::Team::kMaxSpans];
   int64_t n = 0;
-  if (add_share(w, team->size(), spans, n)) team->warm(spans, n);
+  add_whole(whole, spans, n);
+  add_share(share, team->size(), spans, n);
+  if (n > 0) team->warm(spans, n);
 }
 
 // (this layer's MLP output [N, hidden], the residual stream it is to be added to): see
@@ -111,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer(
     const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& cu_seqlens, int64_t max_seqlen,
     double sm_scale, int64_t num_heads, int64_t num_kv_heads) {
   TORCH_CHECK(x.dim() == 2 && k_cache.dim() == 4, "x must be [N, hidden], caches [nb, bs, Hkv, D]");
-  warm_share(qkv_w);
+  read_ahead({}, qkv_w);
   at::Tensor h, res;
   if (residual.has_value()) {
     std::tie(h, res) = tandem::ops::add_rms_norm(x, *residual, input_norm, eps);
@@ -121,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer(
   }
   const int64_t n = x.size(0), D = k_cache.size(3), q_size = num_heads * D, kv_size = num_kv_heads * D;
   const at::Tensor qkv = quant_linear(h, qkv_w);  // [N, q_size + 2 kv_size]
-  warm_o_and_gate_up(o_w, gate_up_w);
+  read_ahead(o_w, gate_up_w);
   TORCH_CHECK(qkv.size(1) == q_size + 2 * kv_size, "qkv width != (num_heads + 2 num_kv_heads) * head_dim");
   const at::Tensor q = qkv.narrow(1, 0, q_size).view({n, num_heads, D});  // strided views, no copies
   const at::Tensor k = qkv.narrow(1, q_size, kv_size).view({n, num_kv_heads, D});
@@ -131,10 +132,10 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer(
   const at::Tensor attn = tandem::ops::decode_attention(q_rot, k_cache, v_cache, block_tables, seq_lens, cu_seqlens,
                                                         max_seqlen, sm_scale, c10::nullopt, c10::nullopt);
   const at::Tensor o = quant_linear(attn.reshape({n, q_size}), o_w);  // [N, hidden]
-  warm_share(gate_up_w);
+  read_ahead({}, gate_up_w);
   auto [h2, res2] = tandem::ops::add_rms_norm(o, res, post_norm, eps);
   const at::Tensor gate_up = quant_linear(h2, gate_up_w);
-  warm_share(down_w);
+  read_ahead({}, down_w);
   const at::Tensor mlp = quant_linear(tandem::ops::silu_mul(gate_up), down_w);
   return {mlp, res2};
 }
