@@ -53,6 +53,7 @@ from coordinator.worker_specs import (  # noqa: E402
     worker_plans,
 )
 from core.config import ConfigError, TandemConfig, load_config  # noqa: E402
+from core.long_lived import freeze_long_lived  # noqa: E402
 from core.tokenizer import Tokenizer, TokenizerFiles  # noqa: E402
 
 log = logging.getLogger("tandem.launch")
@@ -188,6 +189,9 @@ async def serve_topology(
     try:
         app = build_app(config, deployment.client, deployment.tokenizer,
                         recent_traces=deployment.client.recent_traces)  # fmt: skip
+        # everything is built, and no request has come yet (core/long_lived.py)
+        frozen = freeze_long_lived()
+        log.info("%d objects frozen in %.0f ms", frozen.objects, frozen.seconds * 1e3)
         runner = await start_server(app, config.coordinator.host, config.coordinator.port)
         try:
             url = f"http://{config.coordinator.host}:{bound_port(runner)}"

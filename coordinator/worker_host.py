@@ -12,6 +12,8 @@ import importlib
 import os
 from typing import Any
 
+from core.long_lived import freeze_long_lived
+
 
 class WorkerHost:
     def __init__(self, class_path: str, spec: dict) -> None:
@@ -22,9 +24,12 @@ class WorkerHost:
         module_name, class_name = class_path.split(":")
         cls = getattr(importlib.import_module(module_name), class_name)
         self.worker = cls(spec)
+        # this process hosts this one worker for its whole life (core/long_lived.py)
+        frozen = freeze_long_lived()
         # Operators (and the e2e tests) map worker names to processes from this line.
         print(f"tandem worker {spec.get('name')} ready in pid {os.getpid()} "
-              f"(incarnation {spec.get('incarnation', 0)})", flush=True)  # fmt: skip
+              f"(incarnation {spec.get('incarnation', 0)}; {frozen.objects} objects frozen "
+              f"in {frozen.seconds * 1e3:.0f} ms)", flush=True)  # fmt: skip
 
     def call(self, method: str, *args: Any) -> Any:
         return getattr(self.worker, method)(*args)

@@ -7,6 +7,7 @@ one is replaced and its requests resume."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -31,6 +32,16 @@ def server(tmp_path_factory, mixed_expected):
     (tmp / "colocated-ngram.yaml").write_text(yaml.safe_dump(config))
     with serving(str(tmp / "colocated-ngram.yaml"), tmp / "server.log") as proc:
         yield proc
+
+
+def test_startup_objects_frozen(server):
+    """The coordinator and its worker each froze what they built while starting
+    (core/long_lived.py), once started: a started process holds far more than 10k objects."""
+    log = server.log_path.read_text()
+    coordinator = re.search(r"tandem.launch (\d+) objects frozen in \d+ ms", log)
+    worker = re.search(r"ready in pid \d+ \(incarnation 0; (\d+) objects frozen in \d+ ms\)", log)
+    assert coordinator and worker, log[-3000:]
+    assert int(coordinator.group(1)) > 10_000 and int(worker.group(1)) > 10_000
 
 
 def test_colocated_equals_engine_streamed_and_not(
