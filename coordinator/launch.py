@@ -10,7 +10,7 @@ each awaited step of that has a time limit (``coordinator.bounded_stop``), and a
 after STOP_WATCHDOG_S (``ray.shutdown`` included) prints every thread's stack.
 
 This process hosts the coordinator and never imports torch: the tokenizer files are collected
-by a Ray task, and the actors are ``WorkerHost``s that import their worker class themselves.
+by a child process, and the actors are ``WorkerHost``s that import their worker class themselves.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import msgpack  # noqa: E402
 import ray  # noqa: E402  (after the environment it reads at import)
 
 from coordinator.bounded_stop import step  # noqa: E402
@@ -67,12 +68,31 @@ STOP_WATCHDOG_S = 45.0
 MAX_WORKER_THREADS = 32  # concurrent actor calls per worker (stats, reserve, abort ...)
 
 
-@ray.remote(num_cpus=0)
-def collect_tokenizer_files(source: str) -> dict:
-    """Runs in a Ray worker: ``load_tokenizer_files`` imports transformers (and torch)."""
-    from engine.tokenizer_files import load_tokenizer_files
-
-    return load_tokenizer_files(source).to_dict()
+async def collect_tokenizer_files(source: str) -> TokenizerFiles:
+    """The model's tokenizer, built in a child process (``python -m engine.tokenizer_files``:
+    transformers and torch, which this process must not import; ~6 s of CPU for SmolLM2's GGUF),
+    returned once that process has exited. Before, a Ray task built it, and its idle worker
+    (holding torch) was ended by Ray in the first seconds of serving: on 2 CPUs that exit slowed
+    the first requests' tokens ~2x (docs/benchmarks.md). The source must be readable here, where
+    the coordinator runs. Cancelled, it kills the child and waits for it."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "engine.tokenizer_files", source,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        tail = "\n".join(err.decode(errors="replace").strip().splitlines()[-20:])
+        raise RuntimeError(
+            f"building the tokenizer of model source {source!r} failed "
+            f"(exit {proc.returncode}):\n{tail}"
+        )
+    return TokenizerFiles.from_dict(msgpack.unpackb(out))
 
 
 @dataclass
@@ -141,7 +161,6 @@ def actor_spawner(config: TandemConfig) -> Callable[[WorkerPlan, int], object]:
 async def deploy(config: TandemConfig, stream_host: str) -> Deployment:
     stream = TokenStream(stream_host)
     events = KVEventStream(PrefixIndex(), stream_host)
-    tokenizer_files = collect_tokenizer_files.remote(config.model.source)
     pool = WorkerPool()
     plans = worker_plans(config, stream.address, events.address)
     log.info("starting %d workers: %s", len(plans), ", ".join(p.name for p in plans))
@@ -159,12 +178,15 @@ async def deploy(config: TandemConfig, stream_host: str) -> Deployment:
         make_plan=make_plan,
         drain_timeout_s=config.coordinator.workers.drain_timeout_s,
     )
+    tokenizer_files = asyncio.create_task(collect_tokenizer_files(config.model.source))
     try:
         await supervisor.start()
-        tokenizer = Tokenizer(TokenizerFiles.from_dict(await tokenizer_files))
+        tokenizer = Tokenizer(await tokenizer_files)
         client = RayEngineClient(config, pool, supervisor, stream, tokenizer, events)
         await client.start()
     except BaseException:
+        tokenizer_files.cancel()  # its child killed and reaped
+        await asyncio.gather(tokenizer_files, return_exceptions=True)
         await supervisor.aclose()
         for actor in supervisor.every_actor():
             kill_actor(actor)

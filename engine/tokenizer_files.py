@@ -118,3 +118,25 @@ def _adds_bos(tokenizer_json: str, bos_id: int | None) -> bool:
     """Whether ``encode(..., add_special_tokens=True)`` starts with BOS."""
     probe = Tokenizer.from_str(tokenizer_json).encode("a", add_special_tokens=True).ids
     return bos_id is not None and bool(probe) and probe[0] == bos_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.tokenizer_files SOURCE``: the source's TokenizerFiles, msgpack-encoded,
+    on stdout (anything the libraries print goes to stderr); run by coordinator/launch.py."""
+    import argparse
+    import sys
+
+    import msgpack
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("source")
+    args = parser.parse_args(argv)
+    out, sys.stdout = sys.stdout, sys.stderr
+    payload = msgpack.packb(load_tokenizer_files(args.source).to_dict())
+    out.buffer.write(payload)
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
