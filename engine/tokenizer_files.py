@@ -122,8 +122,10 @@ def _adds_bos(tokenizer_json: str, bos_id: int | None) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m engine.tokenizer_files SOURCE``: the source's TokenizerFiles, msgpack-encoded,
-    on stdout (anything the libraries print goes to stderr); run by coordinator/launch.py."""
+    on stdout (anything the libraries print, from Python or native code, goes to stderr); run by
+    coordinator/launch.py."""
     import argparse
+    import os
     import sys
 
     import msgpack
@@ -131,10 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("source")
     args = parser.parse_args(argv)
-    out, sys.stdout = sys.stdout, sys.stderr
+    sys.stdout.flush()
+    out = os.dup(1)  # stdout for the payload only; fd 1 itself now writes to stderr
+    os.dup2(2, 1)
     payload = msgpack.packb(load_tokenizer_files(args.source).to_dict())
-    out.buffer.write(payload)
-    out.flush()
+    with os.fdopen(out, "wb") as stream:
+        stream.write(payload)
     return 0
 
 

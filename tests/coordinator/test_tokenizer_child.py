@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from coordinator.launch import collect_tokenizer_files
+from core.tokenizer import TokenizerFiles
 from engine.tokenizer_files import load_tokenizer_files
 
 
@@ -60,3 +64,21 @@ def test_cancelled_it_kills_and_reaps_the_child() -> None:
     started, left = asyncio.run(main())
     assert len(started) == 1 and left == []
     assert not Path(f"/proc/{started[0]}").exists()  # not even a zombie: reaped
+
+
+def test_what_the_libraries_print_stays_out_of_the_payload() -> None:
+    code = (
+        "import os, engine.tokenizer_files as t\n"
+        "load = t.load_tokenizer_files\n"
+        "def noisy(source):\n"
+        "    print('from python')\n"
+        "    os.write(1, b'from native code')\n"
+        "    return load(source)\n"
+        "t.load_tokenizer_files = noisy\n"
+        "raise SystemExit(t.main(['builtin:smollm2-135m-instruct']))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    files = TokenizerFiles.from_dict(msgpack.unpackb(res.stdout))
+    assert files == load_tokenizer_files("builtin:smollm2-135m-instruct")
+    assert b"from python" in res.stderr and b"from native code" in res.stderr
