@@ -5,13 +5,13 @@ source when it cannot, and nothing left behind when cancelled (the child killed 
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import msgpack
+import psutil
 import pytest
 
 from coordinator.launch import collect_tokenizer_files
@@ -22,17 +22,10 @@ from engine.tokenizer_files import load_tokenizer_files
 def tokenizer_children() -> list[int]:
     """pids of this process's children running engine.tokenizer_files."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        if ppid == os.getpid() and b"engine.tokenizer_files" in cmdline:
-            found.append(int(entry.name))
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):  # gone, or a zombie: no command line
+            if "engine.tokenizer_files" in child.cmdline():
+                found.append(child.pid)
     return found
 
 
@@ -63,7 +56,7 @@ def test_cancelled_it_kills_and_reaps_the_child() -> None:
 
     started, left = asyncio.run(main())
     assert len(started) == 1 and left == []
-    assert not Path(f"/proc/{started[0]}").exists()  # not even a zombie: reaped
+    assert not psutil.pid_exists(started[0])  # not even a zombie: reaped
 
 
 def test_what_the_libraries_print_stays_out_of_the_payload() -> None:
